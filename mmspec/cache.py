@@ -1,0 +1,132 @@
+"""KV-cache bookkeeping for ragged batches on transformers caches (DynamicCache and StaticCache).
+
+Layout (one cache tensor per layer, (B, H, T, D)): row b's committed keys live in slots [0, length[b]); slots
+[length[b], width) of a shorter row are holes, hidden by the attention mask. A verification block of M slots is
+written at [width, width + M) for every row. After acceptance, :meth:`RaggedCache.compact` gathers each row's kept
+slots (root + accepted path) to [length[b], length[b] + n_b) and drops the rest: only the kept slots are copied,
+never the whole cache, and the width falls back to max(length). Positions are explicit and stored separately
+(``next_pos``), so a slot index never has to equal a position (left-over holes, M-RoPE deltas, images).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from transformers import Cache, DynamicCache, StaticCache
+
+from .errors import UnsupportedModelError
+
+
+def kv_layers(cache: Cache) -> list:
+    """The per-layer objects holding `.keys` / `.values` (B, H, T, D)."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise UnsupportedModelError(f"cache of type {type(cache).__name__} has no `.layers`; "
+                                    "use transformers' DynamicCache or StaticCache")
+    for layer in layers:
+        if getattr(layer, "is_sliding", False):
+            raise UnsupportedModelError(
+                "sliding-window cache layers evict keys that a rejected draft would need back; this adapter "
+                "supports full-attention layers only (see the Gemma3 adapter in vision/ for sliding windows)")
+    return list(layers)
+
+
+@dataclass
+class RaggedCache:
+    """A transformers cache plus per-row valid lengths. `width` is the number of slots in use for all rows."""
+
+    cache: Cache
+    length: torch.Tensor  # (B,) long, on CPU: committed slots per row
+    width: int = 0
+    static: bool = False
+    history: list = field(default_factory=list, repr=False)  # peak widths, for memory accounting in benchmarks
+
+    @staticmethod
+    def new(model, batch: int, kind: str = "dynamic", max_cache_len: int | None = None) -> "RaggedCache":
+        config = model.config
+        if kind == "dynamic":
+            cache = DynamicCache(config=config)
+        elif kind == "static":
+            if not max_cache_len:
+                raise UnsupportedModelError("a static cache needs max_cache_len (prompt + new tokens + draft size)")
+            cache = StaticCache(config=config, max_cache_len=int(max_cache_len))
+        else:
+            raise UnsupportedModelError(f"cache kind {kind!r}: expected 'dynamic' or 'static'")
+        rc = RaggedCache(cache, torch.zeros(batch, dtype=torch.long), 0, kind == "static")
+        kv_layers(cache)  # fail early on sliding layers
+        return rc
+
+    @property
+    def key_len(self) -> int:
+        """Number of key slots attention sees after appending nothing (static: the whole buffer)."""
+        if self.static:
+            return kv_layers(self.cache)[0].max_cache_len
+        return self.width
+
+    def capacity_left(self) -> int | None:
+        return (self.key_len - self.width) if self.static else None
+
+    def appended(self, m: int) -> None:
+        """Record that a forward wrote m new slots at [width, width + m) for every row."""
+        self.width += m
+        self.history.append(self.width)
+
+    @torch.inference_mode()
+    def compact(self, keep: Sequence[Sequence[int]]) -> None:
+        """Keep, for each row b, the absolute slots `keep[b]` (ascending) at [length[b], length[b] + len(keep[b])).
+
+        Slots already in place are not touched; the rest are gathered per layer with one advanced-index copy
+        (K slots in all, K = total kept). Then every slot at or beyond max(new length) is dropped.
+        """
+        rows, src, dst = [], [], []
+        new_len = self.length.clone()
+        for b, slots in enumerate(keep):
+            start = int(self.length[b])
+            for j, s in enumerate(slots):
+                if s != start + j:
+                    rows.append(b), src.append(s), dst.append(start + j)
+            new_len[b] = start + len(slots)
+        if rows:
+            layers = kv_layers(self.cache)
+            dev = layers[0].keys.device
+            r, s, d = (torch.tensor(x, device=dev) for x in (rows, src, dst))
+            for layer in layers:
+                # Gather first: source and destination ranges may overlap.
+                layer.keys[r, :, d] = layer.keys[r, :, s]
+                layer.values[r, :, d] = layer.values[r, :, s]
+        self.length = new_len
+        self._truncate(int(new_len.max()) if len(new_len) else 0)
+
+    def _truncate(self, width: int) -> None:
+        drop = self.width - width
+        if drop > 0:
+            if self.static:
+                for layer in kv_layers(self.cache):
+                    layer.cumulative_length.fill_(width)
+            else:
+                self.cache.crop(-drop)  # transformers 5.x: a negative count removes slots (a view, no copy)
+        self.width = width
+
+    @torch.inference_mode()
+    def select_rows(self, rows: Sequence[int]) -> None:
+        """Keep only the given batch rows (finished requests leave the batch)."""
+        idx = torch.as_tensor(list(rows), dtype=torch.long)
+        for layer in kv_layers(self.cache):
+            if getattr(layer, "keys", None) is None or not getattr(layer, "is_initialized", True):
+                continue
+            layer.keys = layer.keys[idx.to(layer.keys.device)]
+            layer.values = layer.values[idx.to(layer.values.device)]
+            if hasattr(layer, "batch_size"):
+                layer.batch_size = len(idx)
+        self.length = self.length[idx]
+        self._truncate(int(self.length.max()) if len(idx) else 0)
+
+    def slot_bytes(self) -> int:
+        """Bytes held by the key/value tensors (storage actually allocated), for memory benchmarks."""
+        total = 0
+        for layer in kv_layers(self.cache):
+            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                if t is not None:
+                    total += t.untyped_storage().nbytes()
+        return total

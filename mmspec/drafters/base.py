@@ -1,0 +1,55 @@
+"""The drafter protocol: how proposals reach the verifier.
+
+The loop calls, per generation:
+  ``begin(ctx, prefill)`` once after the target's prefill (``ctx.history[b]`` = prompt + first sampled token),
+  ``propose(budgets) -> list[Draft]`` every step (``budgets[b]`` = most nodes deep row b may draft; 0 = none),
+  ``commit(updates, verify_out)`` after acceptance (``updates[b]``: accepted node indices and the tokens committed,
+  bonus/correction included; ``ctx.history`` is already extended),
+  ``select_rows(rows)`` when finished requests leave the batch.
+A drafter that needs target features (EAGLE-style) sets ``needs_hidden = True`` and receives them in ``prefill`` and
+``verify_out``. Deterministic proposals set ``Draft.q = None``; sampled ones record the exact ``q`` they drew from.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+import torch
+
+from ..sampling import SamplingSpec
+from ..target import BlockOutput
+from ..tree import Draft
+
+
+@dataclass
+class DraftContext:
+    spec: SamplingSpec
+    generators: list[torch.Generator]
+    history: list[list[int]]  # per row: prompt + committed tokens (the last one is pending: not yet verified)
+
+
+@dataclass
+class RowUpdate:
+    path: list[int]  # accepted node indices of the row's last draft
+    tokens: list[int]  # tokens committed this step (path tokens, then the correction/bonus token), maybe truncated
+
+
+@dataclass
+class DrafterCounters:
+    forwards: int = 0  # drafter model forwards (0 for train-free drafters)
+    extra: dict = field(default_factory=dict)
+
+
+class Drafter(Protocol):
+    needs_hidden: bool
+    counters: DrafterCounters
+
+    def check_target(self, target) -> None: ...
+
+    def begin(self, ctx: DraftContext, prefill: BlockOutput) -> None: ...
+
+    def propose(self, budgets: Sequence[int]) -> list[Draft]: ...
+
+    def commit(self, updates: Sequence[RowUpdate], verify_out: BlockOutput | None) -> None: ...
+
+    def select_rows(self, rows: Sequence[int]) -> None: ...

@@ -1,0 +1,252 @@
+"""An independent small draft model sharing the target's tokenizer (Leviathan et al. 2023; Chen et al. 2023).
+
+The drafter keeps its own KV cache over the same ragged layout as the target. Each step it first feeds the tokens
+committed since its last step (at least the pending correction/bonus token), then drafts level by level: a chain
+(k forwards for k tokens), a static tree of child ranks (one forward per level; siblings are the top ranks, or
+draws without replacement when sampling), or an EAGLE-2 dynamic tree (Li et al. 2024). Only nodes that get
+children are fed. After verification the accepted nodes' slots are compacted in place like the target's.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from ..errors import DeviceMismatchError, VocabularyMismatchError
+from ..target import BlockOutput, CausalLMRunner
+from ..tree import Draft, DynamicTree, StaticTree, expand_dynamic
+from .base import DraftContext, DrafterCounters, RowUpdate
+
+
+@dataclass
+class _Round:
+    """Bookkeeping of one propose() call: where the fed tokens went in the drafter's cache."""
+
+    start: int  # cache width before the uncached block
+    n_uncached: list[int]
+    slot: list[dict] = field(default_factory=list)  # per row: node id -> cache slot
+    length: torch.Tensor | None = None  # (B,) committed slots per row at the start of the round
+
+    def visible(self, width: int) -> torch.Tensor:
+        """(B, width) slots every node of a row sees: its committed prefix and its uncached block."""
+        slots = torch.arange(width)[None, :]
+        n = torch.tensor(self.n_uncached)[:, None]
+        return (slots < self.length[:, None]) | ((slots >= self.start) & (slots < self.start + n))
+
+
+class ModelDrafter:
+    needs_hidden = False
+
+    def __init__(self, model: torch.nn.Module, tree: StaticTree | DynamicTree | int = 4, cache: str = "dynamic"):
+        self.tree = StaticTree.chain(tree) if isinstance(tree, int) else tree
+        if isinstance(self.tree, StaticTree):  # the shape is fixed: derive its structure once
+            parent = self.tree.parent
+            n_children = [0] * (len(parent) + 1)
+            ancestors: list[list[int]] = []
+            for i, p in enumerate(parent):
+                n_children[p + 1] += 1
+                ancestors.append([] if p < 0 else ancestors[p] + [p])
+            self._shape = (parent, self.tree.rank, n_children, ancestors, self.tree.levels())
+        self.runner = CausalLMRunner(model, cache="dynamic" if cache == "dynamic" else cache)
+        self.counters = DrafterCounters()
+        self.vocab_size = self.runner.vocab_size
+
+    @property
+    def max_depth(self) -> int:
+        return self.tree.depth
+
+    @property
+    def max_nodes(self) -> int:
+        return len(self.tree) if isinstance(self.tree, StaticTree) else self.tree.total
+
+    def check_target(self, target) -> None:
+        if self.runner.vocab_size != target.vocab_size:
+            raise VocabularyMismatchError(
+                f"drafter vocabulary has {self.runner.vocab_size} entries but the target's has {target.vocab_size}; "
+                "a draft model must share the target's tokenizer and output vocabulary (use the n-gram drafter, or "
+                "a drafter trained for this target)")
+        if self.runner.device != target.device:
+            raise DeviceMismatchError(
+                f"drafter is on {self.runner.device} but the target is on {target.device}; move the drafter with "
+                f"drafter.to('{target.device}') (or load it with the same device_map)")
+
+    # --- lifecycle ----------------------------------------------------------------------------------------------
+    def begin(self, ctx: DraftContext, prefill: BlockOutput) -> None:
+        self.ctx = ctx
+        self.runner.prefill([h[:-1] for h in ctx.history], reserve=0)
+        self.counters.forwards += 1
+        self.uncached = [[h[-1]] for h in ctx.history]
+        self.round: _Round | None = None
+
+    def propose(self, budgets: Sequence[int]) -> list[Draft]:
+        caps = [min(self.max_depth, int(b)) for b in budgets]
+        if max(caps, default=0) <= 0:
+            self.round = None
+            return [Draft.empty() for _ in caps]
+        root_logits = self._feed_uncached()
+        if isinstance(self.tree, DynamicTree):
+            return self._propose_dynamic(root_logits, caps)
+        return self._propose_static(root_logits, caps)
+
+    def commit(self, updates: Sequence[RowUpdate], verify_out: BlockOutput | None) -> None:
+        rnd = self.round
+        if rnd is None:
+            for u, upd in zip(self.uncached, updates):
+                u.extend(upd.tokens)
+            return
+        keep = []
+        for b, upd in enumerate(updates):
+            slots = [rnd.start + j for j in range(rnd.n_uncached[b])]
+            fed = 0
+            for node in upd.path[: len(upd.tokens)]:
+                if node not in rnd.slot[b]:
+                    break
+                slots.append(rnd.slot[b][node])
+                fed += 1
+            keep.append(slots)
+            self.uncached[b] = list(upd.tokens[fed:])
+        self.runner.kv.compact(keep)
+        self.runner.next_pos = self.runner.next_pos + torch.tensor([len(k) for k in keep], dtype=torch.long)
+        self.round = None
+
+    def select_rows(self, rows: Sequence[int]) -> None:
+        self.runner.select_rows(rows)
+        self.uncached = [self.uncached[r] for r in rows]
+
+    # --- drafting -----------------------------------------------------------------------------------------------
+    def _feed_uncached(self) -> torch.Tensor:
+        """Feed every row's not-yet-cached committed tokens; returns logits (B, V) at the last of them."""
+        kv = self.runner.kv
+        n = [len(u) for u in self.uncached]
+        b, m = len(n), max(n)
+        tokens = torch.tensor([u + [0] * (m - len(u)) for u in self.uncached], dtype=torch.long)
+        allowed = None  # one request: plain causal block over a hole-free cache
+        if b > 1:
+            lens = torch.tensor(n)
+            q_idx, k_idx = torch.arange(m)[:, None], torch.arange(m)[None, :]
+            causal = (k_idx <= q_idx).unsqueeze(0)
+            allowed = causal & ((k_idx.unsqueeze(0) < lens[:, None, None]) | (q_idx == k_idx).unsqueeze(0))
+        self.round = _Round(kv.width, n, [dict() for _ in range(b)], kv.length.clone())
+        out = self.runner.forward_block(tokens, torch.arange(m).expand(b, m), allowed)
+        self.counters.forwards += 1
+        if b == 1:
+            return out.logits[:, n[0] - 1]  # (1, V)
+        return out.logits[torch.arange(b), torch.tensor(n, device=out.logits.device) - 1]  # (B, V)
+
+    def _feed_nodes(self, feed: list[list[tuple[int, int, list[int]]]]) -> list[torch.Tensor]:
+        """Feed draft nodes. feed[b] = [(node id, token, ancestor node ids)]; node depth = len(ancestors) + 1.
+
+        Returns per row the logits (F_b, V) of the fed nodes, in order.
+        """
+        rnd, kv = self.round, self.runner.kv
+        b, m = len(feed), max(len(f) for f in feed)
+        start = kv.width
+        if b == 1 and m == 1 and len(feed[0][0][2]) == len(rnd.slot[0]):
+            # A chain step of one request: the node sees every slot written so far, so no mask is needed.
+            node, tok, anc = feed[0][0]
+            out = self.runner.forward_block(torch.tensor([[tok]]), torch.tensor([[rnd.n_uncached[0] + len(anc)]]),
+                                            None, existing="all")
+            self.counters.forwards += 1
+            rnd.slot[0][node] = start
+            return [out.logits[0, :1]]
+        tokens = torch.zeros(b, m, dtype=torch.long)
+        offsets = torch.zeros(b, m, dtype=torch.long)
+        existing = rnd.visible(start).unsqueeze(1).repeat(1, m, 1)  # (B, M, width)
+        for i, row in enumerate(feed):
+            for j, (node, tok, anc) in enumerate(row):
+                tokens[i, j] = tok
+                offsets[i, j] = rnd.n_uncached[i] - 1 + len(anc) + 1
+                for a in anc:
+                    existing[i, j, rnd.slot[i][a]] = True
+        allowed = torch.eye(m, dtype=torch.bool).repeat(b, 1, 1)
+        out = self.runner.forward_block(tokens, offsets, allowed, existing=existing)
+        self.counters.forwards += 1
+        for i, row in enumerate(feed):
+            for j, (node, _, _) in enumerate(row):
+                rnd.slot[i][node] = start + j
+        return [out.logits[i, : len(row)] for i, row in enumerate(feed)]
+
+    def _children_tokens(self, logits: torch.Tensor, n: int, row: int) -> tuple[list[int], torch.Tensor | None]:
+        """Pick the first n children of a node from its draft logits (V,): top ranks (greedy) or draws without
+        replacement from the warped q (sampling). Returns tokens and q (None when deterministic)."""
+        spec = self.ctx.spec
+        if spec.greedy:
+            return ([int(logits.argmax())] if n == 1 else logits.topk(n).indices.tolist()), None
+        q = spec.probs(logits)
+        n = min(n, int((q > 0).sum()))
+        picks = torch.multinomial(q, n, replacement=False, generator=self.ctx.generators[row])
+        return picks.tolist(), q
+
+    def _propose_static(self, root_logits: torch.Tensor, caps: list[int]) -> list[Draft]:
+        parent, rank, n_children, ancestors, levels = self._shape
+        b = len(caps)
+        node_logits: list[dict] = [dict() for _ in range(b)]
+        toks: list[dict] = [dict() for _ in range(b)]
+        qs: list[dict] = [dict() for _ in range(b)]
+        for level, nodes in enumerate(levels):
+            depth = level + 1
+            picked: list[dict] = [dict() for _ in range(b)]  # parent -> (tokens, q)
+            feed = [[] for _ in range(b)]
+            for r in range(b):
+                if caps[r] < depth:
+                    continue
+                for node in nodes:
+                    p = parent[node]
+                    if p >= 0 and p not in toks[r]:
+                        continue  # parent was dropped (fewer candidates than ranks)
+                    if p not in picked[r]:
+                        lg = root_logits[r] if p < 0 else node_logits[r][p]
+                        picked[r][p] = self._children_tokens(lg, n_children[p + 1], r)
+                    cand, q = picked[r][p]
+                    if rank[node] >= len(cand):
+                        continue
+                    toks[r][node] = cand[rank[node]]
+                    qs[r][node] = q
+                    if depth < caps[r] and n_children[node + 1]:
+                        feed[r].append((node, toks[r][node], ancestors[node]))
+            if any(feed):
+                for r, lg in enumerate(self._feed_nodes(feed)):
+                    for j, (node, _, _) in enumerate(feed[r]):
+                        node_logits[r][node] = lg[j]
+        return [self._make_draft(toks[r], qs[r], parent, self.round, r) for r in range(b)]
+
+    def _make_draft(self, toks: dict, qs: dict, parent: list[int], rnd: _Round, row: int) -> Draft:
+        ids = sorted(toks)  # tree node ids; topological because parents have smaller ids
+        remap = {n: i for i, n in enumerate(ids)}
+        tokens = torch.tensor([toks[n] for n in ids], dtype=torch.long)
+        parents = torch.tensor([remap[parent[n]] if parent[n] >= 0 else -1 for n in ids], dtype=torch.long)
+        rnd.slot[row] = {remap[n]: s for n, s in rnd.slot[row].items() if n in remap}
+        q = None
+        if ids and qs[ids[0]] is not None:
+            q = torch.stack([qs[n] for n in ids])
+        return Draft(tokens, parents, q, siblings="without_replacement")
+
+    def _propose_dynamic(self, root_logits: torch.Tensor, caps: list[int]) -> list[Draft]:
+        spec = self.ctx.spec
+
+        def logprobs(logits: torch.Tensor) -> torch.Tensor:
+            if spec.greedy:
+                return torch.log_softmax(logits.float(), -1)
+            return spec.probs(logits).log()
+
+        def step(tokens, parents, frontier):
+            feed = []
+            for r in range(len(tokens)):
+                row = []
+                for f in frontier[r]:
+                    anc, a = [], parents[r][f]
+                    while a >= 0:
+                        anc.append(a)
+                        a = parents[r][a]
+                    row.append((f, tokens[r][f], anc[::-1]))
+                feed.append(row)
+            return [logprobs(lg) for lg in self._feed_nodes(feed)]
+
+        trees = expand_dynamic(self.tree, logprobs(root_logits), step, caps)
+        drafts = []
+        for r, (tokens, parents, kept) in enumerate(trees):
+            remap = {old: new for new, old in enumerate(kept)}
+            self.round.slot[r] = {remap[n]: s for n, s in self.round.slot[r].items() if n in remap}
+            drafts.append(Draft(torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long)))
+        return drafts

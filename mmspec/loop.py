@@ -1,0 +1,313 @@
+"""The speculative decode loop: prefill, propose, verify in one target forward, accept, commit, stream.
+
+    prefill  -> first token from the target alone (exactly what plain decoding does)
+    loop:    drafts = drafter.propose(budgets)             per request, ragged
+             logits = target.verify(pending, drafts)       ONE forward, tree mask + explicit positions
+             verdict = kernel(draft, p, q)                 pure acceptance rule per request
+             target.commit / drafter.commit                compact both caches to the accepted path
+EOS and max_new_tokens are honoured exactly: drafts never go deeper than the tokens left, and tokens after an EOS
+are cut. Finished requests leave the batch. Every random draw uses the request's own generator.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+from .drafters.base import DraftContext, DrafterCounters, RowUpdate
+from .errors import (DeviceMismatchError, DraftError, EmptyPromptError, GenerationConfigError, InvalidInputError,
+                     ContextOverflowError)
+from .kernels import accept_greedy, select_kernel
+from .sampling import SamplingSpec, make_generators, sample_from
+from .stats import GenerationStats
+from .target import BlockOutput, CausalLMTarget
+from .tree import Draft
+
+
+def model_time(component) -> float:
+    """Seconds a target / drafter spent inside model forwards so far (0 for train-free drafters)."""
+    runner = getattr(component, "runner", component)
+    return float(getattr(runner, "forward_time", 0.0))
+
+
+class NoDrafter:
+    """Proposes nothing: the loop then is plain target-only decoding (the baseline)."""
+
+    needs_hidden = False
+
+    def __init__(self):
+        self.counters = DrafterCounters()
+
+    def check_target(self, target) -> None:
+        return None
+
+    def begin(self, ctx, prefill) -> None:
+        return None
+
+    def propose(self, budgets):
+        return [Draft.empty() for _ in budgets]
+
+    def commit(self, updates, verify_out) -> None:
+        return None
+
+    def select_rows(self, rows) -> None:
+        return None
+
+
+@dataclass
+class TokenEvent:
+    request: int  # index of the request in the caller's batch
+    tokens: list[int]  # newly committed tokens
+    finished: bool
+    finish_reason: str | None = None  # "eos" | "length"
+
+
+@dataclass
+class GenerationOutput:
+    sequences: list[list[int]]  # generated token ids per request (prompt excluded)
+    finish_reasons: list[str]
+    stats: GenerationStats
+
+
+@dataclass
+class _Row:
+    index: int
+    history: list[int]
+    generated: list[int] = field(default_factory=list)
+    finish: str | None = None
+
+
+def as_prompts(input_ids) -> list[list[int]]:
+    """Accept a list of ids, a list of lists, or an integer tensor (T,) / (B, T) without padding."""
+    if isinstance(input_ids, torch.Tensor):
+        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise InvalidInputError(f"input_ids has dtype {input_ids.dtype}; token ids must be an integer tensor")
+        if input_ids.dim() == 1:
+            input_ids = input_ids.unsqueeze(0)
+        if input_ids.dim() != 2:
+            raise InvalidInputError(f"input_ids has shape {tuple(input_ids.shape)}; expected (T,) or (B, T)")
+        return input_ids.tolist()
+    if isinstance(input_ids, (list, tuple)):
+        if len(input_ids) == 0:
+            raise EmptyPromptError("input_ids is empty: pass at least one prompt with at least one token")
+        if all(isinstance(t, int) for t in input_ids):
+            return [list(input_ids)]
+        out = []
+        for i, p in enumerate(input_ids):
+            p = p.tolist() if isinstance(p, torch.Tensor) else p
+            if not isinstance(p, (list, tuple)) or not all(isinstance(t, int) for t in p):
+                raise InvalidInputError(f"prompt {i} is {type(p).__name__}; expected a list of int token ids")
+            out.append(list(p))
+        return out
+    raise InvalidInputError(f"input_ids of type {type(input_ids).__name__}: expected a list of ids, a list of lists "
+                            "or an integer tensor")
+
+
+class SpeculativeDecoder:
+    """Speculative decoding for one target and one drafter.
+
+    target: a transformers causal LM or a Target adapter. drafter: None (plain decoding), "ngram", a transformers
+    causal LM sharing the target's tokenizer, or any object implementing the Drafter protocol. tree: chain length
+    (int), StaticTree or DynamicTree for model drafters. acceptance: None picks the lossless rule for the sampling
+    mode; "typical" opts into Medusa's lossy typical acceptance; a callable with the kernel signature is a plug-in
+    (it counts as lossy unless it sets ``lossless = True``).
+    """
+
+    def __init__(self, target, drafter=None, *, tree=4, acceptance: str | None = None, cache: str = "dynamic"):
+        from .drafters import ModelDrafter, NGramDrafter
+
+        self.target = target if hasattr(target, "verify") else CausalLMTarget(target, cache=cache)
+        if drafter is None:
+            drafter = NoDrafter()
+        elif isinstance(drafter, str):
+            if drafter != "ngram":
+                raise InvalidInputError(f"drafter={drafter!r}: expected None, 'ngram', a model or a Drafter")
+            drafter = NGramDrafter(k=tree if isinstance(tree, int) else 4)
+        elif isinstance(drafter, torch.nn.Module):
+            drafter = ModelDrafter(drafter, tree)
+        drafter.check_target(self.target)
+        self.drafter = drafter
+        self.acceptance = acceptance
+        if acceptance is not None:
+            select_kernel(False, False, acceptance)  # validate the name now
+
+    def generate(self, input_ids, **kwargs) -> GenerationOutput:
+        stream = self.stream(input_ids, **kwargs)
+        for _ in stream:
+            pass
+        return stream.output
+
+    def stream(self, input_ids, *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+               top_p: float = 1.0, repetition_penalty: float = 1.0, eos_token_id=None, seed: int | None = None,
+               generator=None) -> "Stream":
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+            raise GenerationConfigError(f"max_new_tokens={max_new_tokens!r}: must be an int >= 1")
+        prompts = as_prompts(input_ids)
+        vocab = self.target.vocab_size
+        for i, p in enumerate(prompts):
+            if not p:
+                raise EmptyPromptError(f"prompt {i} has no tokens; every request needs at least one token")
+            lo, hi = min(p), max(p)
+            if lo < 0 or hi >= vocab:
+                raise InvalidInputError(f"prompt {i} has token id {lo if lo < 0 else hi} outside the target's "
+                                        f"vocabulary [0, {vocab})")
+        limit = getattr(self.target, "max_positions", None)
+        longest = max(len(p) for p in prompts)
+        if limit and longest + max_new_tokens > limit:
+            raise ContextOverflowError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the "
+                                       f"model's context of {limit} positions; shorten the prompt or max_new_tokens")
+        spec = SamplingSpec(temperature, top_k, top_p, repetition_penalty)
+        gens = make_generators(seed, len(prompts), self.target.device, generator)
+        for g in gens:
+            if torch.device(g.device).type != torch.device(self.target.device).type:
+                raise DeviceMismatchError(f"generator is on {g.device} but the target runs on {self.target.device}; "
+                                          f"create it with torch.Generator(device='{self.target.device}') or pass seed=")
+        eos = set() if eos_token_id is None else ({eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id))
+        return Stream(self, prompts, max_new_tokens, spec, gens, eos)
+
+
+class Stream:
+    """Iterator of TokenEvents; `.output` holds the sequences and stats once it is exhausted."""
+
+    def __init__(self, dec: SpeculativeDecoder, prompts, max_new: int, spec: SamplingSpec, gens, eos: set[int]):
+        self.dec, self.prompts, self.max_new, self.spec, self.gens, self.eos = dec, prompts, max_new, spec, gens, eos
+        self.stats = GenerationStats(requests=len(prompts))
+        self.output: GenerationOutput | None = None
+        self._it = self._run()
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        return self
+
+    def __next__(self) -> TokenEvent:
+        return next(self._it)
+
+    # -------------------------------------------------------------------------------------------------------------
+    def _sync(self):
+        if self.dec.target.device.type == "cuda":
+            torch.cuda.synchronize(self.dec.target.device)
+        return time.perf_counter()
+
+    def _probs(self, logits: torch.Tensor, history: list[int], draft: Draft | None,
+               argmax_only: bool = True) -> torch.Tensor:
+        """p for the root (row 0) and after each draft node: (N + 1, V). History-dependent processors use each
+        node's own prefix (ALGORITHMS.md §3.1). With a greedy spec and `argmax_only`, processed logits are returned
+        (their argmax is all the greedy rule reads)."""
+        spec = self.spec
+        seen = None
+        if spec.uses_history:
+            v = logits.shape[-1]
+            root = torch.zeros(v, dtype=torch.bool, device=logits.device)
+            root[torch.tensor(history, device=logits.device)] = True
+            seen = root.repeat(logits.shape[0], 1)
+            if draft is not None and len(draft):
+                from .tree import ancestor_mask
+                anc = ancestor_mask(draft.parent_list, logits.device).float()  # (N, N)
+                onehot = torch.nn.functional.one_hot(draft.tokens.to(logits.device), v).float()  # (N, V)
+                seen[1:] |= (anc @ onehot) > 0
+        if spec.greedy and argmax_only:
+            return spec.processed_logits(logits, seen)
+        return spec.probs(logits, seen)
+
+    def _first_tokens(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
+        out = []
+        for i, row in enumerate(rows):
+            p = self._probs(logits[i: i + 1], row.history, None)[0]
+            out.append(int(p.argmax()) if self.spec.greedy else sample_from(p, self.gens[i]))
+        return out
+
+    def _cut(self, row: _Row, tokens: list[int]) -> list[int]:
+        """Apply EOS and max_new_tokens to newly committed tokens; sets row.finish."""
+        room = self.max_new - len(row.generated)
+        kept = []
+        for t in tokens[:room]:
+            kept.append(t)
+            if t in self.eos:
+                row.finish = "eos"
+                return kept
+        if len(row.generated) + len(kept) >= self.max_new:
+            row.finish = "length"
+        return kept
+
+    def _run(self) -> Iterator[TokenEvent]:
+        dec, st = self.dec, self.stats
+        target, drafter = dec.target, dec.drafter
+        f0 = drafter.counters.forwards
+        t_start = self._sync()
+        rows = [_Row(i, list(p)) for i, p in enumerate(self.prompts)]
+        reserve = self.max_new + getattr(drafter, "max_nodes", 0) + 2
+        pre = target.prefill(self.prompts, want_hidden=drafter.needs_hidden, reserve=reserve)
+        st.target_forwards += 1
+        for row, tok in zip(rows, self._first_tokens(pre.logits, rows)):
+            row.history.append(tok)
+            row.generated.extend(self._cut(row, [tok]))
+            st.new_tokens += len(row.generated)
+        ctx = DraftContext(self.spec, list(self.gens), [r.history for r in rows])
+        drafter.begin(ctx, pre)
+        st.time_prefill = self._sync() - t_start
+        tm0, dm0 = model_time(target), model_time(drafter)
+        for row in rows:
+            yield TokenEvent(row.index, list(row.generated), row.finish is not None, row.finish)
+        rows = self._drop_finished(rows, ctx)
+        while rows:
+            yield from self._step(rows, ctx)
+            rows = self._drop_finished(rows, ctx)
+        st.drafter_forwards = drafter.counters.forwards - f0
+        st.time_target_model, st.time_drafter_model = model_time(target) - tm0, model_time(drafter) - dm0
+        st.time_total = self._sync() - t_start
+        self.output = GenerationOutput(self._sequences, self._reasons, st)
+
+    def _drop_finished(self, rows: list[_Row], ctx: DraftContext) -> list[_Row]:
+        if not hasattr(self, "_sequences"):
+            self._sequences = [None] * len(self.prompts)
+            self._reasons = [None] * len(self.prompts)
+        for r in rows:
+            if r.finish:
+                self._sequences[r.index], self._reasons[r.index] = r.generated, r.finish
+        keep = [i for i, r in enumerate(rows) if not r.finish]
+        if len(keep) < len(rows) and keep:
+            self.dec.target.select_rows(keep)
+            self.dec.drafter.select_rows(keep)
+            ctx.history[:] = [ctx.history[i] for i in keep]
+            ctx.generators[:] = [ctx.generators[i] for i in keep]
+        return [rows[i] for i in keep]
+
+    def _step(self, rows: list[_Row], ctx: DraftContext) -> Iterator[TokenEvent]:
+        dec, st = self.dec, self.stats
+        budgets = [self.max_new - len(r.generated) - 1 for r in rows]
+        t0 = self._sync()
+        drafts = dec.drafter.propose(budgets)
+        t1 = self._sync()
+        vocab = dec.target.vocab_size
+        for d, budget in zip(drafts, budgets):
+            d.validate(vocab)
+            if d.max_depth() > budget:
+                raise DraftError(f"drafter proposed depth {d.max_depth()} with only {budget} token(s) left")
+        out = dec.target.verify([r.history[-1] for r in rows], drafts, want_hidden=dec.drafter.needs_hidden)
+        t2 = self._sync()
+        st.target_forwards += 1
+        paths, updates, events = [], [], []
+        for i, (row, d) in enumerate(zip(rows, drafts)):
+            n = len(d)
+            kernel = select_kernel(self.spec.greedy, d.q is not None, dec.acceptance)
+            p = self._probs(out.logits[i, : n + 1], row.history, d, argmax_only=kernel is accept_greedy)
+            if n:
+                st.note_kernel(getattr(kernel, "name", "custom"), getattr(kernel, "lossless", False))
+            verdict = kernel(d, p, generator=ctx.generators[i])
+            toks = [d.token_list[j] for j in verdict.path] + [verdict.next_token]
+            kept = self._cut(row, toks)
+            st.record_step(d.depth, len(verdict.path), len(kept), n)
+            row.history.extend(kept)
+            row.generated.extend(kept)
+            paths.append(verdict.path)
+            updates.append(RowUpdate(list(verdict.path), kept))
+            events.append(TokenEvent(row.index, kept, row.finish is not None, row.finish))
+        dec.target.commit(paths)
+        dec.drafter.commit(updates, out)
+        t3 = self._sync()
+        st.time_draft += t1 - t0
+        st.time_verify += t2 - t1
+        st.time_accept += t3 - t2
+        st.new_tokens += sum(len(e.tokens) for e in events)
+        yield from events

@@ -1,0 +1,102 @@
+"""Statistics recorded on every generation (ALGORITHMS.md §7).
+
+tau: tokens committed per verification forward, bonus included; tau_minus_1: accepted draft tokens per step
+(ViSpec's convention); alpha[d]: acceptance at depth d given the path reached depth d - 1 and the draft had a node
+there; forwards of target and drafter; wall time split into prefill / draft / verify / accept (kernels) / other.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class GenerationStats:
+    requests: int = 0
+    new_tokens: int = 0
+    steps: int = 0  # row-steps: one per request per verification forward
+    target_forwards: int = 0  # batched forwards, prefill included
+    drafter_forwards: int = 0
+    draft_tokens: int = 0  # nodes proposed, summed over row-steps
+    accepted_tokens: int = 0  # draft tokens accepted, summed over row-steps
+    committed_tokens: int = 0  # tokens committed by verification steps (accepted + correction/bonus)
+    depth_tries: list[int] = field(default_factory=list)
+    depth_accepts: list[int] = field(default_factory=list)
+    time_prefill: float = 0.0
+    time_draft: float = 0.0
+    time_verify: float = 0.0
+    time_accept: float = 0.0
+    time_total: float = 0.0
+    time_target_model: float = 0.0  # inside the target's forwards during decoding steps (prefill excluded)
+    time_drafter_model: float = 0.0  # inside the drafter's forwards during decoding steps
+    acceptance: str = ""
+    lossless: bool = True
+
+    @property
+    def tau(self) -> float:
+        return self.committed_tokens / self.steps if self.steps else 0.0
+
+    @property
+    def tau_minus_1(self) -> float:
+        return self.accepted_tokens / self.steps if self.steps else 0.0
+
+    @property
+    def alpha(self) -> list[float]:
+        return [a / t if t else 0.0 for a, t in zip(self.depth_accepts, self.depth_tries)]
+
+    @property
+    def time_other(self) -> float:
+        """Engine overhead: wall time outside prefill, drafting and the verification forward."""
+        return max(0.0, self.time_total - self.time_prefill - self.time_draft - self.time_verify)
+
+    @property
+    def time_engine(self) -> float:
+        """Engine overhead: decoding wall time outside the target's and drafter's model forwards."""
+        return max(0.0, self.time_total - self.time_prefill - self.time_target_model - self.time_drafter_model)
+
+    @property
+    def overhead_per_step(self) -> float:
+        batched_steps = max(self.target_forwards - 1, 1)
+        return self.time_engine / batched_steps
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.time_total if self.time_total else 0.0
+
+    def note_kernel(self, name: str, lossless: bool) -> None:
+        """Record which acceptance rule verified a non-empty draft ("a+b" when several were used)."""
+        names = [n for n in self.acceptance.split("+") if n]
+        if name not in names:
+            self.acceptance = "+".join(names + [name])
+        self.lossless = self.lossless and lossless
+
+    def record_step(self, draft_depths: list[int], accepted_depth: int, committed: int, n_draft: int) -> None:
+        """One row-step: depths present in the draft, how deep the accepted path went, tokens committed."""
+        self.steps += 1
+        self.draft_tokens += n_draft
+        self.accepted_tokens += accepted_depth
+        self.committed_tokens += committed
+        max_depth = max(draft_depths, default=0)
+        while len(self.depth_tries) < max_depth:
+            self.depth_tries.append(0)
+            self.depth_accepts.append(0)
+        for d in range(1, min(max_depth, accepted_depth + 1) + 1):
+            self.depth_tries[d - 1] += 1
+            if d <= accepted_depth:
+                self.depth_accepts[d - 1] += 1
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.update(tau=self.tau, tau_minus_1=self.tau_minus_1, alpha=self.alpha, time_other=self.time_other, time_engine=self.time_engine,
+                 overhead_per_step=self.overhead_per_step,
+                 tokens_per_second=self.tokens_per_second)
+        return d
+
+    def summary(self) -> str:
+        alpha = " ".join(f"{a:.2f}" for a in self.alpha[:8]) or "-"
+        kind = "lossless" if self.lossless else "LOSSY: output distribution differs from the target's"
+        return (f"{self.new_tokens} tokens, {self.requests} request(s) | acceptance={self.acceptance or 'none'} ({kind}) | "
+                f"tau={self.tau:.2f} (tau-1={self.tau_minus_1:.2f}) | alpha by depth: {alpha} | "
+                f"target fwd={self.target_forwards} drafter fwd={self.drafter_forwards} | "
+                f"time {self.time_total * 1e3:.0f} ms (prefill {self.time_prefill * 1e3:.0f}, "
+                f"draft {self.time_draft * 1e3:.0f}, verify {self.time_verify * 1e3:.0f}, "
+                f"other {self.time_other * 1e3:.0f}; engine overhead {self.overhead_per_step * 1e3:.2f} ms/step)")

@@ -1,0 +1,244 @@
+"""Target protocol and the adapter for transformers causal LMs.
+
+A target turns a batch of drafts into next-token logits with **one** forward: the block fed for request b is
+``[pending_b, draft_b nodes..., padding]`` with a 4-D float attention mask (its committed prefix + the ancestor
+closure inside the block) and explicit ``position_ids`` (``next_pos_b + depth``), appended to a transformers cache.
+This works for every model that accepts a 4-D mask and position ids (LLaMA, Mistral, Qwen2/3, Gemma, Phi, ...).
+VLM and image adapters subclass :class:`CausalLMRunner` and override how prompts are prefilled and how positions
+are made (M-RoPE, images).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import torch
+
+from .cache import RaggedCache
+from .errors import ContextOverflowError, EmptyPromptError, UnsupportedModelError
+from .tree import Draft, ancestor_mask
+
+
+@dataclass
+class BlockOutput:
+    logits: torch.Tensor  # (B, M, V) float
+    hidden: torch.Tensor | None = None  # (B, M, H) last hidden state, when asked for
+
+
+def _sync_time(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def model_dtype(model: torch.nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def output_vocab(model: torch.nn.Module) -> int:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and hasattr(head, "out_features"):
+        return int(head.out_features)
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return int(cfg.vocab_size)
+
+
+def context_limit(model: torch.nn.Module) -> int | None:
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return getattr(cfg, "max_position_embeddings", None)
+
+
+class CausalLMRunner:
+    """A transformers causal LM driven over a ragged :class:`RaggedCache` with explicit masks and positions."""
+
+    def __init__(self, model: torch.nn.Module, cache: str = "dynamic", max_cache_len: int | None = None):
+        if not hasattr(model, "config"):
+            raise UnsupportedModelError(f"{type(model).__name__} is not a transformers model (no .config)")
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        if "sliding_attention" in (getattr(cfg, "layer_types", None) or ()):
+            raise UnsupportedModelError(
+                f"{type(model).__name__} has sliding-window layers, which evict keys a rejected draft needs; "
+                "use a model-specific adapter that keeps window + draft slots")
+        self.model = model.eval()
+        self.cache_kind, self.max_cache_len = cache, max_cache_len
+        self.device, self.dtype = model_device(model), model_dtype(model)
+        self.vocab_size = output_vocab(model)
+        self.max_positions = context_limit(model)
+        self.kv: RaggedCache | None = None
+        self.forward_time = 0.0  # seconds spent inside the model's forward (engine overhead = the rest)
+        self.next_pos = torch.zeros(0, dtype=torch.long)  # (B,) position of the next fed token
+
+    # --- masks and positions ------------------------------------------------------------------------------------
+    def _float_mask(self, allowed: torch.Tensor) -> torch.Tensor:
+        """bool (B, M, K) -> additive float mask (B, 1, M, K) in the model's dtype."""
+        neg = torch.finfo(self.dtype).min
+        zero = torch.zeros((), dtype=self.dtype, device=self.device)
+        return torch.where(allowed.to(self.device), zero, neg).unsqueeze(1)
+
+    def block_mask(self, block_allowed: torch.Tensor | None, existing: torch.Tensor | str | None = None,
+                   m: int | None = None) -> torch.Tensor | None:
+        """Attention mask for a block of M tokens appended at `width`.
+
+        block_allowed: (B, M, M) bool visibility inside the block, or None for causal.
+        existing: (B, M, width) bool over the slots already written; None = each row's committed prefix;
+          "all" = every written slot.
+        Returns None when the result is the plain causal mask over a hole-free dynamic cache: the model then builds
+        its own, exactly as in plain decoding (and faster than an explicit 4-D mask).
+        """
+        kv = self.kv
+        if block_allowed is None and not kv.static and (
+                existing == "all" or (existing is None and int(kv.length.min()) == kv.width)):
+            return None
+        if block_allowed is None:
+            block_allowed = torch.ones(m, m, dtype=torch.bool).tril_().expand(len(kv.length), m, m)
+        b, m, _ = block_allowed.shape
+        key_len = kv.key_len if kv.static else kv.width + m
+        allowed = torch.zeros(b, m, key_len, dtype=torch.bool)
+        if existing is None:
+            slots = torch.arange(kv.width)
+            existing = (slots[None, :] < kv.length[:, None]).unsqueeze(1)  # committed prefix
+        elif isinstance(existing, str):
+            existing = True
+        allowed[:, :, : kv.width] = existing
+        allowed[:, :, kv.width: kv.width + m] = block_allowed
+        return self._float_mask(allowed)
+
+    def positions(self, offsets: torch.Tensor) -> torch.Tensor:
+        """Position ids for a block: offsets (B, M) added to each row's next position. Overridden for M-RoPE."""
+        return (self.next_pos[:, None] + offsets).to(self.device)
+
+    # --- forwards -----------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward_block(self, tokens: torch.Tensor, offsets: torch.Tensor, block_allowed: torch.Tensor | None,
+                      want_hidden: bool = False, existing: torch.Tensor | str | None = None) -> BlockOutput:
+        """Append a (B, M) block: tokens, position offsets (B, M), intra-block visibility (B, M, M) or None for
+        causal, and which already-written slots each block token sees (see `block_mask`)."""
+        kv = self.kv
+        m = tokens.shape[1]
+        if kv.static and kv.width + m > kv.key_len:
+            raise ContextOverflowError(
+                f"static cache of {kv.key_len} slots is full (width {kv.width} + block {m}); "
+                "raise max_cache_len")
+        mask = self.block_mask(block_allowed, existing, m)
+        positions, ids = self.positions(offsets), tokens.to(self.device)
+        t0 = _sync_time(self.device)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=kv.cache,
+                         use_cache=True, output_hidden_states=want_hidden)
+        self.forward_time += _sync_time(self.device) - t0
+        kv.appended(m)
+        hidden = out.hidden_states[-1] if want_hidden else None
+        return BlockOutput(out.logits, hidden)
+
+    @torch.inference_mode()
+    def prefill(self, prompts: Sequence[Sequence[int]], want_hidden: bool = False,
+                reserve: int = 0) -> BlockOutput:
+        """Run the prompts (right-padded, one forward). Returns logits (B, V) at each prompt's last token.
+
+        reserve: slots a static cache must keep free beyond the prompt (new tokens + draft size).
+        """
+        lens = [len(p) for p in prompts]
+        if not prompts or min(lens) == 0:
+            bad = [i for i, n in enumerate(lens) if n == 0]
+            raise EmptyPromptError(f"prompt(s) {bad or '[]'} have no tokens; every request needs >= 1 token")
+        if self.max_positions and max(lens) > self.max_positions:
+            raise ContextOverflowError(f"prompt of {max(lens)} tokens exceeds the model's context of "
+                                       f"{self.max_positions} positions")
+        b, t = len(prompts), max(lens)
+        self.kv = RaggedCache.new(self.model, b, self.cache_kind, self.max_cache_len or (t + reserve))
+        self.next_pos = torch.zeros(b, dtype=torch.long)
+        ids = torch.zeros(b, t, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, : lens[i]] = torch.as_tensor(list(p), dtype=torch.long)
+        length = torch.tensor(lens)
+        q_idx, k_idx = torch.arange(t)[:, None], torch.arange(t)[None, :]
+        causal = (k_idx <= q_idx).unsqueeze(0)  # (1, T, T)
+        # Padding queries may see anything causal; their slots are never marked valid.
+        allowed = causal & ((k_idx.unsqueeze(0) < length[:, None, None]) | (q_idx.unsqueeze(0) >= length[:, None, None]))
+        out = self.forward_block(ids, torch.arange(t).expand(b, t), allowed, want_hidden)
+        self.kv.length = length.clone()
+        self.next_pos = length.clone()
+        last = (length - 1).to(out.logits.device)
+        rows = torch.arange(b, device=out.logits.device)
+        hidden = out.hidden[rows, last] if want_hidden else None
+        return BlockOutput(out.logits[rows, last], hidden)
+
+    def commit(self, keep: Sequence[Sequence[int]], block_start: int) -> None:
+        """Keep block slots `keep[b]` (indices within the last block, ascending) for each row."""
+        self.kv.compact([[block_start + j for j in ks] for ks in keep])
+        self.next_pos = self.next_pos + torch.tensor([len(k) for k in keep], dtype=torch.long)
+
+    def select_rows(self, rows: Sequence[int]) -> None:
+        self.kv.select_rows(rows)
+        self.next_pos = self.next_pos[torch.as_tensor(list(rows), dtype=torch.long)]
+
+
+def draft_block(pending: Sequence[int], drafts: Sequence[Draft]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Block for verification: [pending, nodes..., pad] per row.
+
+    Returns tokens (B, M), position offsets (B, M) = depth (0 for the pending token), visibility (B, M, M) (None
+    when causal). Padding slots see only themselves, so they never disturb real rows.
+    """
+    b = len(drafts)
+    m = 1 + max((len(d) for d in drafts), default=0)
+    if b == 1:  # one request: no padding; a chain needs no mask at all
+        d = drafts[0]
+        tokens = torch.tensor([[pending[0]] + d.token_list], dtype=torch.long)
+        offsets = torch.tensor([[0] + d.depth], dtype=torch.long)
+        if d.is_chain:
+            return tokens, offsets, None
+        allowed = torch.ones(1, m, m, dtype=torch.bool).tril_()
+        allowed[0, 1:, 1:] = ancestor_mask(d.parent_list)
+        return tokens, offsets, allowed
+    tokens = torch.zeros(b, m, dtype=torch.long)
+    offsets = torch.zeros(b, m, dtype=torch.long)
+    allowed = torch.eye(m, dtype=torch.bool).repeat(b, 1, 1)
+    for i, (tok, d) in enumerate(zip(pending, drafts)):
+        n = len(d)
+        tokens[i, 0] = tok
+        if n:
+            tokens[i, 1: n + 1] = d.tokens.cpu()
+            offsets[i, 1: n + 1] = torch.tensor(d.depth)
+            allowed[i, 1: n + 1, 1: n + 1] = ancestor_mask(d.parent_list)
+            allowed[i, 1: n + 1, 0] = True
+    return tokens, offsets, allowed
+
+
+class Target(Protocol):
+    """What the decode loop needs from a target model."""
+
+    vocab_size: int
+    device: torch.device
+
+    def prefill(self, prompts: Sequence[Sequence[int]], want_hidden: bool = False, reserve: int = 0) -> BlockOutput: ...
+
+    def verify(self, pending: Sequence[int], drafts: Sequence[Draft], want_hidden: bool = False) -> BlockOutput: ...
+
+    def commit(self, paths: Sequence[Sequence[int] | None]) -> None: ...
+
+    def select_rows(self, rows: Sequence[int]) -> None: ...
+
+
+class CausalLMTarget(CausalLMRunner):
+    """Target adapter for transformers causal LMs (anything taking a 4-D mask and explicit position ids)."""
+
+    def verify(self, pending: Sequence[int], drafts: Sequence[Draft], want_hidden: bool = False) -> BlockOutput:
+        """One forward over [pending, draft nodes] for every row. logits[:, 0] is p for the root's children."""
+        tokens, offsets, allowed = draft_block(pending, drafts)
+        self._block_start = self.kv.width
+        return self.forward_block(tokens, offsets, allowed, want_hidden)
+
+    def commit(self, paths: Sequence[Sequence[int] | None]) -> None:
+        """paths[b]: accepted node indices of row b's draft (None: row keeps nothing, e.g. it just finished)."""
+        keep = [[] if p is None else [0] + [1 + i for i in p] for p in paths]
+        CausalLMRunner.commit(self, keep, self._block_start)

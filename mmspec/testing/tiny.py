@@ -1,0 +1,42 @@
+"""Tiny random LLaMA-family models built from configs, with weights widened so that greedy outputs are diverse.
+
+Default initialisation (std 0.02) makes tiny models repeat one token, which would let equality tests pass vacuously
+(ARCHITECTURE.md, Tests). `widen_` redraws every matrix from N(0, std).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+@torch.no_grad()
+def widen_(model: torch.nn.Module, std: float = 0.2, seed: int = 0) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def tiny_llama(seed: int = 0, vocab: int = 96, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+               std: float = 0.2, max_positions: int = 1024, dtype=torch.float32) -> LlamaForCausalLM:
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
+                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    widen_(model, std, seed)
+    return model.to(dtype).eval()
+
+
+@torch.no_grad()
+def noisy_copy(model: torch.nn.Module, noise: float, seed: int = 1) -> torch.nn.Module:
+    """A drafter that agrees with `model` only sometimes: a copy with Gaussian noise on its output head."""
+    draft = copy.deepcopy(model)
+    head = draft.get_output_embeddings().weight
+    g = torch.Generator().manual_seed(seed)
+    head.add_(torch.randn(head.shape, generator=g) * noise * head.std())
+    return draft.eval()

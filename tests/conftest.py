@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny offline models (no hub), prompts, and target-only references."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmspec.testing import noisy_copy, tiny_llama
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def target():
+    return tiny_llama(seed=0)
+
+
+@pytest.fixture(scope="session")
+def drafters(target):
+    """Drafters that agree with the target always, sometimes, and almost never."""
+    return {
+        "copy": noisy_copy(target, 0.0),
+        "noisy": noisy_copy(target, 0.5, seed=1),
+        "unrelated": tiny_llama(seed=7, hidden=32, layers=1, heads=2, kv_heads=1),
+    }
+
+
+def make_prompts(n: int, vocab: int = 96, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        length = int(torch.randint(1, 14, (1,), generator=g))
+        body = torch.randint(3, vocab, (length,), generator=g).tolist()
+        if i % 3 == 0:  # repetitive prompts give the n-gram drafter something to find
+            body = (body[:4] * 4)[: max(length, 8)]
+        out.append(body)
+    return out
+
+
+@pytest.fixture(scope="session")
+def prompts():
+    return make_prompts(24)
+
+
+def hf_greedy(model, prompt: list[int], max_new_tokens: int, eos_token_id=None) -> list[int]:
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=0, eos_token_id=eos_token_id)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="session")
+def reference(target, prompts):
+    """Target-only greedy continuations from transformers' own `generate` (an independent implementation)."""
+    return [hf_greedy(target, p, 24) for p in prompts]

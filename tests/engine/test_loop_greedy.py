@@ -1,0 +1,96 @@
+"""Greedy speculative decoding equals target-only greedy decoding (fp32), for every drafter and draft shape."""
+from __future__ import annotations
+
+import pytest
+
+from conftest import hf_greedy
+from mmspec import SpeculativeDecoder
+from mmspec.tree import DynamicTree, StaticTree
+
+MAX_NEW = 24
+SHAPES = {
+    "chain4": 4,
+    "tree221": StaticTree.full((2, 2, 1)),
+    "dynamic": DynamicTree(topk=3, depth=4, total=10),
+}
+
+
+def test_reference_is_diverse(reference):
+    # A tiny model stuck on one token would make every equality below vacuous.
+    for seq in reference:
+        assert len(set(seq)) >= 6, seq
+    assert len({tuple(s) for s in reference}) == len(reference)
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("kind", ["copy", "noisy", "unrelated"])
+def test_model_drafter_matches_target(target, drafters, prompts, reference, kind, shape):
+    dec = SpeculativeDecoder(target, drafters[kind], tree=SHAPES[shape])
+    single = [dec.generate([p], max_new_tokens=MAX_NEW).sequences[0] for p in prompts]
+    assert single == reference
+    for start in range(0, len(prompts), 4):  # batches of 4 prompts of different lengths
+        out = dec.generate(prompts[start: start + 4], max_new_tokens=MAX_NEW)
+        assert out.sequences == reference[start: start + 4]
+
+
+@pytest.mark.parametrize("branches", [1, 3])
+def test_ngram_drafter_matches_target(target, prompts, reference, branches):
+    from mmspec.drafters import NGramDrafter
+
+    dec = SpeculativeDecoder(target, NGramDrafter(k=4, branches=branches))
+    single = [dec.generate([p], max_new_tokens=MAX_NEW) for p in prompts]
+    assert [o.sequences[0] for o in single] == reference
+    assert sum(o.stats.accepted_tokens for o in single) > 0  # the n-gram path was really exercised
+    out = dec.generate(prompts[:4], max_new_tokens=MAX_NEW)
+    assert out.sequences == reference[:4]
+
+
+def test_noisy_drafter_exercises_accept_and_reject(target, drafters, prompts):
+    out = SpeculativeDecoder(target, drafters["noisy"], tree=4).generate(prompts, max_new_tokens=MAX_NEW)
+    s = out.stats
+    assert 0 < s.accepted_tokens < s.draft_tokens  # both paths taken
+    assert 1.0 < s.tau < 5.0
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_copy_drafter_accepts_everything(target, drafters, prompts, k):
+    """Draft = target at temperature 0: every step commits k + 1 tokens (no token lost in the bookkeeping)."""
+    steps = 4
+    out = SpeculativeDecoder(target, drafters["copy"], tree=k).generate(
+        prompts[:6], max_new_tokens=1 + steps * (k + 1))
+    s = out.stats
+    assert s.steps == 6 * steps
+    assert s.tau == k + 1
+    assert s.alpha == [1.0] * k
+    assert s.target_forwards == 1 + steps
+
+
+def test_eos_and_max_new_tokens_exact(target, drafters, prompts, reference):
+    # Pick an EOS id that appears mid-way through a reference continuation.
+    eos = reference[0][7]
+    dec = SpeculativeDecoder(target, drafters["copy"], tree=4)
+    out = dec.generate(prompts, max_new_tokens=MAX_NEW, eos_token_id=eos)
+    for seq, ref, p, reason in zip(out.sequences, reference, prompts, out.finish_reasons):
+        expect = hf_greedy(target, p, MAX_NEW, eos_token_id=eos)
+        assert seq == expect
+        assert (reason == "eos") == (eos in ref)
+    for n in (1, 2, 5, 7):
+        out = dec.generate(prompts[:4], max_new_tokens=n)
+        assert [len(s) for s in out.sequences] == [n] * 4
+        assert out.sequences == [r[:n] for r in reference[:4]]
+
+
+def test_static_cache_matches(target, drafters, prompts, reference):
+    dec = SpeculativeDecoder(target, drafters["noisy"], tree=StaticTree.full((2, 2, 1)), cache="static")
+    out = dec.generate(prompts[:8], max_new_tokens=MAX_NEW)
+    assert out.sequences == reference[:8]
+
+
+def test_streaming_yields_the_same_tokens(target, drafters, prompts, reference):
+    dec = SpeculativeDecoder(target, drafters["noisy"], tree=4)
+    stream = dec.stream(prompts[:3], max_new_tokens=MAX_NEW)
+    got = [[], [], []]
+    for event in stream:
+        got[event.request].extend(event.tokens)
+    assert got == reference[:3]
+    assert stream.output.sequences == reference[:3]

@@ -1,0 +1,79 @@
+"""Seeded Monte-Carlo: speculative sampling reproduces target-only sampling (temperature 1, top-k, top-p).
+
+The reference is the exact joint distribution of the first tokens, enumerated with the target itself; the test is
+a chi-square goodness-of-fit at alpha = 1e-4 (threshold from the sample count via the bins' degrees of freedom).
+A deliberately wrong rule (accept every draft token) must fail the same test, so the test is not vacuous.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmspec import SpeculativeDecoder
+from mmspec.drafters import NGramDrafter
+from mmspec.kernels import Verdict
+from mmspec.tree import DynamicTree, StaticTree
+from stats_tools import chi_square, exact_joint
+
+PROMPT = [5, 17, 5, 17, 5, 17, 5]  # repetitive, so the n-gram drafter proposes something
+LENGTH = 4  # first token from prefill, then drafts of depth up to 2 and 1
+N = 2000
+SPEC = dict(temperature=1.0, top_k=4, top_p=0.9)
+
+
+@pytest.fixture(scope="module")
+def joint(target):
+    from mmspec.sampling import SamplingSpec
+
+    return exact_joint(target, PROMPT, SamplingSpec(**SPEC), LENGTH)
+
+
+def sample(dec: SpeculativeDecoder, n: int = N, seed: int = 0) -> list[tuple[int, ...]]:
+    out = []
+    for start in range(0, n, 300):
+        res = dec.generate([PROMPT] * 300, max_new_tokens=LENGTH, seed=seed + start, **SPEC)
+        out.extend(tuple(s) for s in res.sequences)
+    return out
+
+
+def configs(drafters):
+    return {
+        "chain-speculative": SpeculativeDecoder(drafters["target"], drafters["noisy"], tree=3),
+        "tree-without-replacement": SpeculativeDecoder(drafters["target"], drafters["noisy"],
+                                                       tree=StaticTree.full((3, 2))),
+        "dynamic-point-mass": SpeculativeDecoder(drafters["target"], drafters["noisy"],
+                                                 tree=DynamicTree(topk=3, depth=3, total=8)),
+        "ngram-point-mass": SpeculativeDecoder(drafters["target"], NGramDrafter(k=3, branches=2)),
+        "plain": SpeculativeDecoder(drafters["target"], None),
+    }
+
+
+@pytest.mark.parametrize("name", ["chain-speculative", "tree-without-replacement", "dynamic-point-mass",
+                                  "ngram-point-mass", "plain"])
+def test_speculative_sampling_matches_target(target, drafters, joint, name):
+    dec = configs({**drafters, "target": target})[name]
+    samples = sample(dec)
+    stat, threshold, outside = chi_square(samples, joint)
+    assert outside == 0
+    assert stat < threshold, (stat, threshold)
+    if name != "plain":
+        out = dec.generate([PROMPT] * 50, max_new_tokens=LENGTH, seed=99, **SPEC)
+        assert out.stats.accepted_tokens > 0 and out.stats.lossless
+
+
+def accept_everything(draft, p, *, generator=None, coin=None):
+    """Broken on purpose: keeps the first draft path whatever p says."""
+    path, node = [], -1
+    while draft.children[node + 1]:
+        node = draft.children[node + 1][0]
+        path.append(node)
+    nxt = int(torch.multinomial(p[node + 1].float(), 1, generator=generator))
+    return Verdict(path, [draft.token_list[i] for i in path], p[node + 1], nxt, True)
+
+
+def test_wrong_rule_is_detected(target, drafters, joint):
+    dec = SpeculativeDecoder(target, drafters["noisy"], tree=3, acceptance=accept_everything)
+    samples = sample(dec)
+    stat, threshold, outside = chi_square(samples, joint)
+    assert outside > 0 or stat > threshold
+    assert not dec.generate([PROMPT], max_new_tokens=3, seed=0, **SPEC).stats.lossless
