@@ -36,6 +36,7 @@ class NoDrafter:
     """Proposes nothing: the loop then is plain target-only decoding (the baseline)."""
 
     needs_hidden = False
+    max_nodes = max_depth = 0
 
     def __init__(self):
         self.counters = DrafterCounters()
@@ -105,6 +106,28 @@ def as_prompts(input_ids) -> list[list[int]]:
                             "or an integer tensor")
 
 
+def static_reserve(max_new: int, drafter, batch: int = 1) -> int:
+    """Cache slots needed beyond the longest prompt.
+
+    At a step the cache holds prompt + generated - 1 committed slots plus a block of 1 + N nodes; a chain's N is at
+    most the budget max_new - generated - 1 and a tree adds at most max_nodes - 1 siblings, so one request needs
+    max_new - 1 + extra. In a batch the block sits after the longest row while another row may still draft its
+    full budget, so up to max_new - 1 more.
+    """
+    nodes, depth = getattr(drafter, "max_nodes", 0), getattr(drafter, "max_depth", 0)
+    extra = 0 if nodes <= depth else nodes - 1
+    return max_new - 1 + extra + (max_new - 1 if batch > 1 else 0)
+
+
+def as_eos_set(eos_token_id) -> set[int]:
+    if eos_token_id is None:
+        return set()
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id
+    if isinstance(eos_token_id, (str, bytes)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise GenerationConfigError(f"eos_token_id={eos_token_id!r}: expected an int token id or a list of them")
+    return set(ids)
+
+
 class SpeculativeDecoder:
     """Speculative decoding for one target and one drafter.
 
@@ -164,7 +187,7 @@ class SpeculativeDecoder:
             if torch.device(g.device).type != torch.device(self.target.device).type:
                 raise DeviceMismatchError(f"generator is on {g.device} but the target runs on {self.target.device}; "
                                           f"create it with torch.Generator(device='{self.target.device}') or pass seed=")
-        eos = set() if eos_token_id is None else ({eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id))
+        eos = as_eos_set(eos_token_id)
         return Stream(self, prompts, max_new_tokens, spec, gens, eos)
 
 
@@ -236,7 +259,7 @@ class Stream:
         f0 = drafter.counters.forwards
         t_start = self._sync()
         rows = [_Row(i, list(p)) for i, p in enumerate(self.prompts)]
-        reserve = self.max_new + getattr(drafter, "max_nodes", 0) + 2
+        reserve = static_reserve(self.max_new, drafter, len(self.prompts))
         pre = target.prefill(self.prompts, want_hidden=drafter.needs_hidden, reserve=reserve)
         st.target_forwards += 1
         for row, tok in zip(rows, self._first_tokens(pre.logits, rows)):
@@ -280,6 +303,8 @@ class Stream:
         drafts = dec.drafter.propose(budgets)
         t1 = self._sync()
         vocab = dec.target.vocab_size
+        if len(drafts) != len(rows):
+            raise DraftError(f"drafter returned {len(drafts)} draft(s) for {len(rows)} request(s)")
         for d, budget in zip(drafts, budgets):
             d.validate(vocab)
             if d.max_depth() > budget:

@@ -37,7 +37,7 @@ class SamplingSpec:
     def __post_init__(self):
         if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
             raise GenerationConfigError(f"temperature={self.temperature!r}: must be a number >= 0 (0 = greedy)")
-        if not (isinstance(self.top_k, int) and self.top_k >= 0):
+        if not (isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and self.top_k >= 0):
             raise GenerationConfigError(f"top_k={self.top_k!r}: must be an int >= 0 (0 = off)")
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise GenerationConfigError(f"top_p={self.top_p!r}: must be in (0, 1] (1.0 = off)")

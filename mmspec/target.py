@@ -15,6 +15,8 @@ from typing import Protocol, Sequence
 
 import torch
 
+from transformers import DynamicCache
+
 from .cache import RaggedCache
 from .errors import ContextOverflowError, EmptyPromptError, UnsupportedModelError
 from .tree import Draft, ancestor_mask
@@ -65,8 +67,8 @@ class CausalLMRunner:
     def __init__(self, model: torch.nn.Module, cache: str = "dynamic", max_cache_len: int | None = None):
         if not hasattr(model, "config"):
             raise UnsupportedModelError(f"{type(model).__name__} is not a transformers model (no .config)")
-        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        if "sliding_attention" in (getattr(cfg, "layer_types", None) or ()):
+        if any(getattr(layer, "is_sliding", False) for layer in DynamicCache(config=model.config).layers):
+            # transformers' own rule decides which layers slide (layer_types, or sliding_window for Mistral)
             raise UnsupportedModelError(
                 f"{type(model).__name__} has sliding-window layers, which evict keys a rejected draft needs; "
                 "use a model-specific adapter that keeps window + draft slots")
@@ -155,6 +157,10 @@ class CausalLMRunner:
             raise ContextOverflowError(f"prompt of {max(lens)} tokens exceeds the model's context of "
                                        f"{self.max_positions} positions")
         b, t = len(prompts), max(lens)
+        if self.cache_kind == "static" and self.max_cache_len and self.max_cache_len < t + reserve:
+            raise ContextOverflowError(
+                f"max_cache_len={self.max_cache_len} is too small for a prompt of {t} tokens plus {reserve} slots "
+                f"(new tokens + the largest draft); use max_cache_len >= {t + reserve}")
         self.kv = RaggedCache.new(self.model, b, self.cache_kind, self.max_cache_len or (t + reserve))
         self.next_pos = torch.zeros(b, dtype=torch.long)
         ids = torch.zeros(b, t, dtype=torch.long)

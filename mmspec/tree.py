@@ -55,6 +55,9 @@ class Draft:
         if self.tokens.dim() != 1 or self.parent.shape != self.tokens.shape:
             raise DraftError(f"draft tokens {tuple(self.tokens.shape)} and parent {tuple(self.parent.shape)} "
                              "must both be 1-D of the same length")
+        for name, t in (("tokens", self.tokens), ("parent", self.parent)):
+            if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+                raise DraftError(f"draft {name} have dtype {t.dtype}; expected integer ids (torch.long)")
         if any(not (-1 <= p < i) for i, p in enumerate(self.parent_list)):
             raise DraftError(f"draft parent={self.parent_list}: each parent must be -1 or an earlier node index")
         if n and not (0 <= min(self.token_list) and max(self.token_list) < vocab_size):
@@ -117,7 +120,7 @@ class Draft:
 
 def ancestor_mask(parent: Sequence[int], device="cpu") -> torch.Tensor:
     """(N, N) bool, [i, j] = node j is node i or one of its ancestors (the tree-attention pattern)."""
-    return _ancestor_mask(tuple(parent)).to(device)
+    return _ancestor_mask(tuple(parent)).to(device, copy=True)  # callers may edit it; the memo must not change
 
 
 @lru_cache(maxsize=256)
@@ -152,9 +155,16 @@ class StaticTree:
         if not paths or any(len(c) == 0 or min(c) < 0 for c in paths):
             raise DraftError(f"tree choices {self.choices!r}: need non-empty paths of ranks >= 0")
         known = set(paths)
+        ranks: dict[tuple[int, ...], list[int]] = {}
         for c in paths:
             if len(c) > 1 and c[:-1] not in known:
                 raise DraftError(f"tree choice {list(c)} has no parent path {list(c[:-1])} in the tree")
+            ranks.setdefault(c[:-1], []).append(c[-1])
+        for prefix, rs in ranks.items():
+            if sorted(rs) != list(range(len(rs))):
+                # Children are the parent's top ranks (or its first draws without replacement): a gap would need a
+                # candidate that is never drafted, and a sampled q would no longer describe the draws.
+                raise DraftError(f"tree choices under {list(prefix)} have ranks {sorted(rs)}; expected 0..{len(rs) - 1}")
         object.__setattr__(self, "choices", tuple(paths))
 
     @staticmethod
@@ -214,7 +224,8 @@ class DynamicTree:
     total: int = 60
 
     def __post_init__(self):
-        if self.topk < 1 or self.depth < 1 or self.total < 1:
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (self.topk, self.depth, self.total)) or \
+                self.topk < 1 or self.depth < 1 or self.total < 1:
             raise DraftError(f"DynamicTree(topk={self.topk}, depth={self.depth}, total={self.total}): all must be >= 1")
 
 

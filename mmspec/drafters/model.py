@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from ..errors import DeviceMismatchError, VocabularyMismatchError
+from ..errors import ContextOverflowError, DeviceMismatchError, VocabularyMismatchError
 from ..target import BlockOutput, CausalLMRunner
 from ..tree import Draft, DynamicTree, StaticTree, expand_dynamic
 from .base import DraftContext, DrafterCounters, RowUpdate
@@ -74,6 +74,11 @@ class ModelDrafter:
     # --- lifecycle ----------------------------------------------------------------------------------------------
     def begin(self, ctx: DraftContext, prefill: BlockOutput) -> None:
         self.ctx = ctx
+        limit = self.runner.max_positions
+        if limit and max(len(h) for h in ctx.history) > limit:
+            raise ContextOverflowError(
+                f"the drafter's context is {limit} positions but a prompt has {max(len(h) for h in ctx.history) - 1} "
+                "tokens; use a drafter with a longer context (or the n-gram drafter)")
         self.runner.prefill([h[:-1] for h in ctx.history], reserve=0)
         self.counters.forwards += 1
         self.uncached = [[h[-1]] for h in ctx.history]
@@ -81,6 +86,10 @@ class ModelDrafter:
 
     def propose(self, budgets: Sequence[int]) -> list[Draft]:
         caps = [min(self.max_depth, int(b)) for b in budgets]
+        limit = self.runner.max_positions
+        if limit:  # never run past the drafter's own context: node position = next_pos + uncached - 1 + depth
+            room = [limit - int(p) - len(u) for p, u in zip(self.runner.next_pos, self.uncached)]
+            caps = [0 if min(room) < 0 else min(c, r + 1) for c, r in zip(caps, room)]
         if max(caps, default=0) <= 0:
             self.round = None
             return [Draft.empty() for _ in caps]

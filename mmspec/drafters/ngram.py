@@ -21,12 +21,21 @@ class NGramDrafter:
     needs_hidden = False
 
     def __init__(self, k: int = 4, max_ngram: int = 3, min_ngram: int = 1, branches: int = 1):
-        if not (k >= 1 and 1 <= min_ngram <= max_ngram and branches >= 1):
+        ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (k, max_ngram, min_ngram, branches))
+        if not (ints and k >= 1 and 1 <= min_ngram <= max_ngram and branches >= 1):
             raise DraftError(f"NGramDrafter(k={k}, max_ngram={max_ngram}, min_ngram={min_ngram}, branches={branches}):"
                              " need k >= 1, 1 <= min_ngram <= max_ngram, branches >= 1")
         self.k, self.max_ngram, self.min_ngram, self.branches = k, max_ngram, min_ngram, branches
         self.counters = DrafterCounters()
         self.ctx: DraftContext | None = None
+
+    @property
+    def max_nodes(self) -> int:
+        return self.k * self.branches
+
+    @property
+    def max_depth(self) -> int:
+        return self.k
 
     def check_target(self, target) -> None:  # shares the target's tokens by construction
         return None

@@ -1,4 +1,4 @@
 """Tiny offline models for tests, the demo and benchmarks (no hub access anywhere)."""
-from .tiny import noisy_copy, tiny_llama, widen_
+from .tiny import noisy_copy, tiny_llama, widen_, word_tokenizer
 
-__all__ = ["tiny_llama", "noisy_copy", "widen_"]
+__all__ = ["tiny_llama", "noisy_copy", "widen_", "word_tokenizer"]

@@ -40,3 +40,17 @@ def noisy_copy(model: torch.nn.Module, noise: float, seed: int = 1) -> torch.nn.
     g = torch.Generator().manual_seed(seed)
     head.add_(torch.randn(head.shape, generator=g) * noise * head.std())
     return draft.eval()
+
+
+def word_tokenizer(vocab: int = 96):
+    """An in-process word-level tokenizer ("w3 w17 ...") for a tiny model of `vocab` ids: 0 pad, 1 bos, 2 eos."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab)}}
+    tok = Tokenizer(models.WordLevel(words, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    from tokenizers import decoders
+
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")

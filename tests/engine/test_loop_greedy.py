@@ -94,3 +94,20 @@ def test_streaming_yields_the_same_tokens(target, drafters, prompts, reference):
         got[event.request].extend(event.tokens)
     assert got == reference[:3]
     assert stream.output.sequences == reference[:3]
+
+
+@pytest.mark.parametrize("shape", ["chain4", "tree221"])
+def test_repetition_penalty_uses_each_nodes_own_prefix(target, drafters, prompts, shape):
+    """p for a draft node must penalise the node's own ancestors (ALGORITHMS.md §3.1), as plain decoding would."""
+    import torch
+
+    dec = SpeculativeDecoder(target, drafters["copy"], tree=SHAPES[shape])
+    for p in prompts[:8]:
+        ref = target.generate(torch.tensor([p]), max_new_tokens=MAX_NEW, do_sample=False, repetition_penalty=1.8,
+                              pad_token_id=0, eos_token_id=None)[0, len(p):].tolist()
+        out = dec.generate([p], max_new_tokens=MAX_NEW, repetition_penalty=1.8)
+        assert out.sequences[0] == ref
+        # a copy drafter that ignores the penalty gets rejected somewhere: the penalty really changed p
+    plain = [hf_greedy(target, p, MAX_NEW) for p in prompts[:8]]
+    assert any(dec.generate([p], max_new_tokens=MAX_NEW, repetition_penalty=1.8).sequences[0] != r
+               for p, r in zip(prompts[:8], plain))

@@ -1,0 +1,150 @@
+"""`mmspec` command line: demo, text generation with a local/hub causal LM, and benchmarks.
+
+Pipelines are imported lazily inside the subcommands that need them (ARCHITECTURE.md: the CLI is the only place
+above both pipelines).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import MMSpecError
+
+
+def _tree_arg(text: str):
+    """'4' -> chain of 4; 'full:2,2,1' -> StaticTree.full; 'dynamic:8,6,60' -> DynamicTree(topk, depth, total)."""
+    from .tree import DynamicTree, StaticTree
+
+    kind, _, rest = text.partition(":")
+    try:
+        if not rest:
+            return int(kind)
+        nums = tuple(int(x) for x in rest.split(","))
+        if kind == "full":
+            return StaticTree.full(nums)
+        if kind == "dynamic":
+            return DynamicTree(*nums)
+    except (ValueError, TypeError) as e:
+        raise argparse.ArgumentTypeError(f"--tree {text!r}: {e}") from None
+    raise argparse.ArgumentTypeError(f"--tree {text!r}: expected K, full:B1,B2,... or dynamic:TOPK,DEPTH,TOTAL")
+
+
+def cmd_demo(args) -> int:
+    """Run the engine on a tiny offline target/drafter pair and print what each method did."""
+    import torch
+
+    from .loop import SpeculativeDecoder
+    from .testing.pairs import layer_pair
+    from .tree import DynamicTree, StaticTree
+
+    torch.manual_seed(0)
+    target, drafter = layer_pair()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, target.config.vocab_size, (n,), generator=g).tolist() for n in (12, 20, 7, 16)]
+    prompts[0] = (prompts[0][:5] * 4)[:16]  # a repetitive prompt for the n-gram drafter
+    print("mmspec demo: tiny random LLaMA target (4 layers) and a layer-truncated drafter, built offline, fp32, "
+          f"greedy, {args.new_tokens} new tokens for {len(prompts)} prompts\n")
+    rows = [("plain (target only)", None, 1), ("chain k=4", drafter, 4),
+            ("static tree (2,2,1)", drafter, StaticTree.full((2, 2, 1))),
+            ("EAGLE-2 dynamic tree", drafter, DynamicTree(topk=4, depth=4, total=16)), ("n-gram k=4", "ngram", 4)]
+    base, base_time = None, None
+    print(f"{'method':24s} {'tok/s':>8s} {'speedup':>8s} {'tau':>5s} {'equal':>6s}  acceptance")
+    for name, d, tree in rows:
+        dec = SpeculativeDecoder(target, d, tree=tree)
+        dec.generate(prompts[:1], max_new_tokens=8)  # warm-up
+        out = dec.generate(prompts, max_new_tokens=args.new_tokens, temperature=args.temperature, seed=0)
+        s = out.stats
+        if base is None:
+            base, base_time = out.sequences, s.time_total
+        equal = "yes" if out.sequences == base else ("n/a" if args.temperature > 0 else "NO")
+        kind = "lossless" if s.lossless else "LOSSY"
+        print(f"{name:24s} {s.tokens_per_second:8.0f} {base_time / s.time_total:7.2f}x {s.tau:5.2f} {equal:>6s}  "
+              f"{s.acceptance or '-'} ({kind})")
+    print("\nlast run:", s.summary())
+    return 0
+
+
+def cmd_generate(args) -> int:
+    """Speculative text generation with a causal LM from a local path (or hub id where the hub is reachable)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .loop import SpeculativeDecoder
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    kw = dict(trust_remote_code=args.trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(args.target, **kw)
+    target = AutoModelForCausalLM.from_pretrained(args.target, dtype=dtype, **kw).to(args.device)
+    drafter = args.drafter
+    if drafter not in (None, "ngram"):
+        drafter = AutoModelForCausalLM.from_pretrained(drafter, dtype=dtype, **kw).to(args.device)
+    dec = SpeculativeDecoder(target, drafter, tree=args.tree)
+    ids = tok(args.prompt)["input_ids"]
+    stream = dec.stream([ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                        top_k=args.top_k, top_p=args.top_p, eos_token_id=tok.eos_token_id, seed=args.seed)
+    generated: list[int] = []
+    printed = ""
+    for event in stream:
+        generated.extend(event.tokens)
+        text = tok.decode(generated, skip_special_tokens=True)
+        sys.stdout.write(text[len(printed):])
+        sys.stdout.flush()
+        printed = text
+    print("\n\n" + stream.output.stats.summary(), file=sys.stderr)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    if args.what == "engine":
+        from .bench import run_engine_benchmark
+
+        run_engine_benchmark(out_dir=args.out, new_tokens=args.new_tokens, quick=args.quick)
+        return 0
+    raise SystemExit(f"unknown benchmark {args.what!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmspec", description="Lossless speculative decoding for VLMs and visual AR "
+                                "image generators.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run the engine on built-in tiny offline models and print the stats")
+    demo.add_argument("--new-tokens", type=int, default=64)
+    demo.add_argument("--temperature", type=float, default=0.0)
+    demo.set_defaults(func=cmd_demo)
+
+    gen = sub.add_parser("generate", help="speculative text generation with a causal LM (path or id)")
+    gen.add_argument("--target", required=True, help="model path or id (AutoModelForCausalLM)")
+    gen.add_argument("--drafter", default="ngram", help="draft model path/id sharing the tokenizer, or 'ngram'")
+    gen.add_argument("--tree", type=_tree_arg, default=4, help="K | full:B1,B2,.. | dynamic:TOPK,DEPTH,TOTAL")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    gen.add_argument("--device", default="cpu")
+    gen.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint")
+    gen.add_argument("prompt")
+    gen.set_defaults(func=cmd_generate)
+
+    bench = sub.add_parser("bench", help="benchmarks that print and save tables (JSON + Markdown)")
+    bench.add_argument("what", choices=["engine"])
+    bench.add_argument("--out", default="bench_out/engine")
+    bench.add_argument("--new-tokens", type=int, default=128)
+    bench.add_argument("--quick", action="store_true", help="a small run (for smoke tests)")
+    bench.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MMSpecError as e:
+        print(f"mmspec: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
