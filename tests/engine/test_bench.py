@@ -1,0 +1,84 @@
+"""The engine benchmark runs end to end in quick mode and reports lossless rows. Timings are never asserted."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mmspec.bench import METHODS, run_engine_benchmark, to_markdown
+from mmspec.testing.pairs import distinct_fraction, layer_pair
+
+
+@pytest.fixture(scope="module")
+def quick_result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("engine_bench")
+    return out, run_engine_benchmark(out, quick=True, progress=False)
+
+
+def test_files_and_methods(quick_result):
+    out, result = quick_result
+    assert (out / "result.json").is_file() and (out / "result.md").is_file()
+    saved = json.loads((out / "result.json").read_text())
+    rows = saved["rows"]
+    assert {r["method"] for r in rows} == set(METHODS)
+    for name in METHODS:
+        batches = {r["batch"] for r in rows if r["method"] == name}
+        assert batches == ({1} if name.startswith("hf-") else {1, 2}), name
+    assert {"mmspec-plain", "mmspec-chain4", "mmspec-tree221", "mmspec-eagle2"} <= set(saved["memory"])
+
+
+def test_every_row_is_lossless_and_consistent(quick_result):
+    _, result = quick_result
+    assert result["all_equal"]
+    for r in result["rows"]:
+        assert r["equal"], (r["method"], r["batch"], r["mismatched_prompts"])
+        assert r["lossless"], r["method"]
+        assert r["tau"] >= 1.0, (r["method"], r["tau"])
+        assert r["tau_minus_1"] == pytest.approx(r["tau"] - 1.0)
+        assert r["new_tokens"] == result["config"]["new_tokens"] * result["config"]["n_prompts"]
+    by = {(r["method"], r["batch"]): r for r in result["rows"]}
+    assert by[("mmspec-plain", 1)]["drafter_forwards"] == 0 and by[("mmspec-plain", 1)]["tau"] == 1.0
+    assert by[("mmspec-chain4", 1)]["drafter_forwards"] > 0
+    assert by[("hf-assisted", 1)]["drafter_forwards"] > 0
+    assert result["reference_distinct_fraction"] > 0.5  # the reference is not a model stuck on one token
+
+
+def test_memory_matches_plain_decoding(quick_result):
+    _, result = quick_result
+    mem = result["memory"]
+    for name, m in mem.items():
+        assert m["live_slots"] == mem["mmspec-plain"]["live_slots"], name
+        assert m["peak_width"] >= m["live_slots"]
+        assert 0 <= m["extra_storage_slots"] <= m["block_max"], name
+
+
+def test_markdown(quick_result):
+    out, result = quick_result
+    md = (out / "result.md").read_text()
+    assert md == to_markdown(result)
+    assert "| method | batch | tokens/s | speedup vs HF greedy |" in md
+    assert "## Memory" in md and "## Engine overhead per step" in md
+    assert "WARNING" not in md
+
+
+def test_markdown_shouts_on_mismatch(quick_result):
+    _, result = quick_result
+    broken = json.loads(json.dumps(result))
+    broken["all_equal"] = False
+    broken["rows"][-1]["equal"] = False
+    md = to_markdown(broken)
+    assert "WARNING" in md and "**NO**" in md
+
+
+def test_layer_pair_is_a_partial_self_draft():
+    target, drafter = layer_pair(seed=3, vocab=128, hidden=64, layers=3)
+    assert drafter.config.num_hidden_layers == 1 and target.config.num_hidden_layers == 3
+    t_sd, d_sd = target.state_dict(), drafter.state_dict()
+    for key, value in d_sd.items():  # embeddings, layer 0, final norm and lm_head are the target's
+        assert (value == t_sd[key]).all(), key
+    again, _ = layer_pair(seed=3, vocab=128, hidden=64, layers=3)
+    assert all((v == again.state_dict()[k]).all() for k, v in t_sd.items())  # deterministic
+    out = target.generate(torch.tensor([[5, 9, 17, 33]]), max_new_tokens=32, do_sample=False,
+                          pad_token_id=0, eos_token_id=None)[0, 4:].tolist()
+    assert distinct_fraction(out) > 0.5, out
