@@ -76,25 +76,24 @@ class RaggedCache:
     def compact(self, keep: Sequence[Sequence[int]]) -> None:
         """Keep, for each row b, the absolute slots `keep[b]` (ascending) at [length[b], length[b] + len(keep[b])).
 
-        Slots already in place are not touched; the rest are gathered per layer with one advanced-index copy
-        (K slots in all, K = total kept). Then every slot at or beyond max(new length) is dropped.
+        Rows whose kept slots are already in place are not touched; for the others each layer does one
+        index_select + index_copy_ of just the kept slots. Then every slot at or beyond max(new length) is dropped.
         """
-        rows, src, dst = [], [], []
+        moves = []  # (row, src slots, dst slots) for rows whose kept slots are not already in place
         new_len = self.length.clone()
         for b, slots in enumerate(keep):
             start = int(self.length[b])
-            for j, s in enumerate(slots):
-                if s != start + j:
-                    rows.append(b), src.append(s), dst.append(start + j)
+            if list(slots) != list(range(start, start + len(slots))):
+                moves.append((b, list(slots), list(range(start, start + len(slots)))))
             new_len[b] = start + len(slots)
-        if rows:
+        if moves:
             layers = kv_layers(self.cache)
             dev = layers[0].keys.device
-            r, s, d = (torch.tensor(x, device=dev) for x in (rows, src, dst))
+            idx = [(b, torch.tensor([s, d], device=dev)) for b, s, d in moves]
             for layer in layers:
-                # Gather first: source and destination ranges may overlap.
-                layer.keys[r, :, d] = layer.keys[r, :, s]
-                layer.values[r, :, d] = layer.values[r, :, s]
+                for b, sd in idx:
+                    for t in (layer.keys[b], layer.values[b]):  # (H, T, D) views of row b
+                        t.index_copy_(1, sd[1], t.index_select(1, sd[0]))  # select copies first: overlap-safe
         self.length = new_len
         self._truncate(int(new_len.max()) if len(new_len) else 0)
 

@@ -116,6 +116,11 @@ class CausalLMRunner:
         allowed[:, :, kv.width: kv.width + m] = block_allowed
         return self._float_mask(allowed)
 
+    def empty_mask(self, b: int, m: int) -> torch.Tensor:
+        """All-False (B, M, K) visibility for a block of M appended at `width` (K = key slots attention sees)."""
+        kv = self.kv
+        return torch.zeros(b, m, kv.key_len if kv.static else kv.width + m, dtype=torch.bool)
+
     def positions(self, offsets: torch.Tensor) -> torch.Tensor:
         """Position ids for a block: offsets (B, M) added to each row's next position. Overridden for M-RoPE."""
         return (self.next_pos[:, None] + offsets).to(self.device)
@@ -123,16 +128,18 @@ class CausalLMRunner:
     # --- forwards -----------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def forward_block(self, tokens: torch.Tensor, offsets: torch.Tensor, block_allowed: torch.Tensor | None,
-                      want_hidden: bool = False, existing: torch.Tensor | str | None = None) -> BlockOutput:
+                      want_hidden: bool = False, existing: torch.Tensor | str | None = None,
+                      full_mask: torch.Tensor | None = None) -> BlockOutput:
         """Append a (B, M) block: tokens, position offsets (B, M), intra-block visibility (B, M, M) or None for
-        causal, and which already-written slots each block token sees (see `block_mask`)."""
+        causal, and which already-written slots each block token sees (see `block_mask`); or the whole visibility
+        at once as `full_mask` (B, M, K) bool (see `empty_mask`)."""
         kv = self.kv
         m = tokens.shape[1]
         if kv.static and kv.width + m > kv.key_len:
             raise ContextOverflowError(
                 f"static cache of {kv.key_len} slots is full (width {kv.width} + block {m}); "
                 "raise max_cache_len")
-        mask = self.block_mask(block_allowed, existing, m)
+        mask = self._float_mask(full_mask) if full_mask is not None else self.block_mask(block_allowed, existing, m)
         positions, ids = self.positions(offsets), tokens.to(self.device)
         t0 = _sync_time(self.device)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=kv.cache,

@@ -28,12 +28,6 @@ class _Round:
     slot: list[dict] = field(default_factory=list)  # per row: node id -> cache slot
     length: torch.Tensor | None = None  # (B,) committed slots per row at the start of the round
 
-    def visible(self, width: int) -> torch.Tensor:
-        """(B, width) slots every node of a row sees: its committed prefix and its uncached block."""
-        slots = torch.arange(width)[None, :]
-        n = torch.tensor(self.n_uncached)[:, None]
-        return (slots < self.length[:, None]) | ((slots >= self.start) & (slots < self.start + n))
-
 
 class ModelDrafter:
     needs_hidden = False
@@ -146,46 +140,54 @@ class ModelDrafter:
     def _feed_nodes(self, feed: list[list[tuple[int, int, list[int]]]]) -> list[torch.Tensor]:
         """Feed draft nodes. feed[b] = [(node id, token, ancestor node ids)]; node depth = len(ancestors) + 1.
 
-        Returns per row the logits (F_b, V) of the fed nodes, in order.
+        Each node sees its row's committed prefix, its uncached block, its fed ancestors and itself. Returns per row
+        the logits (F_b, V) of the fed nodes, in order.
         """
-        rnd, kv = self.round, self.runner.kv
+        rnd, runner = self.round, self.runner
         b, m = len(feed), max(len(f) for f in feed)
-        start = kv.width
+        start = runner.kv.width
         if b == 1 and m == 1 and len(feed[0][0][2]) == len(rnd.slot[0]):
             # A chain step of one request: the node sees every slot written so far, so no mask is needed.
             node, tok, anc = feed[0][0]
-            out = self.runner.forward_block(torch.tensor([[tok]]), torch.tensor([[rnd.n_uncached[0] + len(anc)]]),
-                                            None, existing="all")
+            out = runner.forward_block(torch.tensor([[tok]]), torch.tensor([[rnd.n_uncached[0] + len(anc)]]),
+                                       None, existing="all")
             self.counters.forwards += 1
             rnd.slot[0][node] = start
             return [out.logits[0, :1]]
-        tokens = torch.zeros(b, m, dtype=torch.long)
-        offsets = torch.zeros(b, m, dtype=torch.long)
-        existing = rnd.visible(start).unsqueeze(1).repeat(1, m, 1)  # (B, M, width)
+        tokens = [[0] * m for _ in range(b)]
+        offsets = [[0] * m for _ in range(b)]
+        allowed = runner.empty_mask(b, m)  # (B, M, K) bool, all False
+        ii, jj, kk = [], [], []
         for i, row in enumerate(feed):
+            allowed[i, :, : int(rnd.length[i])] = True  # committed prefix
+            allowed[i, :, rnd.start: rnd.start + rnd.n_uncached[i]] = True  # this round's uncached block
             for j, (node, tok, anc) in enumerate(row):
-                tokens[i, j] = tok
-                offsets[i, j] = rnd.n_uncached[i] - 1 + len(anc) + 1
-                for a in anc:
-                    existing[i, j, rnd.slot[i][a]] = True
-        allowed = torch.eye(m, dtype=torch.bool).repeat(b, 1, 1)
-        out = self.runner.forward_block(tokens, offsets, allowed, existing=existing)
+                tokens[i][j], offsets[i][j] = tok, rnd.n_uncached[i] + len(anc)
+                slots = [rnd.slot[i][a] for a in anc] + [start + j]
+                ii += [i] * len(slots)
+                jj += [j] * len(slots)
+                kk += slots
+            for j in range(len(row), m):  # padding sees only itself
+                ii.append(i), jj.append(j), kk.append(start + j)
+        allowed[ii, jj, kk] = True
+        out = runner.forward_block(torch.tensor(tokens), torch.tensor(offsets), None, full_mask=allowed)
         self.counters.forwards += 1
         for i, row in enumerate(feed):
             for j, (node, _, _) in enumerate(row):
                 rnd.slot[i][node] = start + j
         return [out.logits[i, : len(row)] for i, row in enumerate(feed)]
 
-    def _children_tokens(self, logits: torch.Tensor, n: int, row: int) -> tuple[list[int], torch.Tensor | None]:
-        """Pick the first n children of a node from its draft logits (V,): top ranks (greedy) or draws without
-        replacement from the warped q (sampling). Returns tokens and q (None when deterministic)."""
+    def _children(self, logits: torch.Tensor, n: int, rows: list[int]) -> tuple[list[list[int]], torch.Tensor | None]:
+        """First n children for each of P nodes from their draft logits (P, V): top ranks (greedy) or draws without
+        replacement from the warped q (sampling, with each request's generator). Returns tokens and q (P, V)."""
         spec = self.ctx.spec
         if spec.greedy:
-            return ([int(logits.argmax())] if n == 1 else logits.topk(n).indices.tolist()), None
-        q = spec.probs(logits)
-        n = min(n, int((q > 0).sum()))
-        picks = torch.multinomial(q, n, replacement=False, generator=self.ctx.generators[row])
-        return picks.tolist(), q
+            return logits.topk(n, dim=-1).indices.tolist(), None
+        q = spec.probs(logits)  # (P, V)
+        support = (q > 0).sum(-1).tolist()
+        picks = [torch.multinomial(q[i], min(n, support[i]), replacement=False,
+                                   generator=self.ctx.generators[r]).tolist() for i, r in enumerate(rows)]
+        return picks, q
 
     def _propose_static(self, root_logits: torch.Tensor, caps: list[int]) -> list[Draft]:
         parent, rank, n_children, ancestors, levels = self._shape
@@ -195,23 +197,22 @@ class ModelDrafter:
         qs: list[dict] = [dict() for _ in range(b)]
         for level, nodes in enumerate(levels):
             depth = level + 1
-            picked: list[dict] = [dict() for _ in range(b)]  # parent -> (tokens, q)
+            # One batched top-k (or warp) for every (row, parent) that gets children at this level.
+            pairs = [(r, p) for r in range(b) if caps[r] >= depth
+                     for p in dict.fromkeys(parent[n] for n in nodes) if p < 0 or p in toks[r]]
+            if not pairs:
+                break
+            stacked = torch.stack([root_logits[r] if p < 0 else node_logits[r][p] for r, p in pairs])  # (P, V)
+            width = max(n_children[p + 1] for _, p in pairs)
+            cands, q = self._children(stacked, width, [r for r, _ in pairs])
+            picked = {pair: (cands[i], None if q is None else q[i]) for i, pair in enumerate(pairs)}
             feed = [[] for _ in range(b)]
             for r in range(b):
-                if caps[r] < depth:
-                    continue
                 for node in nodes:
-                    p = parent[node]
-                    if p >= 0 and p not in toks[r]:
-                        continue  # parent was dropped (fewer candidates than ranks)
-                    if p not in picked[r]:
-                        lg = root_logits[r] if p < 0 else node_logits[r][p]
-                        picked[r][p] = self._children_tokens(lg, n_children[p + 1], r)
-                    cand, q = picked[r][p]
-                    if rank[node] >= len(cand):
-                        continue
-                    toks[r][node] = cand[rank[node]]
-                    qs[r][node] = q
+                    got = picked.get((r, parent[node]))
+                    if got is None or rank[node] >= len(got[0]):
+                        continue  # row capped, parent dropped, or fewer candidates than ranks
+                    toks[r][node], qs[r][node] = got[0][rank[node]], got[1]
                     if depth < caps[r] and n_children[node + 1]:
                         feed[r].append((node, toks[r][node], ancestors[node]))
             if any(feed):
