@@ -288,12 +288,12 @@ def _memory_probe(dec: SpeculativeDecoder, prompt: list[int], new_tokens: int, b
     out = dec.generate([prompt], max_new_tokens=new_tokens, temperature=0.0)
     kv = dec.target.kv
     res = dict(prompt_tokens=len(prompt), new_tokens=len(out.sequences[0]),
-               live_slots=int(kv.length.max()), width=int(kv.width), peak_width=int(max(kv.history)),
+               live_slots=int(kv.length.max()), width=int(kv.width), peak_width=int(kv.peak_width),
                slot_bytes=int(kv.slot_bytes()), storage_slots=kv.slot_bytes() / bytes_per_slot,
                block_max=1 + int(getattr(dec.drafter, "max_nodes", 0)))
     runner = getattr(dec.drafter, "runner", None)
     if runner is not None and runner.kv is not None:
-        res.update(drafter_live_slots=int(runner.kv.length.max()), drafter_peak_width=int(max(runner.kv.history)),
+        res.update(drafter_live_slots=int(runner.kv.length.max()), drafter_peak_width=int(runner.kv.peak_width),
                    drafter_slot_bytes=int(runner.kv.slot_bytes()))
     return res
 

@@ -9,7 +9,7 @@ never the whole cache, and the width falls back to max(length). Positions are ex
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -40,7 +40,7 @@ class RaggedCache:
     length: torch.Tensor  # (B,) long, on CPU: committed slots per row
     width: int = 0
     static: bool = False
-    history: list = field(default_factory=list, repr=False)  # peak widths, for memory accounting in benchmarks
+    peak_width: int = 0  # largest width reached (memory accounting in benchmarks)
 
     @staticmethod
     def new(model, batch: int, kind: str = "dynamic", max_cache_len: int | None = None) -> "RaggedCache":
@@ -70,7 +70,7 @@ class RaggedCache:
     def appended(self, m: int) -> None:
         """Record that a forward wrote m new slots at [width, width + m) for every row."""
         self.width += m
-        self.history.append(self.width)
+        self.peak_width = max(self.peak_width, self.width)
 
     @torch.inference_mode()
     def compact(self, keep: Sequence[Sequence[int]]) -> None:
@@ -80,9 +80,9 @@ class RaggedCache:
         index_select + index_copy_ of just the kept slots. Then every slot at or beyond max(new length) is dropped.
         """
         moves = []  # (row, src slots, dst slots) for rows whose kept slots are not already in place
-        new_len = self.length.clone()
+        new_len = self.length.tolist()
         for b, slots in enumerate(keep):
-            start = int(self.length[b])
+            start = new_len[b]
             if list(slots) != list(range(start, start + len(slots))):
                 moves.append((b, list(slots), list(range(start, start + len(slots)))))
             new_len[b] = start + len(slots)
@@ -94,8 +94,8 @@ class RaggedCache:
                 for b, sd in idx:
                     for t in (layer.keys[b], layer.values[b]):  # (H, T, D) views of row b
                         t.index_copy_(1, sd[1], t.index_select(1, sd[0]))  # select copies first: overlap-safe
-        self.length = new_len
-        self._truncate(int(new_len.max()) if len(new_len) else 0)
+        self.length = torch.tensor(new_len, dtype=torch.long)
+        self._truncate(max(new_len, default=0))
 
     def _truncate(self, width: int) -> None:
         drop = self.width - width

@@ -29,8 +29,8 @@ class BlockOutput:
 
 
 def _sync_time(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    if device.type != "cpu":  # CUDA runs asynchronously: time what the device did, not what was queued
+        torch.cuda.synchronize(device) if device.type == "cuda" else None
     return time.perf_counter()
 
 

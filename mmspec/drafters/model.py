@@ -82,7 +82,7 @@ class ModelDrafter:
         caps = [min(self.max_depth, int(b)) for b in budgets]
         limit = self.runner.max_positions
         if limit:  # never run past the drafter's own context: node position = next_pos + uncached - 1 + depth
-            room = [limit - int(p) - len(u) for p, u in zip(self.runner.next_pos, self.uncached)]
+            room = [limit - p - len(u) for p, u in zip(self.runner.next_pos.tolist(), self.uncached)]
             caps = [0 if min(room) < 0 else min(c, r + 1) for c, r in zip(caps, room)]
         if max(caps, default=0) <= 0:
             self.round = None
@@ -90,6 +90,8 @@ class ModelDrafter:
         root_logits = self._feed_uncached()
         if isinstance(self.tree, DynamicTree):
             return self._propose_dynamic(root_logits, caps)
+        if len(caps) == 1 and self.tree.is_chain:
+            return [self._propose_chain(root_logits[0], caps[0])]
         return self._propose_static(root_logits, caps)
 
     def commit(self, updates: Sequence[RowUpdate], verify_out: BlockOutput | None) -> None:
@@ -130,7 +132,7 @@ class ModelDrafter:
             q_idx, k_idx = torch.arange(m)[:, None], torch.arange(m)[None, :]
             causal = (k_idx <= q_idx).unsqueeze(0)
             allowed = causal & ((k_idx.unsqueeze(0) < lens[:, None, None]) | (q_idx == k_idx).unsqueeze(0))
-        self.round = _Round(kv.width, n, [dict() for _ in range(b)], kv.length.clone())
+        self.round = _Round(kv.width, n, [dict() for _ in range(b)], kv.length)
         out = self.runner.forward_block(tokens, torch.arange(m).expand(b, m), allowed)
         self.counters.forwards += 1
         if b == 1:
@@ -188,6 +190,27 @@ class ModelDrafter:
         picks = [torch.multinomial(q[i], min(n, support[i]), replacement=False,
                                    generator=self.ctx.generators[r]).tolist() for i, r in enumerate(rows)]
         return picks, q
+
+    def _propose_chain(self, logits: torch.Tensor, cap: int) -> Draft:
+        """One request, chain draft: the lean path (no masks, no per-level bookkeeping), k - 1 single-token feeds."""
+        spec, rnd, runner = self.ctx.spec, self.round, self.runner
+        toks, qs = [], []
+        for depth in range(1, cap + 1):
+            if spec.greedy:
+                tok = int(logits.argmax())
+            else:
+                q = spec.probs(logits)
+                tok = int(torch.multinomial(q, 1, generator=self.ctx.generators[0]))
+                qs.append(q)
+            toks.append(tok)
+            if depth < cap:
+                rnd.slot[0][depth - 1] = runner.kv.width
+                out = runner.forward_block(torch.tensor([[tok]]), torch.tensor([[rnd.n_uncached[0] + depth - 1]]),
+                                           None, existing="all")
+                self.counters.forwards += 1
+                logits = out.logits[0, 0]
+        return Draft(torch.tensor(toks), torch.arange(-1, len(toks) - 1), torch.stack(qs) if qs else None,
+                     siblings="without_replacement")
 
     def _propose_static(self, root_logits: torch.Tensor, caps: list[int]) -> list[Draft]:
         parent, rank, n_children, ancestors, levels = self._shape
