@@ -77,3 +77,27 @@ def test_wrong_rule_is_detected(target, drafters, joint):
     stat, threshold, outside = chi_square(samples, joint)
     assert outside > 0 or stat > threshold
     assert not dec.generate([PROMPT], max_new_tokens=3, seed=0, **SPEC).stats.lossless
+
+
+def test_repetition_penalty_sampling_matches_target(target, drafters):
+    """Sampling with a repetition penalty: each node's p uses its own prefix, so the distribution is still exact."""
+    from mmspec.sampling import SamplingSpec
+
+    spec = dict(SPEC, repetition_penalty=1.5)
+    joint = exact_joint(target, PROMPT, SamplingSpec(**spec), 3)
+    dec = SpeculativeDecoder(target, drafters["noisy"], tree=StaticTree.full((2, 1)))
+    samples = []
+    for start in range(0, 1500, 300):
+        res = dec.generate([PROMPT] * 300, max_new_tokens=3, seed=start, **spec)
+        samples.extend(tuple(s) for s in res.sequences)
+    stat, threshold, outside = chi_square(samples, joint)
+    assert outside == 0 and stat < threshold, (stat, threshold)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["chain-speculative", "tree-without-replacement", "dynamic-point-mass"])
+def test_long_monte_carlo(target, drafters, joint, name):
+    """Slow tier: 10x the samples, so a smaller deviation would be caught."""
+    dec = configs({**drafters, "target": target})[name]
+    stat, threshold, outside = chi_square(sample(dec, n=21000, seed=12345), joint)
+    assert outside == 0 and stat < threshold, (stat, threshold)
