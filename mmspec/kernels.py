@@ -58,7 +58,8 @@ class Verdict:
     path: accepted node indices, root side first (empty when the root's children were all rejected).
     tokens: the draft tokens of `path`.
     residual: (V,) distribution of the next token — the correction after a rejection, or the p-row of the path's
-      last node (the bonus). May be a view of `p`: do not modify it in place.
+      last node (the bonus). May be a view of `p`: do not modify it in place. None from `greedy_walk`, whose
+      next token is certain.
     next_token: the token drawn from `residual`; None until :func:`finalize` runs (kernels called with a `coin`).
     bonus: True when the walk stopped because the last node has no children (residual is a p-row as-is);
       False when every child of the last node was rejected.
@@ -66,7 +67,7 @@ class Verdict:
 
     path: list[int]
     tokens: list[int]
-    residual: torch.Tensor
+    residual: torch.Tensor | None
     next_token: int | None = None
     bonus: bool = False
 
@@ -278,7 +279,17 @@ def accept_greedy(draft: Draft, p: torch.Tensor, *, generator: torch.Generator |
     which is cheaper than any per-node tensor op. A duplicated sibling can only match after its first copy did.
     """
     _check(draft, p, "accept_greedy")
-    top = p.argmax(-1).tolist()  # (N+1,) target choice after the root and after each node
+    verdict = greedy_walk(draft, p.argmax(-1).tolist())
+    verdict.residual = torch.zeros_like(p[0])
+    verdict.residual[verdict.next_token] = 1.0
+    return verdict
+
+
+def greedy_walk(draft: Draft, top: list[int]) -> Verdict:
+    """The greedy rule given the target's argmax per p-row (top[0] for the root, top[i + 1] after node i).
+
+    The loop calls this directly with one batched argmax for all requests; `residual` is left None (the one-hot of
+    next_token) since nothing downstream of a greedy step reads it."""
     toks, children = draft.token_list, draft.children
     path, node = [], -1
     while True:
@@ -288,9 +299,7 @@ def accept_greedy(draft: Draft, p: torch.Tensor, *, generator: torch.Generator |
             break
         path.append(nxt)
         node = nxt
-    residual = torch.zeros_like(p[0])
-    residual[top[node + 1]] = 1.0
-    verdict = _verdict(draft, path, residual, bonus=not children[node + 1])
+    verdict = _verdict(draft, path, None, bonus=not children[node + 1])
     verdict.next_token = top[node + 1]
     return verdict
 

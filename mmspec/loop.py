@@ -19,8 +19,8 @@ import torch
 from .drafters.base import DraftContext, DrafterCounters, RowUpdate
 from .errors import (DeviceMismatchError, DraftError, EmptyPromptError, GenerationConfigError, InvalidInputError,
                      ContextOverflowError)
-from .kernels import accept_greedy, select_kernel
-from .sampling import SamplingSpec, make_generators, sample_from
+from .kernels import accept_greedy, greedy_walk, select_kernel
+from .sampling import SamplingSpec, check_finite, make_generators, sample_from
 from .stats import GenerationStats
 from .target import BlockOutput, CausalLMTarget
 from .tree import Draft
@@ -233,6 +233,13 @@ class Stream:
             return spec.processed_logits(logits, seen)
         return spec.probs(logits, seen)
 
+    def _batched_argmax(self, logits: torch.Tensor, drafts: list[Draft]) -> list[list[int]] | None:
+        """Greedy without history-dependent processors: one argmax and one host transfer for the whole batch."""
+        if not self.spec.greedy or self.spec.uses_history or self.dec.acceptance is not None:
+            return None
+        check_finite(logits)
+        return logits.argmax(-1).tolist()  # (B, M)
+
     def _first_tokens(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
         out = []
         for i, row in enumerate(rows):
@@ -313,13 +320,17 @@ class Stream:
         t2 = self._sync()
         st.target_forwards += 1
         paths, updates, events = [], [], []
+        top = self._batched_argmax(out.logits, drafts)
         for i, (row, d) in enumerate(zip(rows, drafts)):
             n = len(d)
             kernel = select_kernel(self.spec.greedy, d.q is not None, dec.acceptance)
-            p = self._probs(out.logits[i, : n + 1], row.history, d, argmax_only=kernel is accept_greedy)
             if n:
                 st.note_kernel(getattr(kernel, "name", "custom"), getattr(kernel, "lossless", False))
-            verdict = kernel(d, p, generator=ctx.generators[i])
+            if kernel is accept_greedy and top is not None:
+                verdict = greedy_walk(d, top[i][: n + 1])
+            else:
+                p = self._probs(out.logits[i, : n + 1], row.history, d, argmax_only=kernel is accept_greedy)
+                verdict = kernel(d, p, generator=ctx.generators[i])
             toks = [d.token_list[j] for j in verdict.path] + [verdict.next_token]
             kept = self._cut(row, toks)
             st.record_step(d.depth, len(verdict.path), len(kept), n)
