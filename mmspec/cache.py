@@ -64,9 +64,6 @@ class RaggedCache:
             return kv_layers(self.cache)[0].max_cache_len
         return self.width
 
-    def capacity_left(self) -> int | None:
-        return (self.key_len - self.width) if self.static else None
-
     def appended(self, m: int) -> None:
         """Record that a forward wrote m new slots at [width, width + m) for every row."""
         self.width += m

@@ -11,7 +11,7 @@ A drafter that needs target features (EAGLE-style) sets ``needs_hidden = True`` 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 import torch
@@ -37,7 +37,6 @@ class RowUpdate:
 @dataclass
 class DrafterCounters:
     forwards: int = 0  # drafter model forwards (0 for train-free drafters)
-    extra: dict = field(default_factory=dict)
 
 
 class Drafter(Protocol):
