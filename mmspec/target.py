@@ -9,6 +9,7 @@ are made (M-RoPE, images).
 """
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass
 from typing import Protocol, Sequence
@@ -79,6 +80,7 @@ class CausalLMRunner:
         self.max_positions = context_limit(model)
         self.kv: RaggedCache | None = None
         self.forward_time = 0.0  # seconds spent inside the model's forward (engine overhead = the rest)
+        self._takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.next_pos = torch.zeros(0, dtype=torch.long)  # (B,) position of the next fed token
 
     # --- masks and positions ------------------------------------------------------------------------------------
@@ -129,10 +131,13 @@ class CausalLMRunner:
     @torch.inference_mode()
     def forward_block(self, tokens: torch.Tensor, offsets: torch.Tensor, block_allowed: torch.Tensor | None,
                       want_hidden: bool = False, existing: torch.Tensor | str | None = None,
-                      full_mask: torch.Tensor | None = None) -> BlockOutput:
+                      full_mask: torch.Tensor | None = None, keep_last: int | None = None) -> BlockOutput:
         """Append a (B, M) block: tokens, position offsets (B, M), intra-block visibility (B, M, M) or None for
         causal, and which already-written slots each block token sees (see `block_mask`); or the whole visibility
-        at once as `full_mask` (B, M, K) bool (see `empty_mask`)."""
+        at once as `full_mask` (B, M, K) bool (see `empty_mask`).
+
+        keep_last: compute logits only for the last `keep_last` positions (transformers' `logits_to_keep`), so a
+        long prompt never materialises a (T, V) logits tensor; the returned logits are (B, keep_last, V)."""
         kv = self.kv
         m = tokens.shape[1]
         if kv.static and kv.width + m > kv.key_len:
@@ -142,12 +147,14 @@ class CausalLMRunner:
         mask = self._float_mask(full_mask) if full_mask is not None else self.block_mask(block_allowed, existing, m)
         positions, ids = self.positions(offsets), tokens.to(self.device)
         t0 = _sync_time(self.device)
+        extra = {"logits_to_keep": keep_last} if keep_last and self._takes_logits_to_keep else {}
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=kv.cache,
-                         use_cache=True, output_hidden_states=want_hidden)
+                         use_cache=True, output_hidden_states=want_hidden, **extra)
         self.forward_time += _sync_time(self.device) - t0
         kv.appended(m)
         hidden = out.hidden_states[-1] if want_hidden else None
-        return BlockOutput(out.logits, hidden)
+        logits = out.logits[:, -keep_last:] if keep_last and out.logits.shape[1] > keep_last else out.logits
+        return BlockOutput(logits, hidden)
 
     @torch.inference_mode()
     def prefill(self, prompts: Sequence[Sequence[int]], want_hidden: bool = False,
@@ -178,13 +185,14 @@ class CausalLMRunner:
         causal = (k_idx <= q_idx).unsqueeze(0)  # (1, T, T)
         # Padding queries may see anything causal; their slots are never marked valid.
         allowed = causal & ((k_idx.unsqueeze(0) < length[:, None, None]) | (q_idx.unsqueeze(0) >= length[:, None, None]))
-        out = self.forward_block(ids, torch.arange(t).expand(b, t), allowed, want_hidden)
+        keep = t - min(lens) + 1  # logits are needed at each row's last prompt token only
+        out = self.forward_block(ids, torch.arange(t).expand(b, t), allowed, want_hidden, keep_last=keep)
         self.kv.length = length.clone()
         self.next_pos = length.clone()
         last = (length - 1).to(out.logits.device)
         rows = torch.arange(b, device=out.logits.device)
         hidden = out.hidden[rows, last] if want_hidden else None
-        return BlockOutput(out.logits[rows, last], hidden)
+        return BlockOutput(out.logits[rows, last - (t - keep)], hidden)
 
     def commit(self, keep: Sequence[Sequence[int]], block_start: int) -> None:
         """Keep block slots `keep[b]` (indices within the last block, ascending) for each row."""

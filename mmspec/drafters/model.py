@@ -133,11 +133,13 @@ class ModelDrafter:
             causal = (k_idx <= q_idx).unsqueeze(0)
             allowed = causal & ((k_idx.unsqueeze(0) < lens[:, None, None]) | (q_idx == k_idx).unsqueeze(0))
         self.round = _Round(kv.width, n, [dict() for _ in range(b)], kv.length)
-        out = self.runner.forward_block(tokens, torch.arange(m).expand(b, m), allowed)
+        keep = m - min(n) + 1  # logits only at each row's last uncached token
+        out = self.runner.forward_block(tokens, torch.arange(m).expand(b, m), allowed, keep_last=keep)
         self.counters.forwards += 1
         if b == 1:
-            return out.logits[:, n[0] - 1]  # (1, V)
-        return out.logits[torch.arange(b), torch.tensor(n, device=out.logits.device) - 1]  # (B, V)
+            return out.logits[:, -1]  # (1, V)
+        last = torch.tensor(n, device=out.logits.device) - 1 - (m - keep)
+        return out.logits[torch.arange(b, device=out.logits.device), last]  # (B, V)
 
     def _feed_nodes(self, feed: list[list[tuple[int, int, list[int]]]]) -> list[torch.Tensor]:
         """Feed draft nodes. feed[b] = [(node id, token, ancestor node ids)]; node depth = len(ancestors) + 1.
