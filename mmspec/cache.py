@@ -37,10 +37,13 @@ class RaggedCache:
     """A transformers cache plus per-row valid lengths. `width` is the number of slots in use for all rows."""
 
     cache: Cache
-    length: torch.Tensor  # (B,) long, on CPU: committed slots per row
+    lengths: list[int]  # committed slots per row (Python ints: the hot path never needs a tensor for them)
     width: int = 0
     static: bool = False
     peak_width: int = 0  # largest width reached (memory accounting in benchmarks)
+
+    def __post_init__(self):
+        self.lengths = [int(v) for v in self.lengths]  # accept a tensor or any int sequence
 
     @staticmethod
     def new(model, batch: int, kind: str = "dynamic", max_cache_len: int | None = None) -> "RaggedCache":
@@ -53,9 +56,18 @@ class RaggedCache:
             cache = StaticCache(config=config, max_cache_len=int(max_cache_len))
         else:
             raise UnsupportedModelError(f"cache kind {kind!r}: expected 'dynamic' or 'static'")
-        rc = RaggedCache(cache, torch.zeros(batch, dtype=torch.long), 0, kind == "static")
+        rc = RaggedCache(cache, [0] * batch, 0, kind == "static")
         kv_layers(cache)  # fail early on sliding layers
         return rc
+
+    @property
+    def length(self) -> torch.Tensor:
+        """(B,) long tensor view of `lengths`, for mask building."""
+        return torch.tensor(self.lengths, dtype=torch.long)
+
+    @length.setter
+    def length(self, value) -> None:
+        self.lengths = [int(v) for v in value]
 
     @property
     def key_len(self) -> int:
@@ -77,7 +89,7 @@ class RaggedCache:
         index_select + index_copy_ of just the kept slots. Then every slot at or beyond max(new length) is dropped.
         """
         moves = []  # (row, src slots, dst slots) for rows whose kept slots are not already in place
-        new_len = self.length.tolist()
+        new_len = list(self.lengths)
         for b, slots in enumerate(keep):
             start = new_len[b]
             if list(slots) != list(range(start, start + len(slots))):
@@ -91,7 +103,7 @@ class RaggedCache:
                 for b, sd in idx:
                     for t in (layer.keys[b], layer.values[b]):  # (H, T, D) views of row b
                         t.index_copy_(1, sd[1], t.index_select(1, sd[0]))  # select copies first: overlap-safe
-        self.length = torch.tensor(new_len, dtype=torch.long)
+        self.lengths = new_len
         self._truncate(max(new_len, default=0))
 
     def _truncate(self, width: int) -> None:
@@ -115,8 +127,8 @@ class RaggedCache:
             layer.values = layer.values[idx.to(layer.values.device)]
             if hasattr(layer, "batch_size"):
                 layer.batch_size = len(idx)
-        self.length = self.length[idx]
-        self._truncate(int(self.length.max()) if len(idx) else 0)
+        self.lengths = [self.lengths[r] for r in rows]
+        self._truncate(max(self.lengths, default=0))
 
     def slot_bytes(self) -> int:
         """Bytes held by the key/value tensors (storage actually allocated), for memory benchmarks."""

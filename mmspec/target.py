@@ -81,7 +81,7 @@ class CausalLMRunner:
         self.kv: RaggedCache | None = None
         self.forward_time = 0.0  # seconds spent inside the model's forward (engine overhead = the rest)
         self._takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
-        self.next_pos = torch.zeros(0, dtype=torch.long)  # (B,) position of the next fed token
+        self.next_positions: list[int] = []  # per row: position id of the next token fed
 
     # --- masks and positions ------------------------------------------------------------------------------------
     def _float_mask(self, allowed: torch.Tensor) -> torch.Tensor:
@@ -102,10 +102,10 @@ class CausalLMRunner:
         """
         kv = self.kv
         if block_allowed is None and not kv.static and (
-                existing == "all" or (existing is None and int(kv.length.min()) == kv.width)):
+                existing == "all" or (existing is None and min(kv.lengths) == kv.width)):
             return None
         if block_allowed is None:
-            block_allowed = torch.ones(m, m, dtype=torch.bool).tril_().expand(len(kv.length), m, m)
+            block_allowed = torch.ones(m, m, dtype=torch.bool).tril_().expand(len(kv.lengths), m, m)
         b, m, _ = block_allowed.shape
         key_len = kv.key_len if kv.static else kv.width + m
         allowed = torch.zeros(b, m, key_len, dtype=torch.bool)
@@ -123,9 +123,20 @@ class CausalLMRunner:
         kv = self.kv
         return torch.zeros(b, m, kv.key_len if kv.static else kv.width + m, dtype=torch.bool)
 
+    @property
+    def next_pos(self) -> torch.Tensor:
+        """(B,) tensor view of `next_positions`."""
+        return torch.tensor(self.next_positions, dtype=torch.long)
+
+    @next_pos.setter
+    def next_pos(self, value) -> None:
+        self.next_positions = [int(v) for v in value]
+
     def positions(self, offsets: torch.Tensor) -> torch.Tensor:
         """Position ids for a block: offsets (B, M) added to each row's next position. Overridden for M-RoPE."""
-        return (self.next_pos[:, None] + offsets).to(self.device)
+        if len(self.next_positions) == 1:
+            return (offsets + self.next_positions[0]).to(self.device)
+        return (offsets + self.next_pos[:, None]).to(self.device)
 
     # --- forwards -----------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -176,7 +187,7 @@ class CausalLMRunner:
                 f"max_cache_len={self.max_cache_len} is too small for a prompt of {t} tokens plus {reserve} slots "
                 f"(new tokens + the largest draft); use max_cache_len >= {t + reserve}")
         self.kv = RaggedCache.new(self.model, b, self.cache_kind, self.max_cache_len or (t + reserve))
-        self.next_pos = torch.zeros(b, dtype=torch.long)
+        self.next_positions = [0] * b
         ids = torch.zeros(b, t, dtype=torch.long)
         for i, p in enumerate(prompts):
             ids[i, : lens[i]] = torch.as_tensor(list(p), dtype=torch.long)
@@ -187,8 +198,8 @@ class CausalLMRunner:
         allowed = causal & ((k_idx.unsqueeze(0) < length[:, None, None]) | (q_idx.unsqueeze(0) >= length[:, None, None]))
         keep = t - min(lens) + 1  # logits are needed at each row's last prompt token only
         out = self.forward_block(ids, torch.arange(t).expand(b, t), allowed, want_hidden, keep_last=keep)
-        self.kv.length = length.clone()
-        self.next_pos = length.clone()
+        self.kv.lengths = list(lens)
+        self.next_positions = list(lens)
         last = (length - 1).to(out.logits.device)
         rows = torch.arange(b, device=out.logits.device)
         hidden = out.hidden[rows, last] if want_hidden else None
@@ -197,11 +208,11 @@ class CausalLMRunner:
     def commit(self, keep: Sequence[Sequence[int]], block_start: int) -> None:
         """Keep block slots `keep[b]` (indices within the last block, ascending) for each row."""
         self.kv.compact([[block_start + j for j in ks] for ks in keep])
-        self.next_pos = self.next_pos + torch.tensor([len(k) for k in keep], dtype=torch.long)
+        self.next_positions = [p + len(k) for p, k in zip(self.next_positions, keep)]
 
     def select_rows(self, rows: Sequence[int]) -> None:
         self.kv.select_rows(rows)
-        self.next_pos = self.next_pos[torch.as_tensor(list(rows), dtype=torch.long)]
+        self.next_positions = [self.next_positions[r] for r in rows]
 
 
 def draft_block(pending: Sequence[int], drafts: Sequence[Draft]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -26,7 +26,7 @@ class _Round:
     start: int  # cache width before the uncached block
     n_uncached: list[int]
     slot: list[dict] = field(default_factory=list)  # per row: node id -> cache slot
-    length: torch.Tensor | None = None  # (B,) committed slots per row at the start of the round
+    length: list[int] | None = None  # committed slots per row at the start of the round
 
 
 class ModelDrafter:
@@ -82,7 +82,7 @@ class ModelDrafter:
         caps = [min(self.max_depth, int(b)) for b in budgets]
         limit = self.runner.max_positions
         if limit:  # never run past the drafter's own context: node position = next_pos + uncached - 1 + depth
-            room = [limit - p - len(u) for p, u in zip(self.runner.next_pos.tolist(), self.uncached)]
+            room = [limit - p - len(u) for p, u in zip(self.runner.next_positions, self.uncached)]
             caps = [0 if min(room) < 0 else min(c, r + 1) for c, r in zip(caps, room)]
         if max(caps, default=0) <= 0:
             self.round = None
@@ -112,7 +112,7 @@ class ModelDrafter:
             keep.append(slots)
             self.uncached[b] = list(upd.tokens[fed:])
         self.runner.kv.compact(keep)
-        self.runner.next_pos = self.runner.next_pos + torch.tensor([len(k) for k in keep], dtype=torch.long)
+        self.runner.next_positions = [p + len(k) for p, k in zip(self.runner.next_positions, keep)]
         self.round = None
 
     def select_rows(self, rows: Sequence[int]) -> None:
@@ -132,7 +132,7 @@ class ModelDrafter:
             q_idx, k_idx = torch.arange(m)[:, None], torch.arange(m)[None, :]
             causal = (k_idx <= q_idx).unsqueeze(0)
             allowed = causal & ((k_idx.unsqueeze(0) < lens[:, None, None]) | (q_idx == k_idx).unsqueeze(0))
-        self.round = _Round(kv.width, n, [dict() for _ in range(b)], kv.length)
+        self.round = _Round(kv.width, n, [dict() for _ in range(b)], kv.lengths)
         keep = m - min(n) + 1  # logits only at each row's last uncached token
         out = self.runner.forward_block(tokens, torch.arange(m).expand(b, m), allowed, keep_last=keep)
         self.counters.forwards += 1
@@ -163,7 +163,7 @@ class ModelDrafter:
         allowed = runner.empty_mask(b, m)  # (B, M, K) bool, all False
         ii, jj, kk = [], [], []
         for i, row in enumerate(feed):
-            allowed[i, :, : int(rnd.length[i])] = True  # committed prefix
+            allowed[i, :, : rnd.length[i]] = True  # committed prefix
             allowed[i, :, rnd.start: rnd.start + rnd.n_uncached[i]] = True  # this round's uncached block
             for j, (node, tok, anc) in enumerate(row):
                 tokens[i][j], offsets[i][j] = tok, rnd.n_uncached[i] + len(anc)
