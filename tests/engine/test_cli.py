@@ -65,3 +65,11 @@ def test_readme_python_example_runs(saved_pair):
     assert out.sequences[0] == ref[0, len(ids):].tolist()
     pieces = [e.tokens for e in dec.stream([ids], max_new_tokens=16, temperature=0.7, top_p=0.9, seed=0)]
     assert sum(len(p) for p in pieces) == 16
+
+
+def test_demo_runs_offline_and_every_method_matches_plain(capsys):
+    assert main(["demo", "--new-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if "(lossless)" in line and "x " in line]
+    assert len(rows) == 5
+    assert all(" yes " in row for row in rows), out
