@@ -10,9 +10,8 @@ are cut. Finished requests leave the batch. Every random draw uses the request's
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import torch
 
@@ -22,8 +21,8 @@ from .errors import (DeviceMismatchError, DraftError, EmptyPromptError, Generati
 from .kernels import accept_greedy, greedy_walk, select_kernel
 from .sampling import SamplingSpec, check_finite, make_generators, sample_from
 from .stats import GenerationStats
-from .target import BlockOutput, CausalLMTarget
-from .tree import Draft
+from .target import CausalLMTarget, sync_time
+from .tree import Draft, ancestor_mask
 
 
 def model_time(component) -> float:
@@ -198,6 +197,8 @@ class Stream:
         self.dec, self.prompts, self.max_new, self.spec, self.gens, self.eos = dec, prompts, max_new, spec, gens, eos
         self.stats = GenerationStats(requests=len(prompts))
         self.output: GenerationOutput | None = None
+        self._sequences: list = [None] * len(prompts)
+        self._reasons: list = [None] * len(prompts)
         self._it = self._run()
 
     def __iter__(self) -> Iterator[TokenEvent]:
@@ -207,10 +208,8 @@ class Stream:
         return next(self._it)
 
     # -------------------------------------------------------------------------------------------------------------
-    def _sync(self):
-        if self.dec.target.device.type == "cuda":
-            torch.cuda.synchronize(self.dec.target.device)
-        return time.perf_counter()
+    def _sync(self) -> float:
+        return sync_time(self.dec.target.device)
 
     def _probs(self, logits: torch.Tensor, history: list[int], draft: Draft | None,
                argmax_only: bool = True) -> torch.Tensor:
@@ -225,7 +224,6 @@ class Stream:
             root[torch.tensor(history, device=logits.device)] = True
             seen = root.repeat(logits.shape[0], 1)
             if draft is not None and len(draft):
-                from .tree import ancestor_mask
                 anc = ancestor_mask(draft.parent_list, logits.device).float()  # (N, N)
                 onehot = torch.nn.functional.one_hot(draft.tokens.to(logits.device), v).float()  # (N, V)
                 seen[1:] |= (anc @ onehot) > 0
@@ -289,9 +287,6 @@ class Stream:
         self.output = GenerationOutput(self._sequences, self._reasons, st)
 
     def _drop_finished(self, rows: list[_Row], ctx: DraftContext) -> list[_Row]:
-        if not hasattr(self, "_sequences"):
-            self._sequences = [None] * len(self.prompts)
-            self._reasons = [None] * len(self.prompts)
         for r in rows:
             if r.finish:
                 self._sequences[r.index], self._reasons[r.index] = r.generated, r.finish

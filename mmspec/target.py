@@ -29,9 +29,10 @@ class BlockOutput:
     hidden: torch.Tensor | None = None  # (B, M, H) last hidden state, when asked for
 
 
-def _sync_time(device: torch.device) -> float:
-    if device.type != "cpu":  # CUDA runs asynchronously: time what the device did, not what was queued
-        torch.cuda.synchronize(device) if device.type == "cuda" else None
+def sync_time(device: torch.device) -> float:
+    """perf_counter after the device has finished its queued work (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return time.perf_counter()
 
 
@@ -157,11 +158,11 @@ class CausalLMRunner:
                 "raise max_cache_len")
         mask = self._float_mask(full_mask) if full_mask is not None else self.block_mask(block_allowed, existing, m)
         positions, ids = self.positions(offsets), tokens.to(self.device)
-        t0 = _sync_time(self.device)
+        t0 = sync_time(self.device)
         extra = {"logits_to_keep": keep_last} if keep_last and self._takes_logits_to_keep else {}
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=kv.cache,
                          use_cache=True, output_hidden_states=want_hidden, **extra)
-        self.forward_time += _sync_time(self.device) - t0
+        self.forward_time += sync_time(self.device) - t0
         kv.appended(m)
         hidden = out.hidden_states[-1] if want_hidden else None
         logits = out.logits[:, -keep_last:] if keep_last and out.logits.shape[1] > keep_last else out.logits

@@ -42,7 +42,7 @@ class ModelDrafter:
                 n_children[p + 1] += 1
                 ancestors.append([] if p < 0 else ancestors[p] + [p])
             self._shape = (parent, self.tree.rank, n_children, ancestors, self.tree.levels())
-        self.runner = CausalLMRunner(model, cache="dynamic" if cache == "dynamic" else cache)
+        self.runner = CausalLMRunner(model, cache=cache)
         self.counters = DrafterCounters()
         self.vocab_size = self.runner.vocab_size
 

@@ -1,7 +1,6 @@
 """The causal-LM target adapter computes logits only where the loop needs them."""
 from __future__ import annotations
 
-import torch
 
 from mmspec import SpeculativeDecoder
 from mmspec.target import CausalLMTarget

@@ -374,7 +374,6 @@ def test_expand_dynamic_ties_keep_ancestors():
 
 
 def test_expand_dynamic_topk_larger_than_vocabulary():
-    v = 3
     root = torch.log_softmax(torch.tensor([[1.0, 2.0, 0.5]]), -1)
     child = torch.log_softmax(torch.tensor([0.1, 0.2, 0.3]), -1)
 
