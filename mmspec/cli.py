@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import MMSpecError
+from .errors import CheckpointError, MMSpecError
 
 
 def _tree_arg(text: str):
@@ -76,11 +76,19 @@ def cmd_generate(args) -> int:
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     kw = dict(trust_remote_code=args.trust_remote_code)
-    tok = AutoTokenizer.from_pretrained(args.target, **kw)
-    target = AutoModelForCausalLM.from_pretrained(args.target, dtype=dtype, **kw).to(args.device)
+
+    def load(what: str, path: str, loader, **extra):
+        try:
+            return loader.from_pretrained(path, **kw, **extra)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"--{what} {path!r} could not be loaded ({type(e).__name__}: {e}); pass a local "
+                                  "model directory or a hub id reachable from this machine") from e
+
+    tok = load("target", args.target, AutoTokenizer)
+    target = load("target", args.target, AutoModelForCausalLM, dtype=dtype).to(args.device)
     drafter = args.drafter
     if drafter not in (None, "ngram"):
-        drafter = AutoModelForCausalLM.from_pretrained(drafter, dtype=dtype, **kw).to(args.device)
+        drafter = load("drafter", drafter, AutoModelForCausalLM, dtype=dtype).to(args.device)
     dec = SpeculativeDecoder(target, drafter, tree=args.tree)
     ids = tok(args.prompt)["input_ids"]
     stream = dec.stream([ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,

@@ -73,3 +73,10 @@ def test_demo_runs_offline_and_every_method_matches_plain(capsys):
     rows = [line for line in out.splitlines() if "(lossless)" in line and "x " in line]
     assert len(rows) == 5
     assert all(" yes " in row for row in rows), out
+
+
+def test_generate_with_a_missing_model_path_is_a_typed_error(tmp_path, capsys):
+    missing = str(tmp_path / "no-such-model")
+    assert main(["generate", "--target", missing, "w5"]) == 2
+    err = capsys.readouterr().err
+    assert "CheckpointError" in err and "no-such-model" in err
