@@ -36,6 +36,7 @@ from .loop import SpeculativeDecoder
 from .drafters import NGramDrafter
 from .testing.pairs import distinct_fraction, layer_pair
 from .tree import DynamicTree, StaticTree
+from .target import model_device, sync_time
 
 CHAIN_K = 4
 STATIC_TREE = StaticTree.full((2, 2, 1))
@@ -79,6 +80,7 @@ class _ForwardMeter:
 
     def __init__(self, module: torch.nn.Module):
         self.module, self.forwards, self.time, self._t0, self._handles = module, 0, 0.0, 0.0, []
+        self.device = model_device(module)  # CUDA runs asynchronously: forwards are timed to completion
 
     def __enter__(self):
         self._handles = [self.module.register_forward_pre_hook(self._pre),
@@ -94,11 +96,11 @@ class _ForwardMeter:
         self.forwards, self.time = 0, 0.0
 
     def _pre(self, module, args):
-        self._t0 = time.perf_counter()
+        self._t0 = sync_time(self.device)
 
     def _post(self, module, args, output):
         self.forwards += 1
-        self.time += time.perf_counter() - self._t0
+        self.time += sync_time(self.device) - self._t0
 
 
 @contextlib.contextmanager
@@ -308,14 +310,17 @@ def _bytes_per_slot(model) -> int:
 
 # --- the benchmark ---------------------------------------------------------------------------------------------------
 def run_engine_benchmark(out_dir="bench_out/engine", new_tokens: int = 128, n_prompts: int = 8,
-                         batch_sizes=(1, 4), repeats: int = 3, quick: bool = False, progress: bool = True) -> dict:
+                         batch_sizes=(1, 4), repeats: int = 3, quick: bool = False, progress: bool = True,
+                         device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                         pair: dict | None = None) -> dict:
     """Run every method (see METHODS) greedily on the same prompts; write result.json / result.md into out_dir.
 
     HF rows run at batch size 1 (transformers' assisted generation takes one sequence); mmspec rows at each batch
     size. Each (method, batch size) is warmed up once on its first batch, then timed `repeats` times over all
     prompts, the repeats going round-robin over the methods; the median wall time is reported. quick=True shrinks
-    everything for tests (16 tokens, 2 prompts, 1 repeat, batch sizes (1, 2)). Returns the result dict (also
-    written as JSON).
+    everything for tests (16 tokens, 2 prompts, 1 repeat, batch sizes (1, 2)). device/dtype place the pair
+    (greedy equality with transformers is only expected in float32); pair: keyword arguments for `layer_pair`
+    (e.g. hidden=512, layers=8). Returns the result dict (also written as JSON).
     """
     from tqdm.auto import tqdm
 
@@ -325,7 +330,8 @@ def run_engine_benchmark(out_dir="bench_out/engine", new_tokens: int = 128, n_pr
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    target, drafter = layer_pair()
+    pair = dict(pair or {})
+    target, drafter = (m.to(device=device, dtype=dtype) for m in layer_pair(**pair))
     vocab = target.config.vocab_size
     prompts = make_prompts(n_prompts, vocab)
     decoders = {
@@ -413,14 +419,14 @@ def run_engine_benchmark(out_dir="bench_out/engine", new_tokens: int = 128, n_pr
 
     all_equal = all(r["equal"] for r in rows)
     result = dict(
-        config=dict(pair="mmspec.testing.pairs.layer_pair()", vocab=vocab, hidden=target.config.hidden_size,
+        config=dict(pair=f"mmspec.testing.pairs.layer_pair({', '.join(f'{k}={v}' for k, v in pair.items())})", vocab=vocab, hidden=target.config.hidden_size,
                     target_layers=target.config.num_hidden_layers, drafter_layers=drafter.config.num_hidden_layers,
                     dtype=str(next(target.parameters()).dtype), new_tokens=new_tokens, n_prompts=n_prompts,
                     prompt_lengths=[len(p) for p in prompts], batch_sizes=list(batch_sizes), repeats=repeats,
                     quick=quick, temperature=0.0),
         environment=dict(torch=torch.__version__, transformers=_hf_version(), python=platform.python_version(),
                          machine=platform.machine(), threads=torch.get_num_threads(),
-                         device=str(target.device), cpus=os.cpu_count(), load_avg_start=load_start,
+                         device=str(target.device), device_name=_device_name(target.device), cpus=os.cpu_count(), load_avg_start=load_start,
                          load_avg_end=_load()),
         reference_distinct_fraction=statistics.mean(distinct_fraction(s) for s in reference),
         t_fwd1_ms=t_fwd1, rows=rows, memory=memory, all_equal=all_equal,
@@ -438,6 +444,12 @@ def run_engine_benchmark(out_dir="bench_out/engine", new_tokens: int = 128, n_pr
         print("\n" + "!" * 100 + f"\n!!! {msg}\n" + "!" * 100, file=sys.stderr)
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
     return result
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
 
 
 def _load() -> float | None:
@@ -516,7 +528,7 @@ def to_markdown(result: dict) -> str:
         f"hidden {cfg['hidden']}, vocab {cfg['vocab']}, {cfg['dtype']}. {cfg['n_prompts']} prompts "
         f"(lengths {cfg['prompt_lengths']}), {cfg['new_tokens']} new tokens each, greedy; median of "
         f"{cfg['repeats']} timed run(s) after one warm-up. torch {env['torch']}, transformers {env['transformers']}, "
-        f"{env['threads']} thread(s), {env['device']}.",
+        f"{env['threads']} thread(s), {env['device']} ({env.get('device_name', '?')}).",
         "",
         f"t_fwd(1) = {t_fwd1:.2f} ms (mean target model time per step, mmspec plain, bs=1). Reference output: "
         f"{100 * result['reference_distinct_fraction']:.0f}% distinct tokens per sequence (not a repeating model).",

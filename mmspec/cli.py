@@ -38,12 +38,13 @@ def cmd_demo(args) -> int:
     from .tree import DynamicTree, StaticTree
 
     torch.manual_seed(0)
-    target, drafter = layer_pair()
+    dtype = getattr(torch, args.dtype)
+    target, drafter = (m.to(device=args.device, dtype=dtype) for m in layer_pair())
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, target.config.vocab_size, (n,), generator=g).tolist() for n in (12, 20, 7, 16)]
     prompts[0] = (prompts[0][:5] * 4)[:16]  # a repetitive prompt for the n-gram drafter
-    print("mmspec demo: tiny random LLaMA target (4 layers) and a layer-truncated drafter, built offline, fp32, "
-          f"greedy, {args.new_tokens} new tokens for {len(prompts)} prompts\n")
+    print("mmspec demo: tiny random LLaMA target (4 layers) and a layer-truncated drafter, built offline, "
+          f"{args.dtype} on {args.device}, greedy, {args.new_tokens} new tokens for {len(prompts)} prompts\n")
     rows = [("plain (target only)", None, 1), ("chain k=4", drafter, 4),
             ("static tree (2,2,1)", drafter, StaticTree.full((2, 2, 1))),
             ("EAGLE-2 dynamic tree", drafter, DynamicTree(topk=4, depth=4, total=16)), ("n-gram k=4", "ngram", 4)]
@@ -107,9 +108,13 @@ def cmd_generate(args) -> int:
 
 def cmd_bench(args) -> int:
     if args.what == "engine":
+        import torch
+
         from .bench import run_engine_benchmark
 
-        run_engine_benchmark(out_dir=args.out, new_tokens=args.new_tokens, quick=args.quick)
+        pair = {k: v for k, v in (("hidden", args.hidden), ("layers", args.layers)) if v is not None}
+        run_engine_benchmark(out_dir=args.out, new_tokens=args.new_tokens, quick=args.quick, device=args.device,
+                             dtype=getattr(torch, args.dtype), pair=pair)
         return 0
     raise SystemExit(f"unknown benchmark {args.what!r}")
 
@@ -122,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the engine on built-in tiny offline models and print the stats")
     demo.add_argument("--new-tokens", type=int, default=64)
     demo.add_argument("--temperature", type=float, default=0.0)
+    demo.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    demo.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                      help="greedy equality with plain decoding is only expected in float32")
     demo.set_defaults(func=cmd_demo)
 
     gen = sub.add_parser("generate", help="speculative text generation with a causal LM (path or id)")
@@ -144,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="bench_out/engine")
     bench.add_argument("--new-tokens", type=int, default=128)
     bench.add_argument("--quick", action="store_true", help="a small run (for smoke tests)")
+    bench.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    bench.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    bench.add_argument("--hidden", type=int, default=None, help="hidden size of the benchmark pair (default 256)")
+    bench.add_argument("--layers", type=int, default=None, help="target layers of the benchmark pair (default 4)")
     bench.set_defaults(func=cmd_bench)
     return p
 

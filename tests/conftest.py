@@ -1,6 +1,8 @@
 """Shared fixtures: tiny offline models (no hub), prompts, and target-only references."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -8,10 +10,14 @@ from mmspec.testing import noisy_copy, tiny_llama
 
 torch.set_num_threads(2)
 
+# The shared fixture models live on this device (MMSPEC_TEST_DEVICE=cuda runs the equality and sampling tests on a
+# GPU; CI has none and uses the CPU). Tests that build their own models keep them on the CPU.
+DEVICE = torch.device(os.environ.get("MMSPEC_TEST_DEVICE", "cpu"))
+
 
 @pytest.fixture(scope="session")
 def target():
-    return tiny_llama(seed=0)
+    return tiny_llama(seed=0).to(DEVICE)
 
 
 @pytest.fixture(scope="session")
@@ -20,7 +26,7 @@ def drafters(target):
     return {
         "copy": noisy_copy(target, 0.0),
         "noisy": noisy_copy(target, 0.5, seed=1),
-        "unrelated": tiny_llama(seed=7, hidden=32, layers=1, heads=2, kv_heads=1),
+        "unrelated": tiny_llama(seed=7, hidden=32, layers=1, heads=2, kv_heads=1).to(DEVICE),
     }
 
 
@@ -42,7 +48,7 @@ def prompts():
 
 
 def hf_greedy(model, prompt: list[int], max_new_tokens: int, eos_token_id=None) -> list[int]:
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
+    out = model.generate(torch.tensor([prompt], device=model.device), max_new_tokens=max_new_tokens, do_sample=False,
                          pad_token_id=0, eos_token_id=eos_token_id)
     return out[0, len(prompt):].tolist()
 

@@ -16,7 +16,7 @@ def exact_joint(model, prompt: list[int], spec: SamplingSpec, length: int) -> di
     for _ in range(length):
         nxt = {}
         for seq, pr in joint.items():
-            logits = model(torch.tensor([prompt + list(seq)])).logits[0, -1].double()
+            logits = model(torch.tensor([prompt + list(seq)], device=model.device)).logits[0, -1].double().cpu()
             seen = torch.zeros(logits.shape[-1], dtype=torch.bool)
             seen[torch.tensor(prompt + list(seq))] = True
             p = spec.probs(logits, seen)

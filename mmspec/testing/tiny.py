@@ -38,7 +38,7 @@ def noisy_copy(model: torch.nn.Module, noise: float, seed: int = 1) -> torch.nn.
     draft = copy.deepcopy(model)
     head = draft.get_output_embeddings().weight
     g = torch.Generator().manual_seed(seed)
-    head.add_(torch.randn(head.shape, generator=g) * noise * head.std())
+    head.add_(torch.randn(head.shape, generator=g).to(head) * noise * head.std())
     return draft.eval()
 
 

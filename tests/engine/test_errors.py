@@ -150,7 +150,7 @@ def test_device_mismatch(target, prompts, reference):
     with torch.device("meta"):
         meta = tiny_llama(seed=3, hidden=32, layers=1, heads=2, kv_heads=1)
     assert next(meta.parameters()).device.type == "meta"
-    e = raises(None, DeviceMismatchError, "meta", "cpu", call=lambda: SpeculativeDecoder(target, meta))
+    e = raises(None, DeviceMismatchError, "meta", target.device.type, call=lambda: SpeculativeDecoder(target, meta))
     assert isinstance(e, IncompatibleModelsError)
     moved = tiny_llama(seed=3, hidden=32, layers=1, heads=2, kv_heads=1).to("meta")
     raises(None, DeviceMismatchError, "meta", call=lambda: SpeculativeDecoder(target, moved))
@@ -241,10 +241,10 @@ def test_drafter_with_a_shorter_context(target):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=96, n_positions=16, n_embd=32, n_layer=1, n_head=2,
-                                      bos_token_id=None, eos_token_id=None)).eval()
+                                      bos_token_id=None, eos_token_id=None)).to(target.device).eval()
     short = [3, 9, 27, 81, 50]
     # Control: within its context this model works through the adapter (as a target and as a drafter).
-    ref = gpt2.generate(torch.tensor([short]), max_new_tokens=8, do_sample=False, pad_token_id=0)[0, 5:].tolist()
+    ref = gpt2.generate(torch.tensor([short], device=gpt2.device), max_new_tokens=8, do_sample=False, pad_token_id=0)[0, 5:].tolist()
     assert SpeculativeDecoder(gpt2).generate([short], max_new_tokens=8).sequences == [ref]
     dec = SpeculativeDecoder(target, gpt2, tree=3)
     short_ref = hf_greedy(target, short, 8)

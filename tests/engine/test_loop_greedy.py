@@ -103,7 +103,7 @@ def test_repetition_penalty_uses_each_nodes_own_prefix(target, drafters, prompts
 
     dec = SpeculativeDecoder(target, drafters["copy"], tree=SHAPES[shape])
     for p in prompts[:8]:
-        ref = target.generate(torch.tensor([p]), max_new_tokens=MAX_NEW, do_sample=False, repetition_penalty=1.8,
+        ref = target.generate(torch.tensor([p], device=target.device), max_new_tokens=MAX_NEW, do_sample=False, repetition_penalty=1.8,
                               pad_token_id=0, eos_token_id=None)[0, len(p):].tolist()
         out = dec.generate([p], max_new_tokens=MAX_NEW, repetition_penalty=1.8)
         assert out.sequences[0] == ref
