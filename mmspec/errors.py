@@ -52,3 +52,15 @@ class CheckpointError(MMSpecError, ValueError):
 
 class DraftError(MMSpecError, ValueError):
     """A draft handed to the verifier is malformed (bad parents, wrong shapes, tokens out of range)."""
+
+
+class ImageError(InvalidInputError):
+    """An image cannot be used: unreadable, corrupt, truncated, empty (0 pixels) or of an unknown type."""
+
+
+class ImageCountError(InvalidInputError):
+    """The number of images does not match the image placeholders of the prompt (or the model's limit)."""
+
+
+class TokenizerMismatchError(IncompatibleModelsError):
+    """A drafter's tokenizer maps text to different ids than the target's."""
