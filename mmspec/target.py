@@ -58,6 +58,18 @@ def output_vocab(model: torch.nn.Module) -> int:
     return int(cfg.vocab_size)
 
 
+def fit_vocab(logits: torch.Tensor, size: int) -> torch.Tensor:
+    """Logits (..., V) over the first `size` ids: cut, or padded with -inf (ids the model cannot produce).
+
+    For a drafter whose tokenizer agrees with the target's on the shared ids but whose embedding matrix is padded
+    differently (e.g. a text LM drafting for a VLM whose vocabulary adds image tokens)."""
+    v = logits.shape[-1]
+    if v >= size:
+        return logits[..., :size]
+    pad = logits.new_full((*logits.shape[:-1], size - v), float("-inf"))
+    return torch.cat([logits, pad], dim=-1)
+
+
 def context_limit(model: torch.nn.Module) -> int | None:
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     return getattr(cfg, "max_position_embeddings", None)
@@ -69,20 +81,31 @@ class CausalLMRunner:
     def __init__(self, model: torch.nn.Module, cache: str = "dynamic", max_cache_len: int | None = None):
         if not hasattr(model, "config"):
             raise UnsupportedModelError(f"{type(model).__name__} is not a transformers model (no .config)")
-        if any(getattr(layer, "is_sliding", False) for layer in DynamicCache(config=model.config).layers):
-            # transformers' own rule decides which layers slide (layer_types, or sliding_window for Mistral)
-            raise UnsupportedModelError(
-                f"{type(model).__name__} has sliding-window layers, which evict keys a rejected draft needs; "
-                "use a model-specific adapter that keeps window + draft slots")
+        self.check_model(model)
         self.model = model.eval()
         self.cache_kind, self.max_cache_len = cache, max_cache_len
         self.device, self.dtype = model_device(model), model_dtype(model)
         self.vocab_size = output_vocab(model)
+        self.out_vocab: int | None = None  # set to pad/cut logits to another model's vocabulary (shared tokenizer)
         self.max_positions = context_limit(model)
         self.kv: RaggedCache | None = None
         self.forward_time = 0.0  # seconds spent inside the model's forward (engine overhead = the rest)
         self._takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.next_positions: list[int] = []  # per row: position id of the next token fed
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Refuse models this adapter cannot drive exactly. Subclasses that handle sliding windows override it."""
+        if any(getattr(layer, "is_sliding", False) for layer in DynamicCache(config=model.config).layers):
+            # transformers' own rule decides which layers slide (layer_types, or sliding_window for Mistral)
+            raise UnsupportedModelError(
+                f"{type(model).__name__} has sliding-window layers, which evict keys a rejected draft needs; "
+                "use a model-specific adapter that keeps window + draft slots (vision.VLMTarget does for Gemma3)")
+
+    def model_inputs(self, ids: torch.Tensor, allowed: torch.Tensor | None, positions: torch.Tensor) -> dict:
+        """Keyword arguments of the model's forward for a block: ids (B, M), visibility (B, M, K) bool or None for
+        the model's own causal mask, positions from `positions()`. Subclasses add family-specific inputs."""
+        mask = None if allowed is None else self._float_mask(allowed)
+        return {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
 
     # --- masks and positions ------------------------------------------------------------------------------------
     def _float_mask(self, allowed: torch.Tensor) -> torch.Tensor:
@@ -93,7 +116,7 @@ class CausalLMRunner:
 
     def block_mask(self, block_allowed: torch.Tensor | None, existing: torch.Tensor | str | None = None,
                    m: int | None = None) -> torch.Tensor | None:
-        """Attention mask for a block of M tokens appended at `width`.
+        """Visibility (B, M, K) bool for a block of M tokens appended at `width`.
 
         block_allowed: (B, M, M) bool visibility inside the block, or None for causal.
         existing: (B, M, width) bool over the slots already written; None = each row's committed prefix;
@@ -117,7 +140,7 @@ class CausalLMRunner:
             existing = True
         allowed[:, :, : kv.width] = existing
         allowed[:, :, kv.width: kv.width + m] = block_allowed
-        return self._float_mask(allowed)
+        return allowed
 
     def empty_mask(self, b: int, m: int) -> torch.Tensor:
         """All-False (B, M, K) visibility for a block of M appended at `width` (K = key slots attention sees)."""
@@ -156,16 +179,18 @@ class CausalLMRunner:
             raise ContextOverflowError(
                 f"static cache of {kv.key_len} slots is full (width {kv.width} + block {m}); "
                 "raise max_cache_len")
-        mask = self._float_mask(full_mask) if full_mask is not None else self.block_mask(block_allowed, existing, m)
-        positions, ids = self.positions(offsets), tokens.to(self.device)
+        allowed = full_mask if full_mask is not None else self.block_mask(block_allowed, existing, m)
+        inputs = self.model_inputs(tokens.to(self.device), allowed, self.positions(offsets))
         t0 = sync_time(self.device)
         extra = {"logits_to_keep": keep_last} if keep_last and self._takes_logits_to_keep else {}
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=kv.cache,
-                         use_cache=True, output_hidden_states=want_hidden, **extra)
+        out = self.model(**inputs, past_key_values=kv.cache, use_cache=True, output_hidden_states=want_hidden,
+                         **extra)
         self.forward_time += sync_time(self.device) - t0
         kv.appended(m)
         hidden = out.hidden_states[-1] if want_hidden else None
         logits = out.logits[:, -keep_last:] if keep_last and out.logits.shape[1] > keep_last else out.logits
+        if self.out_vocab and logits.shape[-1] != self.out_vocab:
+            logits = fit_vocab(logits, self.out_vocab)
         return BlockOutput(logits, hidden)
 
     @torch.inference_mode()

@@ -9,7 +9,7 @@ children are fed. After verification the accepted nodes' slots are compacted in 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -32,7 +32,15 @@ class _Round:
 class ModelDrafter:
     needs_hidden = False
 
-    def __init__(self, model: torch.nn.Module, tree: StaticTree | DynamicTree | int = 4, cache: str = "dynamic"):
+    def __init__(self, model: torch.nn.Module | None = None, tree: StaticTree | DynamicTree | int = 4,
+                 cache: str = "dynamic", *, runner: CausalLMRunner | None = None,
+                 prompt_view: Callable[[list[int]], list[int]] | None = None, shared_tokenizer: bool = False):
+        """model: the draft LM (or pass a prebuilt `runner`, e.g. a VLM runner that feeds the images).
+        prompt_view: maps a prompt's ids to what the drafter sees (e.g. drops image placeholders for a text-only
+        drafter of a VLM); generated tokens are fed as they are.
+        shared_tokenizer: the caller has checked that the drafter's tokenizer gives the target's ids; the two
+        vocabularies may then differ in size (padded embeddings, added image tokens) and logits are cut / padded
+        with -inf to the target's size. Without it a size difference is a VocabularyMismatchError."""
         self.tree = StaticTree.chain(tree) if isinstance(tree, int) else tree
         if isinstance(self.tree, StaticTree):  # the shape is fixed: derive its structure once
             parent = self.tree.parent
@@ -42,7 +50,10 @@ class ModelDrafter:
                 n_children[p + 1] += 1
                 ancestors.append([] if p < 0 else ancestors[p] + [p])
             self._shape = (parent, self.tree.rank, n_children, ancestors, self.tree.levels())
-        self.runner = CausalLMRunner(model, cache=cache)
+        if (model is None) == (runner is None):
+            raise TypeError("ModelDrafter takes exactly one of model= or runner=")
+        self.runner = runner if runner is not None else CausalLMRunner(model, cache=cache)
+        self.prompt_view, self.shared_tokenizer = prompt_view, shared_tokenizer
         self.counters = DrafterCounters()
         self.vocab_size = self.runner.vocab_size
 
@@ -55,7 +66,9 @@ class ModelDrafter:
         return len(self.tree) if isinstance(self.tree, StaticTree) else self.tree.total
 
     def check_target(self, target) -> None:
-        if self.runner.vocab_size != target.vocab_size:
+        if self.shared_tokenizer and self.runner.vocab_size != target.vocab_size:
+            self.runner.out_vocab = target.vocab_size
+        elif self.runner.vocab_size != target.vocab_size:
             raise VocabularyMismatchError(
                 f"drafter vocabulary has {self.runner.vocab_size} entries but the target's has {target.vocab_size}; "
                 "a draft model must share the target's tokenizer and output vocabulary (use the n-gram drafter, or "
@@ -68,12 +81,15 @@ class ModelDrafter:
     # --- lifecycle ----------------------------------------------------------------------------------------------
     def begin(self, ctx: DraftContext, prefill: BlockOutput) -> None:
         self.ctx = ctx
+        prompts = [h[:-1] for h in ctx.history]
+        if self.prompt_view is not None:
+            prompts = [self.prompt_view(p) or p[-1:] for p in prompts]  # never empty: keep the last token
         limit = self.runner.max_positions
-        if limit and max(len(h) for h in ctx.history) > limit:
+        if limit and max(len(p) for p in prompts) >= limit:
             raise ContextOverflowError(
-                f"the drafter's context is {limit} positions but a prompt has {max(len(h) for h in ctx.history) - 1} "
+                f"the drafter's context is {limit} positions but a prompt has {max(len(p) for p in prompts)} "
                 "tokens; use a drafter with a longer context (or the n-gram drafter)")
-        self.runner.prefill([h[:-1] for h in ctx.history], reserve=0)
+        self.runner.prefill(prompts, reserve=0)
         self.counters.forwards += 1
         self.uncached = [[h[-1]] for h in ctx.history]
         self.round: _Round | None = None

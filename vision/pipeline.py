@@ -1,0 +1,244 @@
+"""`SpeculativeVLM`: speculative chat for stock transformers VLMs, with the same answer as the target alone.
+
+    svlm = SpeculativeVLM.from_pretrained("path-or-id", drafter="path-or-id" | "ngram" | model | Drafter)
+    out = svlm.generate(images=[img], prompt="Describe the image.", max_new_tokens=64)
+    out.text, out.token_ids, out.stats
+    for piece in svlm.stream(images=[img], prompt="..."): print(piece, end="")
+    chat = svlm.chat(); chat.send("What is it?", images=[img]); chat.send("And the colour?")
+
+Drafters (ALGORITHMS.md section 4): a small VLM of the same family that sees the image (its own prefill includes the
+pixels, unlike transformers' assisted generation); a text-only LM sharing the tokenizer (images are kept out of it,
+only the text is drafted); the n-gram drafter; or any object implementing `mmspec.drafters.Drafter`
+(the feature-level drafters of vision.drafters plug in there).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from mmspec.drafters import ModelDrafter, NGramDrafter
+from mmspec.errors import CheckpointError, InvalidInputError, MMSpecError, TokenizerMismatchError
+from mmspec.loop import NoDrafter, SpeculativeDecoder
+from mmspec.stats import GenerationStats
+
+from .prompts import batch_args, build_request, text_only_ids
+from .target import VLMRunner, VLMTarget
+
+
+@dataclass
+class VLMOutput:
+    texts: list[str]
+    sequences: list[list[int]]  # generated ids per request (prompt excluded)
+    finish_reasons: list[str]
+    stats: GenerationStats
+
+    @property
+    def text(self) -> str:
+        return self.texts[0]
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.sequences[0]
+
+
+def is_vlm(model) -> bool:
+    return hasattr(model.config, "vision_config") or hasattr(model, "get_image_features")
+
+
+def check_same_tokenizer(target_tok, drafter_tok) -> None:
+    """The drafter's tokenizer must give the target's ids: same id for every token of the smaller vocabulary."""
+    a, b = target_tok.get_vocab(), drafter_tok.get_vocab()
+    small, big = (b, a) if len(b) <= len(a) else (a, b)
+    for token, idx in small.items():
+        if big.get(token) != idx:
+            raise TokenizerMismatchError(
+                f"the drafter's tokenizer differs from the target's: token {token!r} has id {b.get(token)} in the "
+                f"drafter and {a.get(token)} in the target; use a drafter trained with the target's tokenizer, or "
+                "drafter='ngram'")
+    probe = "Describe the image in detail, 123 times! Ünïcödé?"
+    if target_tok(probe, add_special_tokens=False)["input_ids"] != drafter_tok(probe, add_special_tokens=False)[
+            "input_ids"]:
+        raise TokenizerMismatchError("the drafter's tokenizer splits text differently from the target's; use a "
+                                     "drafter with the target's tokenizer, or drafter='ngram'")
+
+
+class SpeculativeVLM:
+    """A VLM target, its processor and a drafter, composed (diffusers-style: components passed in)."""
+
+    def __init__(self, target, processor, drafter=None, *, tree=4, acceptance: str | None = None,
+                 drafter_processor=None, drafter_tokenizer=None):
+        self.model, self.processor = target, processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.target = VLMTarget(target)
+        self.drafter_processor = None
+        self._text_views: dict[tuple, list[int]] | None = None
+        self.drafter = self._make_drafter(drafter, tree, drafter_processor, drafter_tokenizer)
+        self.decoder = SpeculativeDecoder(self.target, self.drafter, tree=tree, acceptance=acceptance)
+
+    # --- construction -------------------------------------------------------------------------------------------
+    def _make_drafter(self, drafter, tree, drafter_processor, drafter_tokenizer):
+        if drafter is None:
+            return NoDrafter()
+        if isinstance(drafter, str):
+            if drafter != "ngram":
+                raise InvalidInputError(f"drafter={drafter!r}: pass None, 'ngram', a model or a Drafter (use "
+                                        "SpeculativeVLM.from_pretrained to load a drafter from a path)")
+            return NGramDrafter(k=tree if isinstance(tree, int) else 4)
+        if not isinstance(drafter, torch.nn.Module):
+            return drafter  # a Drafter protocol object (feature-level drafters, user plug-ins)
+        if is_vlm(drafter):  # a small VLM: it sees the image through its own processor (default: the target's)
+            self.drafter_processor = drafter_processor or self.processor
+            if drafter_tokenizer is not None or drafter_processor is not None:
+                check_same_tokenizer(self.tokenizer, drafter_tokenizer or drafter_processor.tokenizer)
+            return ModelDrafter(runner=VLMRunner(drafter), tree=tree)
+        if drafter_tokenizer is not None:
+            check_same_tokenizer(self.tokenizer, drafter_tokenizer)
+        self._text_views = {}
+        return ModelDrafter(drafter, tree, prompt_view=lambda ids: self._text_views.get(tuple(ids), ids),
+                            shared_tokenizer=drafter_tokenizer is not None)
+
+    @classmethod
+    def from_pretrained(cls, target: str, drafter=None, *, torch_dtype=None, device_map=None, tree=4,
+                        acceptance: str | None = None, trust_remote_code: bool = False, **model_kwargs):
+        """Load the target (AutoModelForImageTextToText + AutoProcessor) and a drafter given as a path/id: a VLM
+        (with its processor) or a causal LM (with its tokenizer), checked to share the target's tokenizer."""
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, \
+            AutoTokenizer
+
+        kw = dict(trust_remote_code=trust_remote_code)
+        mkw = dict(kw, dtype=torch_dtype, device_map=device_map, **model_kwargs)
+        model = _load(AutoModelForImageTextToText, target, "target", **mkw).eval()
+        processor = _load(AutoProcessor, target, "target", **kw)
+        extra = {}
+        if isinstance(drafter, str) and drafter != "ngram":
+            cfg = _load(AutoConfig, drafter, "drafter", **kw)
+            if hasattr(cfg, "vision_config"):
+                extra["drafter_processor"] = _load(AutoProcessor, drafter, "drafter", **kw)
+                drafter = _load(AutoModelForImageTextToText, drafter, "drafter", **mkw).eval()
+            else:
+                extra["drafter_tokenizer"] = _load(AutoTokenizer, drafter, "drafter", **kw)
+                drafter = _load(AutoModelForCausalLM, drafter, "drafter", **mkw).eval()
+        return cls(model, processor, drafter, tree=tree, acceptance=acceptance, **extra)
+
+    # --- generation ---------------------------------------------------------------------------------------------
+    def _prepare(self, rows: list[dict], owner=None):
+        reqs, texts = [], []
+        for row in rows:
+            req, msgs, text = build_request(self.processor, images=row.get("images"), prompt=row.get("prompt"),
+                                            messages=row.get("messages"))
+            reqs.append(req)
+            texts.append((msgs, text, row))
+        self.target.bind(reqs, owner=owner)
+        if self.drafter_processor is not None:
+            dreqs = reqs if self.drafter_processor is self.processor else [
+                build_request(self.drafter_processor, images=r.get("images"), prompt=r.get("prompt"),
+                              messages=r.get("messages"))[0] for r in rows]
+            self.drafter.runner.bind(dreqs)
+        if self._text_views is not None:
+            self._text_views.clear()
+            for req, (msgs, text, _) in zip(reqs, texts):
+                self._text_views[tuple(req.input_ids)] = text_only_ids(self.processor, msgs, text)
+        return [r.input_ids for r in reqs]
+
+    def _eos(self, eos_token_id):
+        if eos_token_id is not None:
+            return eos_token_id
+        eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        return eos if eos is not None else self.tokenizer.eos_token_id
+
+    def _stream(self, rows, owner=None, *, max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0,
+                repetition_penalty=1.0, seed=None, eos_token_id=None, generator=None):
+        ids = self._prepare(rows, owner)
+        return self.decoder.stream(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                   top_p=top_p, repetition_penalty=repetition_penalty,
+                                   eos_token_id=self._eos(eos_token_id), seed=seed, generator=generator)
+
+    def generate(self, images=None, prompt=None, messages=None, **kwargs) -> VLMOutput:
+        """Answer one request, or a batch: prompt=[...] / messages=[[...], ...] with images=[[...], ...]."""
+        stream = self._stream(batch_args(images, prompt, messages), **kwargs)
+        for _ in stream:
+            pass
+        return self._output(stream.output)
+
+    def stream(self, images=None, prompt=None, messages=None, **kwargs) -> Iterator[str]:
+        """Yield the answer's text piece by piece (one request); `.last_output` holds ids and stats afterwards."""
+        stream = self._stream(batch_args(images, prompt, messages)[:1], **kwargs)
+        yield from self._text_pieces(stream)
+        self.last_output = self._output(stream.output)
+
+    def _text_pieces(self, stream) -> Iterator[str]:
+        generated, printed = [], ""
+        for event in stream:
+            generated.extend(event.tokens)
+            text = self.tokenizer.decode(generated, skip_special_tokens=True)
+            if text.startswith(printed) and len(text) > len(printed):
+                yield text[len(printed):]
+                printed = text
+
+    def _output(self, out) -> VLMOutput:
+        texts = [self.tokenizer.decode(s, skip_special_tokens=True) for s in out.sequences]
+        return VLMOutput(texts, out.sequences, out.finish_reasons, out.stats)
+
+    def chat(self, system: str | None = None, **generation_kwargs) -> "ChatSession":
+        return ChatSession(self, system, generation_kwargs)
+
+
+@dataclass
+class ChatSession:
+    """A multi-turn conversation whose target KV cache is reused between turns (text-only follow-ups).
+
+    A turn that fails leaves the conversation as it was before the turn; the cache is then rebuilt on the next one.
+    """
+
+    svlm: SpeculativeVLM
+    system: str | None = None
+    generation_kwargs: dict = field(default_factory=dict)
+    messages: list[dict] = field(default_factory=list)
+    images: list = field(default_factory=list)
+    last_output: VLMOutput | None = None
+
+    def __post_init__(self):
+        if self.system:
+            self.messages.append({"role": "system", "content": [{"type": "text", "text": self.system}]})
+
+    def _turn(self, text: str, images) -> tuple[list[dict], list]:
+        if not isinstance(text, str) or not text:
+            raise InvalidInputError("a chat message must be a non-empty string")
+        new = [] if images is None else (list(images) if isinstance(images, (list, tuple)) else [images])
+        content = [{"type": "image"}] * len(new) + [{"type": "text", "text": text}]
+        return self.messages + [{"role": "user", "content": content}], self.images + new
+
+    def stream(self, text: str, images=None, **kwargs) -> Iterator[str]:
+        messages, images_all = self._turn(text, images)
+        kw = {**self.generation_kwargs, **kwargs}
+        try:
+            stream = self.svlm._stream([{"messages": messages, "images": images_all}], owner=self, **kw)
+            pieces = []
+            for piece in self.svlm._text_pieces(stream):
+                pieces.append(piece)
+                yield piece
+        except BaseException:
+            self.svlm.target.forget()  # the cache may hold half a turn: never resume from it
+            raise
+        out = self.svlm._output(stream.output)
+        answer = out.text
+        self.messages = messages + [{"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+        self.images = images_all
+        self.last_output = out
+
+    def send(self, text: str, images=None, **kwargs) -> VLMOutput:
+        for _ in self.stream(text, images, **kwargs):
+            pass
+        return self.last_output
+
+
+def _load(loader, path: str, what: str, **kw):
+    try:
+        return loader.from_pretrained(path, **kw)
+    except (OSError, ValueError, KeyError) as e:
+        if isinstance(e, MMSpecError):
+            raise
+        raise CheckpointError(f"{what} {path!r} could not be loaded by {loader.__name__} ({type(e).__name__}: {e}); "
+                              "pass a local model directory or a hub id reachable from this machine") from e

@@ -1,0 +1,280 @@
+"""Verification adapter for stock transformers VLMs (LLaVA, Qwen-VL, Idefics3/SmolVLM, Gemma3, PaliGemma, InternVL).
+
+Prefill runs the model's own forward, row by row, with the processor's inputs (pixel values, grids, token types):
+images, bidirectional image attention (Gemma3), prefix-LM masks (PaliGemma) and M-RoPE position ids (Qwen) come out
+exactly as in ``model.generate``. The per-row caches are then laid side by side in one ragged cache, and every later
+block (draft verification, a chat's next turn) is text, fed with the engine's explicit 4-D masks and positions:
+
+* M-RoPE (Qwen2/2.5/3-VL): positions are 3 rows; after the prompt, text continues at ``len + rope_delta`` in all
+  three (``get_rope_index`` of the model gives the prompt's positions and delta), so a draft node at depth d has
+  position ``next_pos + d`` in every row.
+* Sliding-window layers (Gemma3): the cache keeps every slot (a rejected draft's window must be restorable), and each
+  block gets two masks, the full one and the same one cut to the window by position (query - key < window).
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from transformers import DynamicCache
+
+from mmspec.cache import RaggedCache
+from mmspec.errors import ContextOverflowError, EmptyPromptError, InvalidInputError, UnsupportedModelError
+from mmspec.target import BlockOutput, CausalLMRunner, CausalLMTarget, sync_time
+
+
+@dataclass
+class VLMRequest:
+    """One row's processor output: the expanded prompt ids and the other model inputs (batch dimension 1)."""
+
+    input_ids: list[int]
+    inputs: dict = field(default_factory=dict)  # pixel_values, image_grid_thw, token_type_ids, image_sizes, ...
+
+    @property
+    def has_images(self) -> bool:
+        return any(k.startswith("pixel_values") for k in self.inputs)
+
+
+def text_config(model):
+    cfg = model.config
+    return cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
+
+
+def sliding_window_of(model) -> int | None:
+    """The window of the model's sliding-attention layers, or None when every layer is full attention."""
+    cfg = text_config(model)
+    types = getattr(cfg, "layer_types", None) or []
+    if "sliding_attention" in types:
+        return int(cfg.sliding_window)
+    return None
+
+
+def rope_index_fn(model):
+    """The model's M-RoPE position function (Qwen-VL family), or None for 1-D positions."""
+    inner = getattr(model, "model", None)
+    return getattr(inner, "get_rope_index", None)
+
+
+class VLMRunner(CausalLMRunner):
+    """A VLM driven over a ragged cache: native multimodal prefill, explicit text blocks afterwards."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__(model, cache="dynamic")
+        self.window = sliding_window_of(model)
+        self.rope_index = rope_index_fn(model)
+        self.prefix_lm = "paligemma" in type(model).__name__.lower()
+        self.position_offset = 1 if self.prefix_lm else 0  # PaliGemma numbers positions from 1 (its own forward)
+        self.requests: list[VLMRequest] | None = None
+        self.row_ids: list[list[int]] = []  # ids whose keys sit in the cache, per row (for chat reuse)
+        self.owner = None  # the chat session whose conversation the cache holds (None: nobody may resume it)
+        self.last_prefill = {"tokens": 0, "resumed": False}  # prompt tokens the last prefill ran through the model
+        self._next_owner = None
+
+    def check_model(self, model) -> None:
+        return None  # sliding windows are handled here (no eviction, windowed masks)
+
+    def bind(self, requests: Sequence[VLMRequest], owner=None) -> None:
+        """Inputs of the next prefill, one per row (the loop passes only token ids). `owner`: a chat session; the
+        prefill may then continue the cache that the same session left (images in a cache are not visible in its
+        token ids, so only the session that made a cache may resume it)."""
+        self.requests = list(requests)
+        self._next_owner = owner
+
+    def forget(self) -> None:
+        """Never resume the current cache (after an interrupted or failed turn)."""
+        self.owner = None
+
+    # --- positions and masks ------------------------------------------------------------------------------------
+    def positions(self, offsets: torch.Tensor) -> torch.Tensor:
+        pos = super().positions(offsets)
+        return pos.unsqueeze(0).expand(3, *pos.shape) if self.rope_index is not None else pos
+
+    def model_inputs(self, ids, allowed, positions) -> dict:
+        inputs = super().model_inputs(ids, allowed, positions)
+        if self.window is not None and allowed is not None:
+            inputs["attention_mask"] = {"full_attention": inputs["attention_mask"],
+                                        "sliding_attention": self._float_mask(self._windowed(allowed, positions))}
+        return inputs
+
+    def _windowed(self, allowed: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Cut visibility (B, M, K) to the window. Committed slot j holds position j (1-D positions, no holes
+        inside a row's prefix); block slots hold the block's positions."""
+        b, m, k = allowed.shape
+        q = positions.cpu()  # (B, M)
+        width = k - m
+        keys = torch.cat([torch.arange(width).expand(b, width), q], dim=1)  # (B, K)
+        near = (q[:, :, None] - keys[:, None, :]) < self.window
+        return allowed & near
+
+    # --- prefill ------------------------------------------------------------------------------------------------
+    def _positions(self, reqs: list[VLMRequest], ids: torch.Tensor) -> tuple[torch.Tensor | None, list[int]]:
+        """Explicit prompt positions (M-RoPE: (3, G, T), from the model's own get_rope_index) and each row's next
+        text position; None / the lengths for 1-D positions."""
+        n = ids.shape[1]
+        if self.rope_index is None or not reqs[0].has_images:
+            return None, [n + self.position_offset] * len(reqs)
+        params = inspect.signature(self.rope_index).parameters
+        kw = {k: v.to(self.device) for k, v in batch_inputs(reqs).items() if k in params and torch.is_tensor(v)}
+        pos, delta = self.rope_index(ids, attention_mask=torch.ones_like(ids), **kw)
+        return pos, [n + int(d) for d in delta.reshape(-1).tolist()]
+
+    @torch.inference_mode()
+    def _prefill_group(self, reqs: list[VLMRequest], want_hidden: bool):
+        """One native forward over rows of equal length and input shapes (batched exactly as the processor would)."""
+        ids = torch.tensor([r.input_ids for r in reqs], device=self.device)
+        pos, next_pos = self._positions(reqs, ids)
+        cache = DynamicCache()  # full layers only: nothing is evicted (sliding windows are masked instead)
+        extra = {"logits_to_keep": 1} if self._takes_logits_to_keep else {}
+        inputs = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch_inputs(reqs).items()}
+        t0 = sync_time(self.device)
+        out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=pos,
+                         past_key_values=cache, use_cache=True, output_hidden_states=want_hidden, **inputs, **extra)
+        self.forward_time += sync_time(self.device) - t0
+        hidden = out.hidden_states[-1][:, -1] if want_hidden else None
+        return out.logits[:, -1], hidden, cache, next_pos
+
+    def prefill(self, prompts: Sequence[Sequence[int]], want_hidden: bool = False, reserve: int = 0) -> BlockOutput:
+        reqs = self.requests if self.requests is not None else [VLMRequest(list(p)) for p in prompts]
+        if len(reqs) != len(prompts):
+            raise InvalidInputError(f"{len(prompts)} prompt(s) but {len(reqs)} bound VLM request(s)")
+        for i, r in enumerate(reqs):
+            if not r.input_ids:
+                raise EmptyPromptError(f"prompt {i} has no tokens; every request needs >= 1 token")
+            if self.max_positions and len(r.input_ids) > self.max_positions:
+                raise ContextOverflowError(f"prompt {i} has {len(r.input_ids)} tokens (images expanded), more than "
+                                           f"the model's context of {self.max_positions} positions")
+        owner, self._next_owner = self._next_owner, None
+        resume = len(reqs) == 1 and owner is not None and owner is self.owner and self._can_resume(reqs[0])
+        self.owner = None  # until this prefill has succeeded
+        if resume:
+            out = self._resume(reqs[0], want_hidden)
+            self.owner = owner
+            return out
+        b = len(reqs)
+        logits, hidden, caches, next_pos = [None] * b, [None] * b, [None] * b, [0] * b
+        for group in group_rows(reqs):
+            lg, hd, cache, pos = self._prefill_group([reqs[i] for i in group], want_hidden)
+            for j, i in enumerate(group):
+                logits[i], next_pos[i] = lg[j], pos[j]
+                hidden[i] = hd[j] if want_hidden else None
+                caches[i] = (cache, j)
+        self.kv = merge_row_caches(caches, [len(r.input_ids) for r in reqs])
+        self.last_prefill = {"tokens": sum(len(r.input_ids) for r in reqs), "resumed": False}
+        self.next_positions = next_pos
+        self.row_ids = [list(r.input_ids) for r in reqs]
+        self.requests = None
+        self.owner = owner
+        return BlockOutput(torch.stack(logits), torch.stack(hidden) if want_hidden else None)
+
+    # --- chat: continue a cached conversation -------------------------------------------------------------------
+    def _can_resume(self, req: VLMRequest) -> bool:
+        """A text-only continuation of what the cache holds (one row, same images, new text after them)."""
+        if self.kv is None or len(self.row_ids) != 1 or self.prefix_lm or self.kv.width != self.kv.lengths[0]:
+            return False
+        cached, new = self.row_ids[0], req.input_ids
+        n = common_prefix(cached, new)
+        if n == 0 or n == len(new):
+            return False
+        image_ids = self.image_token_ids()
+        return not any(t in image_ids for t in cached[n:]) and not any(t in image_ids for t in new[n:])
+
+    def image_token_ids(self) -> set[int]:
+        cfg = self.model.config
+        names = ("image_token_id", "image_token_index", "video_token_id", "vision_start_token_id",
+                 "vision_end_token_id", "boi_token_id", "boi_token_index", "eoi_token_id", "eoi_token_index")
+        return {int(getattr(cfg, n)) for n in names if isinstance(getattr(cfg, n, None), int)}
+
+    @torch.inference_mode()
+    def _resume(self, req: VLMRequest, want_hidden: bool) -> BlockOutput:
+        cached = self.row_ids[0]
+        n = common_prefix(cached, req.input_ids)
+        drop = len(cached) - n
+        if drop:  # the re-rendered history tokenised differently after position n: recompute from there
+            self.kv.lengths = [n]
+            self.kv.compact([[]])  # drops every slot beyond the common prefix (no copy)
+            self.next_positions = [self.next_positions[0] - drop]
+        suffix = req.input_ids[n:]
+        m = len(suffix)
+        out = self.forward_block(torch.tensor([suffix]), torch.arange(m)[None], None, want_hidden, keep_last=1)
+        self.kv.lengths = [self.kv.width]
+        self.next_positions = [self.next_positions[0] + m]
+        self.last_prefill = {"tokens": m, "resumed": True}
+        self.row_ids = [list(req.input_ids)]
+        self.requests = None
+        hidden = out.hidden[:, -1] if want_hidden else None
+        return BlockOutput(out.logits[:, -1], hidden)
+
+    def note_committed(self, tokens: Sequence[Sequence[int]]) -> None:
+        for ids, new in zip(self.row_ids, tokens):
+            ids.extend(new)
+
+    def select_rows(self, rows: Sequence[int]) -> None:
+        super().select_rows(rows)
+        self.row_ids = [self.row_ids[r] for r in rows]
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def batch_inputs(reqs: list[VLMRequest]) -> dict:
+    """Concatenate rows' processor outputs along dim 0, as the processor does for a batch (per-row tensors such as
+    token types gain rows; per-image tensors such as pixel values, grids and sizes gain images)."""
+    if len(reqs) == 1:
+        return dict(reqs[0].inputs)
+    return {k: torch.cat([r.inputs[k] for r in reqs]) if torch.is_tensor(v) else v for k, v in reqs[0].inputs.items()}
+
+
+def group_rows(reqs: list[VLMRequest]) -> list[list[int]]:
+    """Row indices grouped by prompt length and input shapes: each group is one prefill forward without padding."""
+    groups: dict[tuple, list[int]] = {}
+    for i, r in enumerate(reqs):
+        key = (len(r.input_ids), tuple(sorted((k, tuple(v.shape) if torch.is_tensor(v) else repr(v))
+                                              for k, v in r.inputs.items())))
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
+def merge_row_caches(rows: list[tuple[DynamicCache, int]], lengths: list[int]) -> RaggedCache:
+    """Rows given as (cache, row index in it), each with lengths[b] slots -> one right-padded ragged cache (holes
+    beyond a row's length are masked by the engine)."""
+    first = rows[0][0]
+    if all(c is first for c, _ in rows) and [j for _, j in rows] == list(range(len(rows))) and \
+            len(set(lengths)) == 1:  # one group in order: the cache is already the batch
+        return RaggedCache(first, list(lengths), lengths[0], peak_width=lengths[0])
+    width = max(lengths)
+    data = []
+    for layer_idx in range(len(first.layers)):
+        ks, vs = [], []
+        for c, j in rows:
+            k, v = c.layers[layer_idx].keys[j: j + 1], c.layers[layer_idx].values[j: j + 1]
+            pad = width - k.shape[2]
+            ks.append(torch.nn.functional.pad(k, (0, 0, 0, pad)))
+            vs.append(torch.nn.functional.pad(v, (0, 0, 0, pad)))
+        data.append((torch.cat(ks), torch.cat(vs)))
+    return RaggedCache(DynamicCache(ddp_cache_data=data), list(lengths), width, peak_width=width)
+
+
+class VLMTarget(VLMRunner, CausalLMTarget):
+    """Target adapter for stock transformers VLMs; see the module docstring."""
+
+    def verify(self, pending, drafts, want_hidden: bool = False) -> BlockOutput:
+        self._block_tokens = [[p] + d.token_list for p, d in zip(pending, drafts)]
+        return CausalLMTarget.verify(self, pending, drafts, want_hidden)
+
+    def commit(self, paths) -> None:
+        kept = [[] if p is None else [blk[0]] + [blk[1 + i] for i in p] for blk, p in zip(self._block_tokens, paths)]
+        CausalLMTarget.commit(self, paths)
+        self.note_committed(kept)
+
+
+def check_vlm(model) -> None:
+    if not hasattr(model, "config") or not hasattr(model.config, "get_text_config"):
+        raise UnsupportedModelError(f"{type(model).__name__} is not a transformers model")
