@@ -106,6 +106,52 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_chat(args) -> int:
+    """Speculative VLM chat: stream the answer to a question about images, then the stats (stderr)."""
+    import torch
+
+    from vision import SpeculativeVLM  # the CLI is the one place above both pipelines (ARCHITECTURE.md)
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    drafter = None if args.drafter == "none" else args.drafter
+    svlm = SpeculativeVLM.from_pretrained(args.target, drafter=drafter, torch_dtype=dtype,
+                                          device_map=None if args.device == "cpu" else args.device, tree=args.tree,
+                                          trust_remote_code=args.trust_remote_code)
+    chat = svlm.chat(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                     top_k=args.top_k, seed=args.seed)
+    question, images = args.question, args.image or None
+    while question:
+        try:
+            for piece in chat.stream(question, images=images):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            print("\n\n" + chat.last_output.stats.summary(), file=sys.stderr)
+        except MMSpecError as e:  # a bad turn is reported; the conversation goes on
+            if not args.interactive:
+                raise
+            print(f"mmspec: error: {type(e).__name__}: {e}", file=sys.stderr)
+        if not args.interactive:
+            break
+        question, images = _next_question()
+    return 0
+
+
+def _next_question() -> tuple[str | None, list | None]:
+    """Interactive follow-up: a line of text; `/image PATH` lines attach images to the next question."""
+    images = []
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            return None, None
+        if line.startswith("/image "):
+            images.append(line[len("/image "):].strip())
+            continue
+        if not line:
+            return None, None
+        return line, images or None
+
+
 def cmd_bench(args) -> int:
     if args.what == "engine":
         import torch
@@ -113,8 +159,14 @@ def cmd_bench(args) -> int:
         from .bench import run_engine_benchmark
 
         pair = {k: v for k, v in (("hidden", args.hidden), ("layers", args.layers)) if v is not None}
-        run_engine_benchmark(out_dir=args.out, new_tokens=args.new_tokens, quick=args.quick, device=args.device,
-                             dtype=getattr(torch, args.dtype), pair=pair)
+        run_engine_benchmark(out_dir=args.out or "bench_out/engine", new_tokens=args.new_tokens, quick=args.quick,
+                             device=args.device, dtype=getattr(torch, args.dtype), pair=pair)
+        return 0
+    if args.what == "vlm":
+        from vision.bench import run_vlm_benchmark
+
+        run_vlm_benchmark(out_dir=args.out or "bench_out/vlm", family=args.family,
+                          new_tokens=16 if args.quick else min(args.new_tokens, 64))
         return 0
     raise SystemExit(f"unknown benchmark {args.what!r}")
 
@@ -147,9 +199,29 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt")
     gen.set_defaults(func=cmd_generate)
 
+    chat = sub.add_parser("chat", help="ask a VLM about images, speculatively (stock transformers VLM, path or id)")
+    chat.add_argument("--target", required=True, help="VLM path or id (AutoModelForImageTextToText + AutoProcessor)")
+    chat.add_argument("--drafter", default="ngram",
+                      help="small VLM or text LM path/id sharing the tokenizer, 'ngram', or 'none' (target only)")
+    chat.add_argument("--image", action="append", help="image file (repeat for several images)")
+    chat.add_argument("--tree", type=_tree_arg, default=4, help="K | full:B1,B2,.. | dynamic:TOPK,DEPTH,TOTAL")
+    chat.add_argument("--max-new-tokens", type=int, default=256)
+    chat.add_argument("--temperature", type=float, default=0.0)
+    chat.add_argument("--top-k", type=int, default=0)
+    chat.add_argument("--top-p", type=float, default=1.0)
+    chat.add_argument("--seed", type=int, default=0)
+    chat.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    chat.add_argument("--device", default="cpu")
+    chat.add_argument("--interactive", "-i", action="store_true",
+                      help="keep chatting: read follow-ups from stdin ('/image PATH' attaches an image)")
+    chat.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint")
+    chat.add_argument("question")
+    chat.set_defaults(func=cmd_chat)
+
     bench = sub.add_parser("bench", help="benchmarks that print and save tables (JSON + Markdown)")
-    bench.add_argument("what", choices=["engine"])
-    bench.add_argument("--out", default="bench_out/engine")
+    bench.add_argument("what", choices=["engine", "vlm"])
+    bench.add_argument("--out", default=None, help="output folder (default bench_out/<what>)")
+    bench.add_argument("--family", default="llava", help="vlm: the tiny VLM family to run (see vision.testing)")
     bench.add_argument("--new-tokens", type=int, default=128)
     bench.add_argument("--quick", action="store_true", help="a small run (for smoke tests)")
     bench.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")

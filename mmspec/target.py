@@ -179,6 +179,8 @@ class CausalLMRunner:
             raise ContextOverflowError(
                 f"static cache of {kv.key_len} slots is full (width {kv.width} + block {m}); "
                 "raise max_cache_len")
+        if self.out_vocab and self.out_vocab > self.vocab_size:  # a drafter with a smaller vocabulary than the
+            tokens = tokens.masked_fill(tokens >= self.vocab_size, 0)  # target's: ids it cannot embed become 0
         allowed = full_mask if full_mask is not None else self.block_mask(block_allowed, existing, m)
         inputs = self.model_inputs(tokens.to(self.device), allowed, self.positions(offsets))
         t0 = sync_time(self.device)

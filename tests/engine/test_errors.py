@@ -28,7 +28,7 @@ from mmspec.errors import (
 from mmspec.sampling import SamplingSpec, check_finite
 from mmspec.target import CausalLMTarget
 from mmspec.testing import tiny_llama
-from mmspec.tree import Draft, StaticTree
+from mmspec.tree import Draft, DynamicTree, StaticTree
 
 N_CHECK = 10  # tokens compared after each error (greedy prefixes of the 24-token reference)
 
@@ -384,3 +384,20 @@ def test_bad_draft_after_partial_generation_keeps_the_stream_atomic(target, prom
     assert got == reference[0][: len(got)] and len(got) >= 2
     drafter.mode = "good"
     assert dec.generate(prompts[:2], max_new_tokens=N_CHECK).sequences == [r[:N_CHECK] for r in reference[:2]]
+
+
+@pytest.mark.parametrize("drafter_vocab", [80, 120])
+def test_shared_tokenizer_reconciles_vocabulary_sizes(target, prompts, reference, drafter_vocab):
+    """A drafter whose tokenizer gives the target's ids but whose vocabulary is smaller (logits padded with -inf)
+    or larger (cut) drafts for the target when the caller vouches for the tokenizer; otherwise it is refused."""
+    from mmspec.drafters import ModelDrafter
+
+    small = tiny_llama(seed=3, vocab=drafter_vocab, hidden=32, layers=1, heads=2, kv_heads=1).to(target.device)
+    with pytest.raises(VocabularyMismatchError):
+        SpeculativeDecoder(target, ModelDrafter(small, 3))
+    view = (lambda ids: [t for t in ids if t < drafter_vocab])  # ids the small drafter can embed
+    for tree in (3, DynamicTree(topk=3, depth=3, total=8)):
+        dec = SpeculativeDecoder(target, ModelDrafter(small, tree, prompt_view=view, shared_tokenizer=True))
+        ps = [p for p in prompts if max(p) < drafter_vocab][:6]
+        out = dec.generate(ps, max_new_tokens=24)
+        assert out.sequences == [reference[prompts.index(p)] for p in ps]

@@ -6,6 +6,7 @@ import functools
 
 import torch
 
+from conftest import DEVICE
 from vision.testing.tiny import FAMILIES, TEXT_ONLY_FAMILIES, draft_vlm, test_image, text_drafter, tiny_vlm
 
 ALL = list(FAMILIES)
@@ -16,17 +17,23 @@ QUESTIONS = ["describe the image", "what color is the sky in this picture please
 
 @functools.lru_cache(maxsize=None)
 def family(name: str):
-    return tiny_vlm(name)
+    t = tiny_vlm(name)
+    t.model.to(DEVICE)  # MMSPEC_TEST_DEVICE=cuda runs the pipeline tests on a GPU
+    return t
 
 
 @functools.lru_cache(maxsize=None)
 def small_vlm(name: str):
-    return draft_vlm(name).model
+    return draft_vlm(name).model.to(DEVICE)
 
 
 @functools.lru_cache(maxsize=None)
 def text_lm(name: str):
-    return text_drafter(name)
+    return text_drafter(name).to(DEVICE)
+
+
+def on_device(inputs: dict) -> dict:
+    return {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in inputs.items()}
 
 
 @functools.lru_cache(maxsize=None)
@@ -73,8 +80,8 @@ def hf_reference(name: str, row: dict, max_new: int = MAX_NEW) -> list[int]:
     t = family(name)
     req, _, _ = build_request(t.processor, images=row.get("images"), prompt=row.get("prompt"),
                               messages=row.get("messages"))
-    ids = torch.tensor([req.input_ids])
-    out = t.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **req.inputs,
+    ids = torch.tensor([req.input_ids], device=DEVICE)
+    out = t.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **on_device(req.inputs),
                            max_new_tokens=max_new, do_sample=False)
     return out[0, ids.shape[1]:].tolist()
 

@@ -3,7 +3,6 @@ is non-degenerate (diverse greedy output that depends on the image), so equality
 from __future__ import annotations
 
 import functools
-import importlib.util
 
 import pytest
 import torch
@@ -17,17 +16,7 @@ PLACEHOLDER = {
     **dict.fromkeys(["qwen2_vl", "qwen2_5_vl", "qwen3_vl"], "<|vision_start|><|image_pad|><|vision_end|>"),
 }
 PROMPTS = ["What is this?", "Describe the picture in detail."]
-# SmolVLMProcessor refuses to start without `num2words` (it spells out video timestamps).
-NEEDS = {"smolvlm": "num2words"}
-
-
-def params(names):
-    return [pytest.param(f, marks=pytest.mark.skipif(importlib.util.find_spec(NEEDS[f]) is None,
-                                                     reason=f"{f} needs the {NEEDS[f]} package"))
-            if f in NEEDS else f for f in names]
-
-
-families = pytest.mark.parametrize("family", params(FAMILIES))
+families = pytest.mark.parametrize("family", list(FAMILIES))
 
 
 @functools.lru_cache(maxsize=None)
@@ -134,7 +123,7 @@ def test_two_images_and_multi_turn(family):
     assert len(greedy(vlm.model, inputs)) >= 1
 
 
-@pytest.mark.parametrize("family", params(TEXT_ONLY_FAMILIES))
+@pytest.mark.parametrize("family", list(TEXT_ONLY_FAMILIES))
 def test_text_only_prompt(family):
     vlm = target(family)
     inputs = encode(vlm, [{"role": "user", "content": [{"type": "text", "text": "Tell me a story."}]}], None)

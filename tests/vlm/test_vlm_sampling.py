@@ -14,7 +14,7 @@ from mmspec.tree import DynamicTree, StaticTree
 from stats_tools import chi_square
 from vision import SpeculativeVLM
 from vision.prompts import build_request
-from vlm_cases import extend_inputs, family, image, noisy_vlm
+from vlm_cases import extend_inputs, family, image, noisy_vlm, on_device
 
 LENGTH = 3
 N = 1500
@@ -30,9 +30,9 @@ def exact_joint(name: str, img) -> dict[tuple[int, ...], float]:
     for _ in range(LENGTH):
         nxt = {}
         for seq, pr in joint.items():
-            ids = torch.tensor([req.input_ids + list(seq)])
-            extra = extend_inputs(req.inputs, len(req.input_ids), len(seq))
-            logits = t.model(input_ids=ids, attention_mask=torch.ones_like(ids), **extra).logits[0, -1].double()
+            ids = torch.tensor([req.input_ids + list(seq)], device=t.model.device)
+            extra = on_device(extend_inputs(req.inputs, len(req.input_ids), len(seq)))
+            logits = t.model(input_ids=ids, attention_mask=torch.ones_like(ids), **extra).logits[0, -1].double().cpu()
             p = spec.probs(logits)
             for tok in p.nonzero().flatten().tolist():
                 nxt[seq + (tok,)] = pr * float(p[tok])

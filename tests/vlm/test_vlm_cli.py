@@ -1,0 +1,90 @@
+"""`mmspec chat` on saved tiny checkpoints: streams the target's own answer, prints stats, reports bad input."""
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from mmspec.cli import main
+from vision import SpeculativeVLM
+from vision.testing import draft_vlm, tiny_vlm
+from vlm_cases import MAX_NEW, hf_reference, image
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vlm")
+    t, d = tiny_vlm("qwen2_vl"), draft_vlm("qwen2_vl")
+    t.model.save_pretrained(root / "target")
+    t.processor.save_pretrained(root / "target")
+    d.model.save_pretrained(root / "drafter")
+    d.processor.save_pretrained(root / "drafter")
+    img = root / "photo.png"
+    image(50, "qwen2_vl").save(img)
+    return root, t
+
+
+def test_chat_streams_the_targets_answer(checkpoints, capsys):
+    root, t = checkpoints
+    code = main(["chat", "--target", str(root / "target"), "--drafter", str(root / "drafter"), "--image",
+                 str(root / "photo.png"), "--max-new-tokens", str(MAX_NEW), "--tree", "3", "describe the image"])
+    assert code == 0
+    out, err = capsys.readouterr()
+    ids = hf_reference("qwen2_vl", {"prompt": "describe the image", "images": [str(root / "photo.png")]})
+    expected = t.processor.tokenizer.decode(ids, skip_special_tokens=True)
+    assert out.strip() == expected.strip()
+    assert "tau=" in err and "lossless" in err
+
+
+def test_interactive_follow_up_and_a_bad_turn(checkpoints, capsys, monkeypatch):
+    root, t = checkpoints
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"/image {root / 'missing.png'}\nwhat is it\nwhat color\n\n"))
+    code = main(["chat", "-i", "--target", str(root / "target"), "--drafter", "ngram", "--image",
+                 str(root / "photo.png"), "--max-new-tokens", str(MAX_NEW), "describe the image"])
+    assert code == 0
+    out, err = capsys.readouterr()
+    assert "ImageError" in err and "missing.png" in err  # the bad turn is reported, the chat goes on
+    assert err.count("tau=") == 2  # the first question and 'what color' were answered
+    svlm = SpeculativeVLM.from_pretrained(str(root / "target"))
+    chat = svlm.chat(max_new_tokens=MAX_NEW)
+    first = chat.send("describe the image", images=[str(root / "photo.png")]).text
+    second = chat.send("what color").text
+    assert first in out and second in out
+
+
+def test_unloadable_target_is_a_checkpoint_error(tmp_path, capsys):
+    code = main(["chat", "--target", str(tmp_path / "nothing"), "hello"])
+    assert code == 2
+    assert "CheckpointError" in capsys.readouterr().err
+
+
+def test_bench_vlm_quick(tmp_path, capsys):
+    assert main(["bench", "vlm", "--quick", "--out", str(tmp_path)]) == 0
+    import json
+
+    res = json.loads((tmp_path / "result.json").read_text())
+    rows = {r["method"].split(" (")[0].split(",")[0]: r for r in res["rows"]}
+    assert all(r["equal_to_hf_greedy"] for r in res["rows"] if "error" not in r)
+    # Our draft VLM sees the image; the same drafter inside transformers' assisted generation does not.
+    assert rows["mmspec draft VLM"]["target_forwards_per_token"] < 0.7
+    assert rows["hf-assisted"]["target_forwards_per_token"] > rows["mmspec draft VLM"]["target_forwards_per_token"]
+    assert "| method |" in (tmp_path / "result.md").read_text()
+
+
+def test_readme_vlm_example_runs(checkpoints, tmp_path, capsys):
+    """The README's VLM example, verbatim except for the paths (the tiny saved checkpoints and a test image)."""
+    import re
+    from pathlib import Path
+
+    root, t = checkpoints
+    draft = root / "drafter"
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    code = re.search(r"## Python: VLM chat.*?```python\n(.*?)```", readme, re.S).group(1)
+    code = (code.replace("path/to/vlm", str(root / "target")).replace("path/to/small-vlm", str(draft))
+            .replace("photo.jpg", str(root / "photo.png")))
+    exec(compile(code, "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "tau=" in out
+    ref_ids = hf_reference("qwen2_vl", {"prompt": "What is in this picture?", "images": [str(root / "photo.png")]},
+                           max_new=64)
+    assert t.processor.tokenizer.decode(ref_ids, skip_special_tokens=True) in out
