@@ -65,6 +65,9 @@ def cmd_demo(args) -> int:
     print("\nOne timed run each on random tiny models: speedups are noisy and say little about real models; "
           "`mmspec bench engine` reports medians side by side with transformers' generate and assisted generation.")
     print("\nEAGLE-2 dynamic tree:", summaries["EAGLE-2 dynamic tree"])
+    from vision.demo import run_vlm_demo  # the CLI is the one place above the pipelines (ARCHITECTURE.md)
+
+    run_vlm_demo(new_tokens=min(args.new_tokens, 32))
     return 0
 
 
