@@ -112,9 +112,24 @@ class RaggedCache:
             if self.static:
                 for layer in kv_layers(self.cache):
                     layer.cumulative_length.fill_(width)
+            elif self._plain_layers():  # the hot path: slice the plain layers' tensors directly (views, no copy)
+                for layer in self.cache.layers:
+                    layer.keys = layer.keys[:, :, :width]
+                    layer.values = layer.values[:, :, :width]
             else:
                 self.cache.crop(-drop)  # transformers 5.x: a negative count removes slots (a view, no copy)
         self.width = width
+
+    def _plain_layers(self) -> bool:
+        """Every layer is transformers' plain DynamicLayer (no extra per-layer state for crop to keep in step)."""
+        if getattr(self, "_plain", None) is None:
+            from transformers.cache_utils import DynamicLayer
+
+            layers = getattr(self.cache, "layers", [])
+            if not layers or not all(getattr(layer, "is_initialized", True) for layer in layers):
+                return False  # decide once every layer holds tensors
+            self._plain = all(type(layer) is DynamicLayer for layer in layers)
+        return self._plain
 
     @torch.inference_mode()
     def select_rows(self, rows: Sequence[int]) -> None:

@@ -9,6 +9,7 @@ are made (M-RoPE, images).
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import time
 from dataclasses import dataclass
@@ -157,10 +158,32 @@ class CausalLMRunner:
         self.next_positions = [int(v) for v in value]
 
     def positions(self, offsets: torch.Tensor) -> torch.Tensor:
-        """Position ids for a block: offsets (B, M) added to each row's next position. Overridden for M-RoPE."""
+        """Position ids for a block: offsets (B, M) added to each row's next position."""
         if len(self.next_positions) == 1:
-            return (offsets + self.next_positions[0]).to(self.device)
-        return (offsets + self.next_pos[:, None]).to(self.device)
+            return self.position_ids((offsets + self.next_positions[0]).to(self.device))
+        return self.position_ids((offsets + self.next_pos[:, None]).to(self.device))
+
+    def position_ids(self, absolute: torch.Tensor) -> torch.Tensor:
+        """What the model's forward takes for absolute text positions (B, M). Overridden for M-RoPE (3 rows)."""
+        return absolute
+
+    @torch.inference_mode()
+    def forward_token(self, ids: torch.Tensor, absolute: torch.Tensor) -> torch.Tensor:
+        """The lean path for one request's chain step: ids (1, 1) on the device (no host round trip), absolute
+        position (1, 1); the token sees every slot written so far, so the model builds its own causal mask.
+        Returns the logits (V,). Static caches take the general path."""
+        kv = self.kv
+        if kv.static:
+            return self.forward_block(ids, absolute - self.next_positions[0], None, existing="all").logits[0, -1]
+        t0 = sync_time(self.device)
+        out = self.model(input_ids=ids, position_ids=self.position_ids(absolute), past_key_values=kv.cache,
+                         use_cache=True)
+        self.forward_time += sync_time(self.device) - t0
+        kv.appended(1)
+        logits = out.logits[0, -1]
+        if self.out_vocab and logits.shape[-1] != self.out_vocab:
+            logits = fit_vocab(logits, self.out_vocab)
+        return logits
 
     # --- forwards -----------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -243,6 +266,11 @@ class CausalLMRunner:
         self.next_positions = [self.next_positions[r] for r in rows]
 
 
+@functools.lru_cache(maxsize=64)
+def _chain_offsets(m: int) -> torch.Tensor:
+    return torch.arange(m).view(1, m)  # read-only by convention: callers only add to it
+
+
 def draft_block(pending: Sequence[int], drafts: Sequence[Draft]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Block for verification: [pending, nodes..., pad] per row.
 
@@ -254,9 +282,9 @@ def draft_block(pending: Sequence[int], drafts: Sequence[Draft]) -> tuple[torch.
     if b == 1:  # one request: no padding; a chain needs no mask at all
         d = drafts[0]
         tokens = torch.tensor([[pending[0]] + d.token_list], dtype=torch.long)
-        offsets = torch.tensor([[0] + d.depth], dtype=torch.long)
         if d.is_chain:
-            return tokens, offsets, None
+            return tokens, _chain_offsets(m), None
+        offsets = torch.tensor([[0] + d.depth], dtype=torch.long)
         allowed = torch.ones(1, m, m, dtype=torch.bool).tril_()
         allowed[0, 1:, 1:] = ancestor_mask(d.parent_list)
         return tokens, offsets, allowed

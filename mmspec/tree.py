@@ -50,6 +50,14 @@ class Draft:
         t = torch.as_tensor(tokens, dtype=torch.long, device=device).reshape(-1)
         return Draft(t, torch.arange(-1, len(t) - 1, device=t.device), q)
 
+    @staticmethod
+    def chain_of(tokens: torch.Tensor, parent: torch.Tensor) -> "Draft":
+        """A greedy chain from a (N,) CPU token tensor and a shared parent tensor arange(-1, N - 1) (hot path)."""
+        d = Draft(tokens, parent)
+        d._cache["tokens"] = tokens.tolist()
+        d._cache["parent"] = list(range(-1, len(d._cache["tokens"]) - 1))
+        return d
+
     def validate(self, vocab_size: int) -> None:
         n = len(self)
         if self.tokens.dim() != 1 or self.parent.shape != self.tokens.shape:

@@ -87,9 +87,9 @@ class VLMRunner(CausalLMRunner):
         self.owner = None
 
     # --- positions and masks ------------------------------------------------------------------------------------
-    def positions(self, offsets: torch.Tensor) -> torch.Tensor:
-        pos = super().positions(offsets)
-        return pos.unsqueeze(0).expand(3, *pos.shape) if self.rope_index is not None else pos
+    def position_ids(self, absolute: torch.Tensor) -> torch.Tensor:
+        """Text positions (B, M); M-RoPE models take them as 3 equal rows (temporal, height, width)."""
+        return absolute.unsqueeze(0).expand(3, *absolute.shape) if self.rope_index is not None else absolute
 
     def model_inputs(self, ids, allowed, positions) -> dict:
         inputs = super().model_inputs(ids, allowed, positions)

@@ -31,6 +31,7 @@ class _Round:
 
 class ModelDrafter:
     needs_hidden = False
+    trusted = True  # its drafts are well-formed by construction: the loop skips re-validating them
 
     def __init__(self, model: torch.nn.Module | None = None, tree: StaticTree | DynamicTree | int = 4,
                  cache: str = "dynamic", *, runner: CausalLMRunner | None = None,
@@ -141,6 +142,13 @@ class ModelDrafter:
         kv = self.runner.kv
         n = [len(u) for u in self.uncached]
         b, m = len(n), max(n)
+        if b == 1 and m == 1 and not kv.static:  # the usual chain step: one pending token, the lean path
+            self.round = _Round(kv.width, n, [dict()], kv.lengths)
+            pos = self.runner.next_positions[0]
+            logits = self.runner.forward_token(torch.tensor([self.uncached[0]], device=self.runner.device),
+                                               torch.tensor([[pos]], device=self.runner.device))
+            self.counters.forwards += 1
+            return logits.view(1, -1)
         tokens = torch.tensor([u + [0] * (m - len(u)) for u in self.uncached], dtype=torch.long)
         allowed = None  # one request: plain causal block over a hole-free cache
         if b > 1:
@@ -212,6 +220,8 @@ class ModelDrafter:
     def _propose_chain(self, logits: torch.Tensor, cap: int) -> Draft:
         """One request, chain draft: the lean path (no masks, no per-level bookkeeping), k - 1 single-token feeds."""
         spec, rnd, runner = self.ctx.spec, self.round, self.runner
+        if spec.greedy:
+            return self._greedy_chain(logits, cap)
         toks, qs = [], []
         for depth in range(1, cap + 1):
             if spec.greedy:
@@ -229,6 +239,28 @@ class ModelDrafter:
                 logits = out.logits[0, 0]
         return Draft(torch.tensor(toks), torch.arange(-1, len(toks) - 1), torch.stack(qs) if qs else None,
                      siblings="without_replacement")
+
+    def _greedy_chain(self, logits: torch.Tensor, cap: int) -> Draft:
+        """Greedy chain of one request with no host round trip per token: each argmax stays on the device and is fed
+        as the next input; the tokens come back in one transfer at the end."""
+        rnd, runner = self.round, self.runner
+        base = runner.kv.width
+        first = runner.next_positions[0] + rnd.n_uncached[0]  # absolute position of the depth-1 node
+        positions = torch.arange(first, first + cap, device=runner.device).view(1, cap)
+        toks = [logits.argmax(-1).view(1, 1)]
+        for depth in range(1, cap):
+            rnd.slot[0][depth - 1] = base + depth - 1
+            logits = runner.forward_token(toks[-1], positions[:, depth - 1: depth])
+            self.counters.forwards += 1
+            toks.append(logits.argmax(-1).view(1, 1))
+        tokens = torch.cat(toks).view(-1) if cap > 1 else toks[0].view(-1)
+        return Draft.chain_of(tokens.cpu(), self._chain_parent(cap))
+
+    def _chain_parent(self, n: int) -> torch.Tensor:
+        cache = self.__dict__.setdefault("_parents", {})
+        if n not in cache:
+            cache[n] = torch.arange(-1, n - 1)
+        return cache[n]
 
     def _propose_static(self, root_logits: torch.Tensor, caps: list[int]) -> list[Draft]:
         parent, rank, n_children, ancestors, levels = self._shape
