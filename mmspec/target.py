@@ -27,7 +27,8 @@ from .tree import Draft, ancestor_mask
 @dataclass
 class BlockOutput:
     logits: torch.Tensor  # (B, M, V) float
-    hidden: torch.Tensor | None = None  # (B, M, H) last hidden state, when asked for
+    hidden: torch.Tensor | None = None  # (B, M, H) last hidden state, when asked for (prefill: (B, T, H), every
+    # prompt position, right-padded, for feature-level drafters that read the target's features of the whole prompt)
 
 
 def sync_time(device: torch.device) -> float:
@@ -108,6 +109,9 @@ class CausalLMRunner:
         mask = None if allowed is None else self._float_mask(allowed)
         return {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
 
+    def after_forward(self, out) -> None:
+        """Hook called with the model's raw output after every block (feature drafters keep their hidden state)."""
+
     # --- masks and positions ------------------------------------------------------------------------------------
     def _float_mask(self, allowed: torch.Tensor) -> torch.Tensor:
         """bool (B, M, K) -> additive float mask (B, 1, M, K) in the model's dtype."""
@@ -175,11 +179,12 @@ class CausalLMRunner:
         kv = self.kv
         if kv.static:
             return self.forward_block(ids, absolute - self.next_positions[0], None, existing="all").logits[0, -1]
+        inputs = self.model_inputs(ids, None, self.position_ids(absolute))
         t0 = sync_time(self.device)
-        out = self.model(input_ids=ids, position_ids=self.position_ids(absolute), past_key_values=kv.cache,
-                         use_cache=True)
+        out = self.model(**inputs, past_key_values=kv.cache, use_cache=True)
         self.forward_time += sync_time(self.device) - t0
         kv.appended(1)
+        self.after_forward(out)
         logits = out.logits[0, -1]
         if self.out_vocab and logits.shape[-1] != self.out_vocab:
             logits = fit_vocab(logits, self.out_vocab)
@@ -212,6 +217,7 @@ class CausalLMRunner:
                          **extra)
         self.forward_time += sync_time(self.device) - t0
         kv.appended(m)
+        self.after_forward(out)
         hidden = out.hidden_states[-1] if want_hidden else None
         logits = out.logits[:, -keep_last:] if keep_last and out.logits.shape[1] > keep_last else out.logits
         if self.out_vocab and logits.shape[-1] != self.out_vocab:
@@ -221,7 +227,8 @@ class CausalLMRunner:
     @torch.inference_mode()
     def prefill(self, prompts: Sequence[Sequence[int]], want_hidden: bool = False,
                 reserve: int = 0) -> BlockOutput:
-        """Run the prompts (right-padded, one forward). Returns logits (B, V) at each prompt's last token.
+        """Run the prompts (right-padded, one forward). Returns logits (B, V) at each prompt's last token, and with
+        want_hidden the last hidden state at every prompt position (B, T, H), right-padded.
 
         reserve: slots a static cache must keep free beyond the prompt (new tokens + draft size).
         """
@@ -253,8 +260,7 @@ class CausalLMRunner:
         self.next_positions = list(lens)
         last = (length - 1).to(out.logits.device)
         rows = torch.arange(b, device=out.logits.device)
-        hidden = out.hidden[rows, last] if want_hidden else None
-        return BlockOutput(out.logits[rows, last - (t - keep)], hidden)
+        return BlockOutput(out.logits[rows, last - (t - keep)], out.hidden if want_hidden else None)
 
     def commit(self, keep: Sequence[Sequence[int]], block_start: int) -> None:
         """Keep block slots `keep[b]` (indices within the last block, ascending) for each row."""

@@ -132,7 +132,7 @@ class VLMRunner(CausalLMRunner):
         out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=pos,
                          past_key_values=cache, use_cache=True, output_hidden_states=want_hidden, **inputs, **extra)
         self.forward_time += sync_time(self.device) - t0
-        hidden = out.hidden_states[-1][:, -1] if want_hidden else None
+        hidden = out.hidden_states[-1] if want_hidden else None  # (G, T, H): every prompt position
         return out.logits[:, -1], hidden, cache, next_pos
 
     def prefill(self, prompts: Sequence[Sequence[int]], want_hidden: bool = False, reserve: int = 0) -> BlockOutput:
@@ -146,7 +146,8 @@ class VLMRunner(CausalLMRunner):
                 raise ContextOverflowError(f"prompt {i} has {len(r.input_ids)} tokens (images expanded), more than "
                                            f"the model's context of {self.max_positions} positions")
         owner, self._next_owner = self._next_owner, None
-        resume = len(reqs) == 1 and owner is not None and owner is self.owner and self._can_resume(reqs[0])
+        resume = (len(reqs) == 1 and owner is not None and owner is self.owner and not want_hidden
+                  and self._can_resume(reqs[0]))  # feature drafters read the whole prompt's features: prefill it
         self.owner = None  # until this prefill has succeeded
         if resume:
             out = self._resume(reqs[0], want_hidden)
@@ -166,7 +167,10 @@ class VLMRunner(CausalLMRunner):
         self.row_ids = [list(r.input_ids) for r in reqs]
         self.requests = None
         self.owner = owner
-        return BlockOutput(torch.stack(logits), torch.stack(hidden) if want_hidden else None)
+        if want_hidden:  # (B, T_max, H), right-padded like the engine's own prefill
+            width = max(h.shape[0] for h in hidden)
+            hidden = torch.stack([torch.nn.functional.pad(h, (0, 0, 0, width - h.shape[0])) for h in hidden])
+        return BlockOutput(torch.stack(logits), hidden if want_hidden else None)
 
     # --- chat: continue a cached conversation -------------------------------------------------------------------
     def _can_resume(self, req: VLMRequest) -> bool:
@@ -203,7 +207,7 @@ class VLMRunner(CausalLMRunner):
         self.last_prefill = {"tokens": m, "resumed": True}
         self.row_ids = [list(req.input_ids)]
         self.requests = None
-        hidden = out.hidden[:, -1] if want_hidden else None
+        hidden = None  # not reached with want_hidden (feature drafters prefill the whole prompt)
         return BlockOutput(out.logits[:, -1], hidden)
 
     def note_committed(self, tokens: Sequence[Sequence[int]]) -> None:

@@ -1,0 +1,194 @@
+"""EAGLE feature drafter (Li et al. 2024, "EAGLE: Speculative Sampling Requires Rethinking Feature Uncertainty").
+
+The drafter autoregresses on the target's top-layer features: at position t it reads the pair (token x_{t+1}, feature
+f_t), fuses them with one linear layer, runs one decoder layer with its own KV cache, and predicts f_{t+1}; the
+target's own (frozen) LM head turns a feature into next-token logits. While drafting, a node's feature is the
+drafter's prediction at its parent; after verification the committed tokens are fed again with the target's true
+features (the drafted slots are dropped), as in EAGLE. Trees come from the engine: static trees and EAGLE-2 dynamic
+trees (Li et al. 2024b) use `ModelDrafter`'s level-batched feeding.
+
+For a VLM target the features of the image positions come from the target's prefill like any other position: the
+drafter sees the image through the target's features (the compressors of vision.compressors shorten that view).
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaModel
+
+from mmspec.cache import RaggedCache
+from mmspec.drafters.model import ModelDrafter, _Round
+from mmspec.errors import UnsupportedModelError
+from mmspec.target import BlockOutput, CausalLMRunner
+from mmspec.tree import Draft
+
+
+def _text_config(model):
+    cfg = model.config
+    return cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
+
+
+class EagleHead(nn.Module):
+    """fc([embed(x_{t+1}); f_t]) -> one LLaMA decoder layer -> predicted f_{t+1}; logits through the target's head.
+
+    The target's input embeddings and LM head are shared and frozen (not part of `trainable_parameters`)."""
+
+    def __init__(self, target: nn.Module, layers: int = 1):
+        super().__init__()
+        tc = _text_config(target)
+        hidden = int(tc.hidden_size)
+        heads = int(tc.num_attention_heads)
+        self.config = LlamaConfig(
+            vocab_size=1, hidden_size=hidden, intermediate_size=int(getattr(tc, "intermediate_size", 4 * hidden)),
+            num_hidden_layers=layers, num_attention_heads=heads,
+            num_key_value_heads=int(getattr(tc, "num_key_value_heads", None) or heads),
+            head_dim=int(getattr(tc, "head_dim", None) or hidden // heads),
+            max_position_embeddings=int(getattr(tc, "max_position_embeddings", 4096)),
+            rms_norm_eps=float(getattr(tc, "rms_norm_eps", 1e-6)), tie_word_embeddings=False)
+        self.config._attn_implementation = "sdpa"
+        self.fc = nn.Linear(2 * hidden, hidden)
+        self.body = LlamaModel(self.config)  # its 1-entry embedding table is never used (inputs_embeds)
+        embed, head = target.get_input_embeddings(), target.get_output_embeddings()
+        if embed is None or head is None:
+            raise UnsupportedModelError(f"{type(target).__name__} exposes no input embeddings / LM head to share")
+        self._shared = [embed, head]  # kept out of the module tree: frozen, not saved with the drafter
+        self.to(device=head.weight.device, dtype=head.weight.dtype)
+
+    def get_output_embeddings(self):
+        return self._shared[1]
+
+    def trainable_parameters(self):
+        return [p for n, p in self.named_parameters() if not n.startswith("body.embed_tokens")]
+
+    def forward(self, input_ids, features, attention_mask=None, position_ids=None, past_key_values=None,
+                use_cache=True, output_hidden_states=False, logits_to_keep=0, **_):
+        embed, head = self._shared
+        x = self.fc(torch.cat([embed(input_ids).to(features.dtype), features], dim=-1))
+        h = self.body(inputs_embeds=x, attention_mask=attention_mask, position_ids=position_ids,
+                      past_key_values=past_key_values, use_cache=use_cache).last_hidden_state
+        logits = head(h[:, -logits_to_keep:] if logits_to_keep else h)
+        return SimpleNamespace(logits=logits, hidden_states=(h,))
+
+
+class _EagleRunner(CausalLMRunner):
+    """Feeds each block with its features (set by the drafter just before) and keeps the predicted features."""
+
+    def __init__(self, head: EagleHead):
+        super().__init__(head)
+        self.features: torch.Tensor | None = None  # (B, M, H) for the next block
+        self.last_hidden: torch.Tensor | None = None  # (B, M, H) predicted features of the last block
+
+    def model_inputs(self, ids, allowed, positions) -> dict:
+        inputs = super().model_inputs(ids, allowed, positions)
+        inputs["features"] = self.features
+        return inputs
+
+    def after_forward(self, out) -> None:
+        self.last_hidden = out.hidden_states[-1]
+
+
+class EagleDrafter(ModelDrafter):
+    """The EAGLE drafter in the engine's Drafter protocol (chains, static trees, EAGLE-2 dynamic trees)."""
+
+    needs_hidden = True
+
+    def __init__(self, head: EagleHead, tree=4):
+        super().__init__(runner=_EagleRunner(head), tree=tree)
+        self.head = head
+
+    # --- lifecycle ----------------------------------------------------------------------------------------------
+    def begin(self, ctx, prefill: BlockOutput) -> None:
+        """Nothing is run here: the first propose feeds the pairs (x_{t+1}, f_t) of the whole prompt at once."""
+        self.ctx = ctx
+        b = len(ctx.history)
+        self.runner.kv = RaggedCache.new(self.head, b)
+        self.runner.next_positions = [0] * b
+        self.uncached = [list(h[1:]) for h in ctx.history]  # prompt[1:] + the first generated token
+        self.uncached_feats = [prefill.hidden[i, : len(h) - 1] for i, h in enumerate(ctx.history)]
+        self.round = None
+
+    def commit(self, updates, verify_out: BlockOutput | None) -> None:
+        """Drop every drafted slot; the committed tokens are fed next time with the target's own features."""
+        rnd = self.round
+        for b, upd in enumerate(updates):
+            hidden = verify_out.hidden[b]  # (M, H): [pending, nodes...] of the verify block
+            prev = [0] + [1 + n for n in upd.path]  # feature before each committed token
+            feats = hidden[prev[: len(upd.tokens)]]
+            if rnd is None:  # nothing was fed this step: keep the old uncached block too
+                self.uncached[b] = self.uncached[b] + list(upd.tokens)
+                self.uncached_feats[b] = torch.cat([self.uncached_feats[b], feats])
+            else:
+                self.uncached[b], self.uncached_feats[b] = list(upd.tokens), feats
+        if rnd is not None:
+            keep = [list(range(rnd.start, rnd.start + n)) for n in rnd.n_uncached]
+            self.runner.kv.compact(keep)
+            self.runner.next_positions = [p + len(k) for p, k in zip(self.runner.next_positions, keep)]
+        self.round = None
+
+    def select_rows(self, rows) -> None:
+        super().select_rows(rows)
+        self.uncached_feats = [self.uncached_feats[r] for r in rows]
+
+    # --- feeding ------------------------------------------------------------------------------------------------
+    def _feed_uncached(self) -> torch.Tensor:
+        n = [len(u) for u in self.uncached]
+        m, h = max(n), self.uncached_feats[0].shape[-1]
+        feats = self.uncached_feats[0].new_zeros(len(n), m, h)
+        for i, f in enumerate(self.uncached_feats):
+            feats[i, : f.shape[0]] = f
+        self.runner.features = feats
+        n_rows = len(n)
+        kv = self.runner.kv
+        self.round = _Round(kv.width, n, [dict() for _ in range(n_rows)], kv.lengths)
+        tokens = torch.tensor([u + [0] * (m - len(u)) for u in self.uncached], dtype=torch.long)
+        allowed = None
+        if n_rows > 1:
+            lens = torch.tensor(n)
+            q, k = torch.arange(m)[:, None], torch.arange(m)[None, :]
+            allowed = (k <= q).unsqueeze(0) & ((k.unsqueeze(0) < lens[:, None, None]) | (q == k).unsqueeze(0))
+        out = self.runner.forward_block(tokens, torch.arange(m).expand(n_rows, m), allowed)
+        self.counters.forwards += 1
+        last = torch.tensor(n) - 1
+        rows = torch.arange(n_rows)
+        self._root_hidden = self.runner.last_hidden[rows, last.to(self.runner.last_hidden.device)]
+        self._node_hidden = [dict() for _ in range(n_rows)]
+        return out.logits[rows, last.to(out.logits.device)]
+
+    def _feed_nodes(self, feed):
+        """Each fed node reads its parent's predicted feature (the root's for depth 1)."""
+        m, h = max(len(f) for f in feed), self._root_hidden.shape[-1]
+        feats = self._root_hidden.new_zeros(len(feed), m, h)
+        for r, row in enumerate(feed):
+            for j, (node, _, anc) in enumerate(row):
+                feats[r, j] = self._node_hidden[r][anc[-1]] if anc else self._root_hidden[r]
+        self.runner.features = feats
+        logits = super()._feed_nodes(feed)
+        for r, row in enumerate(feed):
+            for j, (node, _, _) in enumerate(row):
+                self._node_hidden[r][node] = self.runner.last_hidden[r, j]
+        return logits
+
+    def _propose_chain(self, logits: torch.Tensor, cap: int) -> Draft:
+        """One request's chain, greedy or sampled, each step fed with the previous predicted feature."""
+        spec, rnd, runner = self.ctx.spec, self.round, self.runner
+        feature = self._root_hidden[0]
+        toks, qs = [], []
+        for depth in range(1, cap + 1):
+            if spec.greedy:
+                tok = int(logits.argmax())
+            else:
+                q = spec.probs(logits)
+                tok = int(torch.multinomial(q, 1, generator=self.ctx.generators[0]))
+                qs.append(q)
+            toks.append(tok)
+            if depth < cap:
+                rnd.slot[0][depth - 1] = runner.kv.width
+                runner.features = feature.view(1, 1, -1)
+                out = runner.forward_block(torch.tensor([[tok]]), torch.tensor([[rnd.n_uncached[0] + depth - 1]]),
+                                           None, existing="all")
+                self.counters.forwards += 1
+                logits, feature = out.logits[0, 0], runner.last_hidden[0, 0]
+        return Draft(torch.tensor(toks), torch.arange(-1, len(toks) - 1), torch.stack(qs) if qs else None,
+                     siblings="without_replacement")
