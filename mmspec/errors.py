@@ -64,3 +64,7 @@ class ImageCountError(InvalidInputError):
 
 class TokenizerMismatchError(IncompatibleModelsError):
     """A drafter's tokenizer maps text to different ids than the target's."""
+
+
+class DatasetError(InvalidInputError):
+    """A training dataset is missing, empty or malformed (names the file, the record and what is expected)."""

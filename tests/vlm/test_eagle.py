@@ -139,3 +139,28 @@ def test_eagle_sampling_matches_the_target(one_layer, shape):
     stat, threshold, outside = chi_square(samples, joint)
     assert outside == 0 and stat < threshold, (stat, threshold)
     assert accepted > 0
+
+
+def test_checkpoint_round_trip_and_bad_checkpoints(one_layer, tmp_path):
+    from mmspec.errors import CheckpointError, IncompatibleModelsError
+
+    target, head, prompts, reference = one_layer
+    path = head.save_pretrained(tmp_path / "eagle")
+    loaded = EagleHead.from_pretrained(path, target)
+    dec = SpeculativeDecoder(target, EagleDrafter(loaded, 3))
+    out = dec.generate(prompts[:4], max_new_tokens=24)
+    assert out.sequences == reference[:4]
+    ref_stats = SpeculativeDecoder(target, EagleDrafter(head, 3)).generate(prompts[:4], max_new_tokens=24).stats
+    assert out.stats.accepted_tokens == ref_stats.accepted_tokens  # the same drafter, not just a lossless one
+    other = tiny_llama(seed=1, hidden=32, layers=1, heads=2, kv_heads=1)
+    with pytest.raises(IncompatibleModelsError, match="hidden_size"):
+        EagleHead.from_pretrained(path, other)
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="safetensors"):
+        EagleHead.from_pretrained(path, target)
+    (path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="JSON"):
+        EagleHead.from_pretrained(path, target)
+    with pytest.raises(CheckpointError, match="config.json"):
+        EagleHead.from_pretrained(tmp_path / "nothing", target)

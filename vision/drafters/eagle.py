@@ -12,6 +12,8 @@ drafter sees the image through the target's features (the compressors of vision.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -20,7 +22,7 @@ from transformers import LlamaConfig, LlamaModel
 
 from mmspec.cache import RaggedCache
 from mmspec.drafters.model import ModelDrafter, _Round
-from mmspec.errors import UnsupportedModelError
+from mmspec.errors import CheckpointError, IncompatibleModelsError, UnsupportedModelError
 from mmspec.target import BlockOutput, CausalLMRunner
 from mmspec.tree import Draft
 
@@ -35,8 +37,12 @@ class EagleHead(nn.Module):
 
     The target's input embeddings and LM head are shared and frozen (not part of `trainable_parameters`)."""
 
+    CONFIG_NAME, WEIGHTS_NAME, KIND = "config.json", "model.safetensors", "mmspec.eagle"
+
     def __init__(self, target: nn.Module, layers: int = 1):
         super().__init__()
+        self.layers = layers
+        self.target_identity = target_identity(target)
         tc = _text_config(target)
         hidden = int(tc.hidden_size)
         heads = int(tc.num_attention_heads)
@@ -56,6 +62,40 @@ class EagleHead(nn.Module):
         self._shared = [embed, head]  # kept out of the module tree: frozen, not saved with the drafter
         self.to(device=head.weight.device, dtype=head.weight.dtype)
 
+    # --- checkpoints: safetensors weights + a config.json naming the target they were trained for ---------------
+    def save_pretrained(self, directory) -> Path:
+        from safetensors.torch import save_file
+
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        weights = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()
+                   if not k.startswith("body.embed_tokens")}
+        save_file(weights, str(out / self.WEIGHTS_NAME))
+        cfg = {"kind": self.KIND, "layers": self.layers, "target": self.target_identity}
+        (out / self.CONFIG_NAME).write_text(json.dumps(cfg, indent=2))
+        return out
+
+    @classmethod
+    def from_pretrained(cls, directory, target: nn.Module) -> "EagleHead":
+        """Load a head saved by `save_pretrained` for `target` (a head made for another target is refused)."""
+        cfg = _read_config(Path(directory), cls)
+        want, have = cfg.get("target", {}), target_identity(target)
+        diff = {k: (want.get(k), have[k]) for k in have if want.get(k) != have[k]}
+        if diff:
+            raise IncompatibleModelsError(
+                f"drafter checkpoint {str(directory)!r} was trained for another target: " + ", ".join(
+                    f"{k} {a!r} in the checkpoint vs {b!r} here" for k, (a, b) in diff.items())
+                + "; train a drafter for this target (mmspec train-drafter)")
+        head = cls(target, layers=int(cfg.get("layers", 1)))
+        weights = _read_weights(Path(directory) / cls.WEIGHTS_NAME)
+        missing, unexpected = head.load_state_dict(weights, strict=False)
+        missing = [k for k in missing if not k.startswith("body.embed_tokens")]
+        if missing or unexpected:
+            raise CheckpointError(f"drafter checkpoint {str(directory)!r} does not match an EAGLE head with "
+                                  f"{head.layers} layer(s): missing {missing[:4]}, unexpected {unexpected[:4]}")
+        return head.to(device=target.get_output_embeddings().weight.device,
+                       dtype=target.get_output_embeddings().weight.dtype)
+
     def get_output_embeddings(self):
         return self._shared[1]
 
@@ -70,6 +110,41 @@ class EagleHead(nn.Module):
                       past_key_values=past_key_values, use_cache=use_cache).last_hidden_state
         logits = head(h[:, -logits_to_keep:] if logits_to_keep else h)
         return SimpleNamespace(logits=logits, hidden_states=(h,))
+
+
+def target_identity(target: nn.Module) -> dict:
+    """What a drafter checkpoint records of its target: loading it on a different one is an error."""
+    tc = _text_config(target)
+    return {"architecture": type(target).__name__, "hidden_size": int(tc.hidden_size),
+            "vocab_size": int(target.get_output_embeddings().weight.shape[0])}
+
+
+def _read_config(directory: Path, cls) -> dict:
+    path = directory / cls.CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{str(directory)!r} has no {cls.CONFIG_NAME}; expected a directory written by "
+                              f"{cls.__name__}.save_pretrained")
+    try:
+        cfg = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{str(path)!r} is not valid JSON ({e}); the checkpoint is corrupt") from e
+    if not isinstance(cfg, dict) or cfg.get("kind") != cls.KIND:
+        raise CheckpointError(f"{str(path)!r} is not an {cls.KIND} drafter config (kind="
+                              f"{cfg.get('kind') if isinstance(cfg, dict) else None!r})")
+    return cfg
+
+
+def _read_weights(path: Path) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise CheckpointError(f"{str(path)!r} is missing: the drafter checkpoint has no weights")
+    try:
+        return load_file(str(path))  # safetensors: no pickle, nothing executed
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({e}); the checkpoint is "
+                              "corrupt or truncated") from e
 
 
 class _EagleRunner(CausalLMRunner):
