@@ -169,9 +169,45 @@ class EagleDrafter(ModelDrafter):
 
     needs_hidden = True
 
-    def __init__(self, head: EagleHead, tree=4):
+    def __init__(self, head: EagleHead, tree=4, compressor=None, image_token_id: int | None = None):
+        """compressor: a vision.compressors module that shortens the drafter's view of each image (None: the
+        drafter reads every image position's feature). image_token_id: the target's image placeholder id (read
+        from the target's config when the drafter is checked against it)."""
         super().__init__(runner=_EagleRunner(head), tree=tree)
-        self.head = head
+        self.head, self.compressor, self.image_token_id = head, compressor, image_token_id
+        self.prompt_slots: list[int] = []  # drafter slots each prompt took (after compression), for inspection
+
+    def check_target(self, target) -> None:
+        super().check_target(target)
+        if self.image_token_id is None:
+            cfg = getattr(getattr(target, "model", None), "config", None)
+            for name in ("image_token_id", "image_token_index"):
+                if isinstance(getattr(cfg, name, None), int):
+                    self.image_token_id = int(getattr(cfg, name))
+                    break
+
+    def _view(self, tokens: list[int], feats: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+        """The drafter's pairs for a prompt: each run of image placeholders is replaced by the compressor's tokens
+        (placeholder id, compressed feature). Square runs are pooled as a grid, others as a sequence."""
+        if self.compressor is None or self.image_token_id is None or self.image_token_id not in tokens:
+            return tokens, feats
+        out_tok, out_feat, i = [], [], 0
+        while i < len(tokens):
+            if tokens[i] != self.image_token_id:
+                out_tok.append(tokens[i])
+                out_feat.append(feats[i: i + 1])
+                i += 1
+                continue
+            j = i
+            while j < len(tokens) and tokens[j] == self.image_token_id:
+                j += 1
+            side = int(round((j - i) ** 0.5))
+            grid = (side, side) if side * side == j - i else None
+            comp = self.compressor(feats[i:j].unsqueeze(0), grid=grid).tokens[0]
+            out_tok += [self.image_token_id] * comp.shape[0]
+            out_feat.append(comp.to(feats.dtype))
+            i = j
+        return out_tok, torch.cat(out_feat)
 
     # --- lifecycle ----------------------------------------------------------------------------------------------
     def begin(self, ctx, prefill: BlockOutput) -> None:
@@ -180,8 +216,13 @@ class EagleDrafter(ModelDrafter):
         b = len(ctx.history)
         self.runner.kv = RaggedCache.new(self.head, b)
         self.runner.next_positions = [0] * b
-        self.uncached = [list(h[1:]) for h in ctx.history]  # prompt[1:] + the first generated token
-        self.uncached_feats = [prefill.hidden[i, : len(h) - 1] for i, h in enumerate(ctx.history)]
+        self.uncached, self.uncached_feats = [], []
+        for i, h in enumerate(ctx.history):  # pairs (x_{t+1}, f_t): prompt[1:] + the first generated token
+            with torch.inference_mode():
+                tokens, feats = self._view(list(h[1:]), prefill.hidden[i, : len(h) - 1])
+            self.uncached.append(tokens)
+            self.uncached_feats.append(feats)
+        self.prompt_slots = [len(u) for u in self.uncached]
         self.round = None
 
     def commit(self, updates, verify_out: BlockOutput | None) -> None:
