@@ -27,7 +27,8 @@ from .tree import Draft, ancestor_mask
 @dataclass
 class BlockOutput:
     logits: torch.Tensor  # (B, M, V) float
-    hidden: torch.Tensor | None = None  # (B, M, H) last hidden state, when asked for (prefill: (B, T, H), every
+    hidden: torch.Tensor | None = None  # (B, M, H) last hidden state (or EAGLE-3 taps, concatenated), when asked
+    # for (prefill: (B, T, H), every
     # prompt position, right-padded, for feature-level drafters that read the target's features of the whole prompt)
 
 
@@ -58,6 +59,14 @@ def output_vocab(model: torch.nn.Module) -> int:
         return int(head.out_features)
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     return int(cfg.vocab_size)
+
+
+def select_hidden(hidden_states: Sequence[torch.Tensor], want) -> torch.Tensor:
+    """The features a drafter asked for: `True` = the last hidden state; a tuple of indices into the model's
+    `hidden_states` (0 = embeddings, -1 = last) = those layers concatenated on the feature axis (EAGLE-3 taps)."""
+    if want is True:
+        return hidden_states[-1]
+    return torch.cat([hidden_states[i] for i in want], dim=-1)
 
 
 def fit_vocab(logits: torch.Tensor, size: int) -> torch.Tensor:
@@ -213,12 +222,12 @@ class CausalLMRunner:
         inputs = self.model_inputs(tokens.to(self.device), allowed, self.positions(offsets))
         t0 = sync_time(self.device)
         extra = {"logits_to_keep": keep_last} if keep_last and self._takes_logits_to_keep else {}
-        out = self.model(**inputs, past_key_values=kv.cache, use_cache=True, output_hidden_states=want_hidden,
+        out = self.model(**inputs, past_key_values=kv.cache, use_cache=True, output_hidden_states=bool(want_hidden),
                          **extra)
         self.forward_time += sync_time(self.device) - t0
         kv.appended(m)
         self.after_forward(out)
-        hidden = out.hidden_states[-1] if want_hidden else None
+        hidden = select_hidden(out.hidden_states, want_hidden) if want_hidden else None
         logits = out.logits[:, -keep_last:] if keep_last and out.logits.shape[1] > keep_last else out.logits
         if self.out_vocab and logits.shape[-1] != self.out_vocab:
             logits = fit_vocab(logits, self.out_vocab)

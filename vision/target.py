@@ -22,7 +22,7 @@ from transformers import DynamicCache
 
 from mmspec.cache import RaggedCache
 from mmspec.errors import ContextOverflowError, EmptyPromptError, InvalidInputError, UnsupportedModelError
-from mmspec.target import BlockOutput, CausalLMRunner, CausalLMTarget, sync_time
+from mmspec.target import BlockOutput, CausalLMRunner, CausalLMTarget, select_hidden, sync_time
 
 
 @dataclass
@@ -130,9 +130,10 @@ class VLMRunner(CausalLMRunner):
         inputs = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch_inputs(reqs).items()}
         t0 = sync_time(self.device)
         out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=pos,
-                         past_key_values=cache, use_cache=True, output_hidden_states=want_hidden, **inputs, **extra)
+                         past_key_values=cache, use_cache=True, output_hidden_states=bool(want_hidden), **inputs,
+                         **extra)
         self.forward_time += sync_time(self.device) - t0
-        hidden = out.hidden_states[-1] if want_hidden else None  # (G, T, H): every prompt position
+        hidden = select_hidden(out.hidden_states, want_hidden) if want_hidden else None  # (G, T, H): every position
         return out.logits[:, -1], hidden, cache, next_pos
 
     def prefill(self, prompts: Sequence[Sequence[int]], want_hidden: bool = False, reserve: int = 0) -> BlockOutput:

@@ -188,3 +188,43 @@ def test_compressed_image_view_is_lossless_and_shorter(compressor):
     expected = {"none": n_image, "avg_pool": n_image // 4, "attention_prune": n_image // 4, "conv": n_image // 4,
                 "resampler": 4}[compressor]
     assert drafter.prompt_slots[0] == n_prompt - n_image + expected  # prompt[1:] + the first token
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_eagle3_taps_are_lossless_and_fed_from_the_tapped_layers(target, prompts, reference, shape):
+    """EAGLE-3: the target hands over layers (1, 2) concatenated; a linear layer fuses them for the head."""
+    torch.manual_seed(0)
+    head = EagleHead(target, taps=(1, 2))
+    drafter = EagleDrafter(head, SHAPES[shape])
+    seen = []
+    original = drafter._feed_uncached
+    drafter._feed_uncached = lambda: (seen.append((drafter.runner.next_positions[0], drafter.uncached_feats[0]
+                                                   .clone())), original())[1]
+    dec = SpeculativeDecoder(target, drafter)
+    assert dec.generate([prompts[1]], max_new_tokens=24).sequences == [reference[1]]
+    assert dec.generate(prompts[:4], max_new_tokens=24).sequences == reference[:4]
+    full = prompts[1] + reference[1]
+    with torch.no_grad():
+        hs = target(torch.tensor([full], device=target.device), output_hidden_states=True).hidden_states
+    start, feats = seen[0]
+    assert feats.shape[-1] == 2 * target.config.hidden_size
+    torch.testing.assert_close(feats, torch.cat([hs[1], hs[2]], -1)[0, start: start + feats.shape[0]],
+                               atol=1e-4, rtol=0)
+
+
+def test_msd_decoupled_image_inputs_and_checkpoint(tmp_path):
+    """MSD: image positions take a projection of their feature; lossless; saved and reloaded with its options."""
+    t = family("llava")
+    image_id = t.model.config.image_token_id
+    torch.manual_seed(0)
+    head = EagleHead(t.model, image_token_id=image_id, taps=(1, -1))
+    row = {"prompt": "describe the image", "images": [image(91, "llava")]}
+    for tree in (3, DynamicTree(topk=3, depth=3, total=8)):
+        svlm = SpeculativeVLM(t.model, t.processor, EagleDrafter(head, tree))
+        assert svlm.generate(**row, max_new_tokens=MAX_NEW).token_ids == hf_reference("llava", row)
+    again = EagleHead.from_pretrained(head.save_pretrained(tmp_path / "msd"), t.model)
+    assert again.taps == (1, -1) and again.image_token_id == image_id
+    ids = torch.tensor([[image_id, 5, image_id]], device=DEVICE)
+    feats = torch.randn(1, 3, 2 * head.config.hidden_size, device=DEVICE)
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids, feats).logits, head(ids, feats).logits)

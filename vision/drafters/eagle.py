@@ -39,9 +39,14 @@ class EagleHead(nn.Module):
 
     CONFIG_NAME, WEIGHTS_NAME, KIND = "config.json", "model.safetensors", "mmspec.eagle"
 
-    def __init__(self, target: nn.Module, layers: int = 1):
+    def __init__(self, target: nn.Module, layers: int = 1, taps: tuple[int, ...] | None = None,
+                 image_token_id: int | None = None):
+        """layers: decoder layers of the head. taps: indices into the target's hidden_states to read (EAGLE-3, Li
+        et al. 2025: low, middle and high layers, fused by a linear layer); None reads the last one (EAGLE-1).
+        image_token_id: with it, image positions take a projection of their feature alone instead of the fused
+        (placeholder embedding, feature) pair (MSD's decoupling of visual and text inputs, Lin et al. 2025)."""
         super().__init__()
-        self.layers = layers
+        self.layers, self.taps, self.image_token_id = layers, tuple(taps) if taps else None, image_token_id
         self.target_identity = target_identity(target)
         tc = _text_config(target)
         hidden = int(tc.hidden_size)
@@ -55,6 +60,8 @@ class EagleHead(nn.Module):
             rms_norm_eps=float(getattr(tc, "rms_norm_eps", 1e-6)), tie_word_embeddings=False)
         self.config._attn_implementation = "sdpa"
         self.fc = nn.Linear(2 * hidden, hidden)
+        self.tap_fc = nn.Linear(len(self.taps) * hidden, hidden) if self.taps and len(self.taps) > 1 else None
+        self.image_proj = nn.Linear(hidden, hidden) if image_token_id is not None else None
         self.body = LlamaModel(self.config)  # its 1-entry embedding table is never used (inputs_embeds)
         embed, head = target.get_input_embeddings(), target.get_output_embeddings()
         if embed is None or head is None:
@@ -71,7 +78,8 @@ class EagleHead(nn.Module):
         weights = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()
                    if not k.startswith("body.embed_tokens")}
         save_file(weights, str(out / self.WEIGHTS_NAME))
-        cfg = {"kind": self.KIND, "layers": self.layers, "target": self.target_identity}
+        cfg = {"kind": self.KIND, "layers": self.layers, "taps": list(self.taps) if self.taps else None,
+               "image_token_id": self.image_token_id, "target": self.target_identity}
         (out / self.CONFIG_NAME).write_text(json.dumps(cfg, indent=2))
         return out
 
@@ -86,7 +94,8 @@ class EagleHead(nn.Module):
                 f"drafter checkpoint {str(directory)!r} was trained for another target: " + ", ".join(
                     f"{k} {a!r} in the checkpoint vs {b!r} here" for k, (a, b) in diff.items())
                 + "; train a drafter for this target (mmspec train-drafter)")
-        head = cls(target, layers=int(cfg.get("layers", 1)))
+        head = cls(target, layers=int(cfg.get("layers", 1)), taps=cfg.get("taps"),
+                   image_token_id=cfg.get("image_token_id"))
         weights = _read_weights(Path(directory) / cls.WEIGHTS_NAME)
         missing, unexpected = head.load_state_dict(weights, strict=False)
         missing = [k for k in missing if not k.startswith("body.embed_tokens")]
@@ -105,7 +114,12 @@ class EagleHead(nn.Module):
     def forward(self, input_ids, features, attention_mask=None, position_ids=None, past_key_values=None,
                 use_cache=True, output_hidden_states=False, logits_to_keep=0, **_):
         embed, head = self._shared
+        if self.tap_fc is not None and features.shape[-1] != self.config.hidden_size:
+            features = self.tap_fc(features)  # the target's taps (k*H); the head's own predictions are already H
         x = self.fc(torch.cat([embed(input_ids).to(features.dtype), features], dim=-1))
+        if self.image_proj is not None:
+            is_image = (input_ids == self.image_token_id).unsqueeze(-1)
+            x = torch.where(is_image, self.image_proj(features), x)
         h = self.body(inputs_embeds=x, attention_mask=attention_mask, position_ids=position_ids,
                       past_key_values=past_key_values, use_cache=use_cache).last_hidden_state
         logits = head(h[:, -logits_to_keep:] if logits_to_keep else h)
@@ -175,6 +189,7 @@ class EagleDrafter(ModelDrafter):
         from the target's config when the drafter is checked against it)."""
         super().__init__(runner=_EagleRunner(head), tree=tree)
         self.head, self.compressor, self.image_token_id = head, compressor, image_token_id
+        self.needs_hidden = head.taps if head.taps else True  # what the target hands over: last layer or taps
         self.prompt_slots: list[int] = []  # drafter slots each prompt took (after compression), for inspection
 
     def check_target(self, target) -> None:
@@ -191,6 +206,8 @@ class EagleDrafter(ModelDrafter):
         (placeholder id, compressed feature). Square runs are pooled as a grid, others as a sequence."""
         if self.compressor is None or self.image_token_id is None or self.image_token_id not in tokens:
             return tokens, feats
+        if self.head.tap_fc is not None:  # compress fused H-dim features, not the raw taps
+            feats = self.head.tap_fc(feats)
         out_tok, out_feat, i = [], [], 0
         while i < len(tokens):
             if tokens[i] != self.image_token_id:
