@@ -171,6 +171,12 @@ def cmd_bench(args) -> int:
         run_vlm_benchmark(out_dir=args.out or "bench_out/vlm", family=args.family,
                           new_tokens=16 if args.quick else min(args.new_tokens, 64))
         return 0
+    if args.what == "compress":
+        from vision.bench import run_compression_benchmark
+
+        run_compression_benchmark(out_dir=args.out or "bench_out/compress", steps=20 if args.quick else 100,
+                                  repeats=1 if args.quick else 3)
+        return 0
     raise SystemExit(f"unknown benchmark {args.what!r}")
 
 
@@ -222,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=cmd_chat)
 
     bench = sub.add_parser("bench", help="benchmarks that print and save tables (JSON + Markdown)")
-    bench.add_argument("what", choices=["engine", "vlm"])
+    bench.add_argument("what", choices=["engine", "vlm", "compress"])
     bench.add_argument("--out", default=None, help="output folder (default bench_out/<what>)")
     bench.add_argument("--family", default="llava", help="vlm: the tiny VLM family to run (see vision.testing)")
     bench.add_argument("--new-tokens", type=int, default=128)

@@ -88,3 +88,12 @@ def test_readme_vlm_example_runs(checkpoints, tmp_path, capsys):
     ref_ids = hf_reference("qwen2_vl", {"prompt": "What is in this picture?", "images": [str(root / "photo.png")]},
                            max_new=64)
     assert t.processor.tokenizer.decode(ref_ids, skip_special_tokens=True) in out
+
+
+def test_bench_compress_quick(tmp_path):
+    import json
+
+    assert main(["bench", "compress", "--quick", "--out", str(tmp_path)]) == 0
+    rows = {r["compressor"]: r for r in json.loads((tmp_path / "result.json").read_text())["rows"]}
+    assert rows["none"]["drafter_image_slots"] == 576
+    assert rows["avg_pool s=2"]["drafter_image_slots"] == 144 and rows["resampler 64"]["drafter_image_slots"] == 64

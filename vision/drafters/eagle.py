@@ -57,7 +57,8 @@ class EagleHead(nn.Module):
             num_key_value_heads=int(getattr(tc, "num_key_value_heads", None) or heads),
             head_dim=int(getattr(tc, "head_dim", None) or hidden // heads),
             max_position_embeddings=int(getattr(tc, "max_position_embeddings", 4096)),
-            rms_norm_eps=float(getattr(tc, "rms_norm_eps", 1e-6)), tie_word_embeddings=False)
+            rms_norm_eps=float(getattr(tc, "rms_norm_eps", 1e-6)), tie_word_embeddings=False,
+            bos_token_id=None, eos_token_id=None, pad_token_id=None)
         self.config._attn_implementation = "sdpa"
         self.fc = nn.Linear(2 * hidden, hidden)
         self.tap_fc = nn.Linear(len(self.taps) * hidden, hidden) if self.taps and len(self.taps) > 1 else None
