@@ -227,6 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("question")
     chat.set_defaults(func=cmd_chat)
 
+    from vision.train.cli import add_parser as add_train_drafter  # train-drafter lives with the VLM pipeline
+
+    add_train_drafter(sub)
+
     bench = sub.add_parser("bench", help="benchmarks that print and save tables (JSON + Markdown)")
     bench.add_argument("what", choices=["engine", "vlm", "compress"])
     bench.add_argument("--out", default=None, help="output folder (default bench_out/<what>)")

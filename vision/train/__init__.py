@@ -1,0 +1,16 @@
+"""Training feature drafters (EAGLE; ViSpec's loss) on a target's own answers: data, features, losses, trainer.
+
+    records = self_distill(model, processor, images, prompts, "data/")      # or load_dataset("data/")
+    train, held = split(records, held_out=0.1)
+    head = EagleHead(model)
+    report = train_eagle(head, model, processor, train, steps=2000, lr=1e-4, out_dir="eagle/")
+    evaluate_tau(head, model, processor, held)                               # {"tau": ..., "alpha": [...]}
+
+Command line: ``mmspec train-drafter`` (`cli.add_parser`).
+"""
+from .data import Record, load_dataset, save_dataset, self_distill, split
+from .eagle_trainer import evaluate_tau, train_eagle
+from .features import Example, FeatureStore, OnlineFeatures, make_example, precompute
+
+__all__ = ["Record", "load_dataset", "save_dataset", "self_distill", "split", "train_eagle", "evaluate_tau",
+           "Example", "FeatureStore", "OnlineFeatures", "make_example", "precompute"]

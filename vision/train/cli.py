@@ -1,0 +1,123 @@
+"""``mmspec train-drafter``: (optionally self-distil a dataset, then) train an EAGLE head and report held-out tau.
+
+    mmspec train-drafter --target llava-dir --data data/ --out eagle/ --steps 2000
+    mmspec train-drafter --target llava-dir --distill --images photos/ --prompts questions.txt --data data/ --out eagle/
+    mmspec train-drafter ... --resume            # continue from the newest checkpoint in --out
+
+`add_parser(subparsers)` registers the subcommand on the mmspec CLI's subparsers; the handler prints a JSON report
+(training loss, acceptance estimate, held-out tau before and after training) and writes it to ``--out/report.json``.
+The trained head loads with ``EagleHead.from_pretrained(out, target)``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    from .eagle_trainer import MODES
+    from .losses import LOSSES
+
+    p = subparsers.add_parser("train-drafter", help="train an EAGLE drafter head for a VLM target (optionally on "
+                              "the target's own answers)")
+    p.add_argument("--target", required=True, help="VLM directory or id (AutoModelForImageTextToText + AutoProcessor)")
+    p.add_argument("--data", required=True, help="dataset directory (data.jsonl + images); written by --distill")
+    p.add_argument("--out", required=True, help="output directory: the trained head, checkpoints, feature cache")
+    p.add_argument("--steps", type=int, default=2000, help="optimizer steps in total (resumed steps included)")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--mode", choices=MODES, default="offline",
+                   help="offline: target features computed once and cached in --out/features; online: every step")
+    p.add_argument("--loss", choices=LOSSES, default="eagle", help="eagle: SmoothL1 + 0.1 CE; vispec: + prob. L1")
+    p.add_argument("--noise", type=float, default=0.0, help="uniform noise half-width on the input features")
+    p.add_argument("--save-every", type=int, default=500, help="checkpoint interval in steps")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--distill", action="store_true", help="first make the dataset in --data from --images and "
+                   "--prompts with the target's greedy answers (skipped if --data already holds data.jsonl)")
+    p.add_argument("--images", help="--distill: directory of images (sorted by name)")
+    p.add_argument("--prompts", help="--distill: text file, one prompt per line; image i gets prompt i mod n")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="--distill: answer length")
+    p.add_argument("--held-out", type=float, default=0.1, help="fraction of records kept out of training")
+    p.add_argument("--eval-records", type=int, default=32, help="held-out records used to measure tau")
+    p.add_argument("--eval-tokens", type=int, default=64, help="new tokens per held-out record")
+    p.add_argument("--tree", type=int, default=4, help="draft chain length used to measure tau")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train_drafter)
+    return p
+
+
+def cmd_train_drafter(args) -> int:
+    from vision.drafters import EagleHead
+
+    from .data import DATA_FILE, load_dataset, self_distill, split
+    from .eagle_trainer import evaluate_tau, train_eagle
+
+    model, processor = load_target(args)
+    if args.distill and not (Path(args.data) / DATA_FILE).is_file():
+        images, prompts = distill_inputs(args.images, args.prompts)
+        self_distill(model, processor, images, prompts, args.data, max_new_tokens=args.max_new_tokens,
+                     progress=not args.quiet)
+    train, held = split(load_dataset(args.data), held_out=args.held_out, seed=args.seed)
+    held = held[: args.eval_records]
+    head = EagleHead(model)
+    before = evaluate_tau(head, model, processor, held, tree=args.tree, max_new_tokens=args.eval_tokens)
+    report = train_eagle(head, model, processor, train, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                         mode=args.mode, loss=args.loss, noise=args.noise, seed=args.seed, out_dir=args.out,
+                         save_every=args.save_every, resume=args.resume, progress=not args.quiet)
+    after = evaluate_tau(head, model, processor, held, tree=args.tree, max_new_tokens=args.eval_tokens)
+    report.pop("losses")
+    summary = {"head": str(args.out), "train": report, "held_out": {"records": len(held), "untrained": before,
+                                                                    "trained": after}}
+    text = json.dumps(summary, indent=2)
+    (Path(args.out) / "report.json").write_text(text)
+    print(text)
+    print(f"held-out tau: {before['tau']:.2f} untrained -> {after['tau']:.2f} trained; head saved in {args.out}",
+          file=sys.stderr)
+    return 0
+
+
+def load_target(args):
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from mmspec.errors import CheckpointError
+
+    dtype = getattr(torch, args.dtype)
+    kw = dict(trust_remote_code=args.trust_remote_code)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(args.target, dtype=dtype, **kw).to(args.device).eval()
+        processor = AutoProcessor.from_pretrained(args.target, **kw)
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"--target {args.target!r} could not be loaded as a VLM ({type(e).__name__}: {e}); "
+                              "pass a local model directory or a hub id reachable from this machine") from e
+    return model, processor
+
+
+def distill_inputs(images_dir, prompts_file) -> tuple[list[Path], list[str]]:
+    """The images of a directory (sorted) and one prompt per image (the file's lines, cycled)."""
+    from mmspec.errors import DatasetError
+
+    if not images_dir or not prompts_file:
+        raise DatasetError("--distill needs --images DIR and --prompts FILE")
+    root = Path(images_dir)
+    if not root.is_dir():
+        raise DatasetError(f"--images {images_dir!r} is not a directory")
+    images = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise DatasetError(f"--images {images_dir!r} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    try:
+        prompts = [line.strip() for line in Path(prompts_file).read_text(encoding="utf-8").split("\n")]
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"--prompts {prompts_file!r} cannot be read as UTF-8 text ({e})") from e
+    prompts = [p for p in prompts if p]
+    if not prompts:
+        raise DatasetError(f"--prompts {prompts_file!r} holds no prompt (one per line)")
+    return images, [prompts[i % len(prompts)] for i in range(len(images))]

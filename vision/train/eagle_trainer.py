@@ -1,0 +1,313 @@
+"""Training an EAGLE head on a (VLM) target, and measuring what it buys: `train_eagle`, `evaluate_tau`.
+
+EAGLE (Li et al. 2024): teacher forcing on the target's own features. Each step takes a batch of conversations
+(`features.Example`), feeds the head the pairs (x_{t+1}, f_t) with uniform noise U(-noise, noise) added to f_t (the
+paper's robustness trick: at inference the head reads its own, imperfect, features), and minimises
+SmoothL1(f̂, f) + w_cls * CE (`losses.drafter_loss`; loss="vispec" adds ViSpec's probability L1). Only
+`head.trainable_parameters()` move: the target, whose embeddings and LM head the head shares, is frozen.
+
+Determinism and resuming: the batch of step s and its noise are pure functions of (seed, s) — every epoch is a seeded
+permutation of the examples — so a run resumed from a checkpoint takes exactly the batches the uninterrupted run would
+have, and with the optimizer state restored it ends with the same weights. A checkpoint (every `save_every` steps
+and at the end) is a directory ``out_dir/checkpoints/step-NNNNNNN/`` with the head (``save_pretrained``: safetensors +
+config.json), ``optimizer.safetensors`` (AdamW moments, tensors only) and ``trainer_state.json`` (step, settings,
+running metrics); nothing is pickled. The final head is also saved in ``out_dir`` itself, so
+``EagleHead.from_pretrained(out_dir, target)`` loads it.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections import deque
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from mmspec.errors import CheckpointError, InvalidInputError
+
+from .data import Record
+from .features import OnlineFeatures, collate, precompute
+from .losses import LOSSES, agreement, drafter_loss
+
+MODES = ("offline", "online")
+STATE_FILE, OPTIMIZER_FILE, STATE_KIND = "trainer_state.json", "optimizer.safetensors", "mmspec.eagle-trainer"
+# Settings a resumed run must share with the run it continues (anything else would change the result).
+RESUMABLE = ("lr", "batch_size", "loss", "w_cls", "w_prob", "noise", "context_weight", "topk", "warmup",
+             "grad_clip", "seed", "examples")
+
+
+def train_eagle(head, target, processor, train_records: Sequence[Record], *, steps: int, lr: float = 1e-4,
+                batch_size: int = 1, mode: str = "offline", loss: str = "eagle", w_cls: float = 0.1,
+                w_prob: float = 1.0, noise: float = 0.0, context_weight: float = 0.1, topk: int = 8,
+                warmup: int = 0, grad_clip: float | None = 0.5, seed: int = 0, out_dir=None,
+                save_every: int | None = None, keep: int | None = 2, resume: bool = False, cache_dir=None,
+                window: int = 50, progress: bool = True) -> dict:
+    """Train `head` in place for `steps` optimizer steps in total (resumed steps included).
+
+    mode "offline" computes the target's features once into `cache_dir` (default out_dir/features, else a temporary
+    directory), "online" runs the target on each batch. With `out_dir`, a checkpoint is written every `save_every`
+    steps and at the end (the newest `keep` are kept; None: all) and the final head is saved in out_dir. Returns
+    {"step", "start_step", "loss" (mean over the last `window` steps), "acceptance" (running top-1 agreement with
+    the target's next token inside the answers), "losses" (this call's per-step losses), "seconds", "examples",
+    "mode", "out_dir"}."""
+    config = dict(lr=lr, batch_size=batch_size, loss=loss, w_cls=w_cls, w_prob=w_prob, noise=noise,
+                  context_weight=context_weight, topk=topk, warmup=warmup, grad_clip=grad_clip, seed=seed,
+                  steps=steps, mode=mode)
+    _check_args(config, train_records, out_dir, resume)
+    with contextlib.ExitStack() as stack:
+        data = _examples(stack, target, processor, train_records, mode, topk, out_dir, cache_dir, progress)
+        config["examples"] = len(data)
+        stack.enter_context(_frozen(target))
+        return _run(head, target, data, config, out_dir, save_every, keep, resume, window, progress)
+
+
+def _check_args(config: dict, records, out_dir, resume: bool) -> None:
+    if not isinstance(config["steps"], int) or config["steps"] < 1:
+        raise InvalidInputError(f"steps={config['steps']!r}: must be a positive integer")
+    if config["mode"] not in MODES:
+        raise InvalidInputError(f"mode={config['mode']!r}: valid modes are {MODES}")
+    if config["loss"] not in LOSSES:
+        raise InvalidInputError(f"loss={config['loss']!r}: valid losses are {LOSSES}")
+    if not isinstance(config["batch_size"], int) or config["batch_size"] < 1:
+        raise InvalidInputError(f"batch_size={config['batch_size']!r}: must be a positive integer")
+    if not config["lr"] > 0:
+        raise InvalidInputError(f"lr={config['lr']!r}: must be positive")
+    if not records:
+        raise InvalidInputError("train_records is empty: nothing to train on")
+    if resume and out_dir is None:
+        raise InvalidInputError("resume=True needs out_dir (where the checkpoints are)")
+    if not resume and out_dir is not None and _checkpoints(Path(out_dir)):
+        raise InvalidInputError(f"{str(out_dir)!r} already holds checkpoints of a run; pass resume=True to "
+                                "continue it, or choose another out_dir")
+
+
+def _examples(stack, target, processor, records, mode, topk, out_dir, cache_dir, progress):
+    if mode == "online":
+        return OnlineFeatures(target, processor, records, topk)
+    if cache_dir is None:
+        cache_dir = Path(out_dir) / "features" if out_dir is not None else stack.enter_context(
+            tempfile.TemporaryDirectory(prefix="mmspec-features-"))
+    return precompute(target, processor, records, cache_dir, topk=topk, progress=progress)
+
+
+@contextlib.contextmanager
+def _frozen(target):
+    """No gradient flows into the target (its embeddings and LM head run inside the head's forward)."""
+    params = list(target.parameters())
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
+# --------------------------------------------------------------------------------------------------- the loop
+def _run(head, target, data, config, out_dir, save_every, keep, resume, window, progress) -> dict:
+    from tqdm.auto import tqdm
+
+    device = target.get_output_embeddings().weight.device
+    opt = torch.optim.AdamW(head.trainable_parameters(), lr=config["lr"], betas=(0.9, 0.95), weight_decay=0.0)
+    state = {"step": 0, "losses": [], "agreement": []}  # running windows (restored on resume)
+    if resume:
+        state = _load_latest(Path(out_dir), head, target, opt, config) or state
+    start, steps = state["step"], config["steps"]
+    if start > steps:
+        raise InvalidInputError(f"the newest checkpoint in {str(out_dir)!r} is at step {start}, past steps={steps}; "
+                                "pass steps >= that to continue")
+    losses, agree = deque(state["losses"], maxlen=window), deque(state["agreement"], maxlen=window)
+    history, t0 = [], time.perf_counter()
+    head.train()
+    with tqdm(total=steps, initial=start, desc="train EAGLE head", disable=not progress) as bar:
+        for step in range(start, steps):
+            value, hits = train_step(head, opt, data, step, config, device)
+            history.append(value)
+            losses.append(value)
+            agree.append(hits)
+            acc = sum(h for h, _ in agree) / max(1, sum(n for _, n in agree))
+            bar.update(1)
+            bar.set_postfix(loss=f"{sum(losses) / len(losses):.4f}", acc=f"{acc:.3f}")
+            done = step + 1
+            if out_dir is not None and ((save_every and done % save_every == 0) or done == steps):
+                _save_checkpoint(Path(out_dir), head, opt, config, done, list(losses), list(agree), keep)
+    head.eval()
+    if out_dir is not None:
+        head.save_pretrained(out_dir)
+    return {"step": steps, "start_step": start, "loss": sum(losses) / max(1, len(losses)),
+            "acceptance": sum(h for h, _ in agree) / max(1, sum(n for _, n in agree)), "losses": history,
+            "seconds": time.perf_counter() - t0, "examples": len(data), "mode": config["mode"],
+            "out_dir": None if out_dir is None else str(out_dir)}
+
+
+def train_step(head, opt, data, step: int, config: dict, device) -> tuple[float, tuple[int, int]]:
+    """One optimizer step on the batch of `step`; (loss, (agreeing positions, answer positions))."""
+    idx = batch_indices(step, len(data), config["batch_size"], config["seed"])
+    batch = collate([data[i] for i in idx], config["context_weight"]).to(device)
+    feats = batch.features
+    if config["noise"]:
+        g = torch.Generator().manual_seed(_step_seed(config["seed"], step, salt=1))
+        u = torch.rand(feats.shape, generator=g, dtype=torch.float32)  # (B, L, H) in [0, 1)
+        feats = feats + ((2 * u - 1) * config["noise"]).to(device=device, dtype=feats.dtype)
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, config["lr"], config["warmup"])
+    out = head(batch.input_ids, feats, use_cache=False)
+    loss, _ = drafter_loss(out.hidden_states[0], out.logits, batch, config["loss"], config["w_cls"],
+                           config["w_prob"])
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if config["grad_clip"]:
+        torch.nn.utils.clip_grad_norm_(head.trainable_parameters(), config["grad_clip"])
+    opt.step()
+    return loss.item(), agreement(out.logits, batch)
+
+
+def lr_at(step: int, lr: float, warmup: int) -> float:
+    """Linear warm-up over `warmup` steps, then constant."""
+    return lr * min(1.0, (step + 1) / warmup) if warmup else lr
+
+
+def _step_seed(seed: int, n: int, salt: int = 0) -> int:
+    return (seed * 1_000_003 + n * 7_919 + salt * 104_729) % (2 ** 63 - 1)
+
+
+def batch_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
+    """Examples of `step`: positions step*B .. step*B + B - 1 of an endless stream of seeded epoch permutations."""
+    out, perms = [], {}
+    for pos in range(step * batch_size, (step + 1) * batch_size):
+        epoch = pos // n
+        if epoch not in perms:
+            g = torch.Generator().manual_seed(_step_seed(seed, epoch))
+            perms[epoch] = torch.randperm(n, generator=g).tolist()
+        out.append(perms[epoch][pos % n])
+    return out
+
+
+# -------------------------------------------------------------------------------------------------- checkpoints
+def _checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under out_dir/checkpoints, oldest first."""
+    root = out_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = []
+    for d in root.iterdir():
+        m = re.fullmatch(r"step-(\d+)", d.name)
+        if m and (d / STATE_FILE).is_file():
+            found.append((int(m.group(1)), d))
+    return sorted(found)
+
+
+def _save_checkpoint(out_dir: Path, head, opt, config, step, losses, agree, keep) -> Path:
+    """Write to a temporary directory, then rename: a crash never leaves a half checkpoint that looks complete."""
+    from safetensors.torch import save_file
+
+    final = out_dir / "checkpoints" / f"step-{step:07d}"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    head.save_pretrained(tmp)
+    tensors, groups = optimizer_to_tensors(opt)
+    save_file(tensors, str(tmp / OPTIMIZER_FILE))
+    state = {"kind": STATE_KIND, "step": step, "config": config, "param_groups": groups, "losses": losses,
+             "agreement": [list(a) for a in agree]}
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    if keep:
+        for _, old in _checkpoints(out_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _load_latest(out_dir: Path, head, target, opt, config) -> dict | None:
+    """Restore head, optimizer and running metrics from the newest checkpoint; None when there is none."""
+    found = _checkpoints(out_dir)
+    if not found:
+        return None
+    step, path = found[-1]
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{str(path / STATE_FILE)!r} is not valid JSON ({e}); the checkpoint is corrupt") from e
+    if state.get("kind") != STATE_KIND:
+        raise CheckpointError(f"{str(path / STATE_FILE)!r} is not a {STATE_KIND} state file")
+    diff = {k: (state["config"].get(k), config[k]) for k in RESUMABLE if state["config"].get(k) != config[k]}
+    if diff:
+        raise CheckpointError(f"cannot resume from {str(path)!r}: it was trained with different settings (" + ", ".join(
+            f"{k}={a!r} there, {b!r} now" for k, (a, b) in diff.items()) + "); resume with the same settings or "
+            "start a new out_dir")
+    head.load_state_dict(type(head).from_pretrained(path, target).state_dict())
+    opt.load_state_dict(optimizer_from_tensors(_read_tensors(path / OPTIMIZER_FILE), state["param_groups"]))
+    return {"step": step, "losses": state["losses"], "agreement": [tuple(a) for a in state["agreement"]]}
+
+
+def optimizer_to_tensors(opt) -> tuple[dict, list]:
+    """An optimizer's state_dict as (flat tensors for safetensors, JSON-able param_groups)."""
+    sd = opt.state_dict()
+    tensors = {f"state.{i}.{k}": v.detach().contiguous().cpu() for i, s in sd["state"].items() for k, v in s.items()}
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, groups
+
+
+def optimizer_from_tensors(tensors: dict, groups: list) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        _, i, key = name.split(".", 2)
+        state.setdefault(int(i), {})[key] = value
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in groups]
+    return {"state": state, "param_groups": groups}
+
+
+def _read_tensors(path: Path) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({e}); the checkpoint is corrupt") \
+            from e
+
+
+# --------------------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate_tau(head, target, processor, records: Sequence[Record], tree=4, max_new_tokens: int = 32,
+                 batch_size: int = 8) -> dict:
+    """Greedy speculative decoding of the records' prompts (their messages without the final answer) with
+    `EagleDrafter(head, tree)`: {"tau" (committed tokens per verification step), "alpha" (acceptance per draft
+    depth), "acceptance" (accepted / drafted tokens), "new_tokens", "requests"}. The answers are the target's own
+    (lossless), so only the speed statistics depend on the head."""
+    from vision import SpeculativeVLM
+    from vision.drafters import EagleDrafter
+
+    if not records:
+        raise InvalidInputError("evaluate_tau needs at least one record")
+    was_training = head.training
+    head.eval()
+    svlm = SpeculativeVLM(target, processor, EagleDrafter(head, tree))
+    committed = steps = accepted = drafted = new = 0
+    tries, accepts = [], []
+    try:
+        for s in range(0, len(records), batch_size):
+            rows = records[s:s + batch_size]
+            out = svlm.generate(messages=[r.prompt_messages for r in rows],
+                                images=[[str(p) for p in r.images] for r in rows], max_new_tokens=max_new_tokens)
+            st = out.stats
+            committed, steps = committed + st.committed_tokens, steps + st.steps
+            accepted, drafted, new = accepted + st.accepted_tokens, drafted + st.draft_tokens, new + st.new_tokens
+            tries, accepts = _add(tries, st.depth_tries), _add(accepts, st.depth_accepts)
+    finally:
+        head.train(was_training)
+    return {"tau": committed / steps if steps else 0.0, "alpha": [a / t if t else 0.0 for a, t in zip(accepts, tries)],
+            "acceptance": accepted / drafted if drafted else 0.0, "new_tokens": new, "requests": len(records)}
+
+
+def _add(a: list[int], b: list[int]) -> list[int]:
+    n = max(len(a), len(b))
+    return [(a[i] if i < len(a) else 0) + (b[i] if i < len(b) else 0) for i in range(n)]
