@@ -228,3 +228,33 @@ def test_msd_decoupled_image_inputs_and_checkpoint(tmp_path):
     feats = torch.randn(1, 3, 2 * head.config.hidden_size, device=DEVICE)
     with torch.no_grad():
         torch.testing.assert_close(again(ids, feats).logits, head(ids, feats).logits)
+
+
+@pytest.mark.parametrize("compressor", ["avg_pool", "attention_prune", "resampler"])
+def test_compressed_view_on_qwen2_vl_and_sampling(compressor):
+    """Qwen2-VL (M-RoPE target): the compressed drafter is lossless in greedy decoding and in seeded sampling
+    (sampled runs repeat exactly; the distribution itself is the kernels' and loop's, tested elsewhere)."""
+    from vision.compressors import build_compressor
+
+    t = family("qwen2_vl")
+    h = t.model.config.get_text_config().hidden_size
+    cfg = {"avg_pool": {"type": "avg_pool", "stride": 2}, "attention_prune": {"type": "attention_prune",
+                                                                              "keep_ratio": 0.5},
+           "resampler": {"type": "resampler", "dim": h, "n_queries": 4, "heads": 4}}[compressor]
+    torch.manual_seed(0)
+    drafter = EagleDrafter(EagleHead(t.model), DynamicTree(topk=3, depth=3, total=8),
+                           compressor=build_compressor(cfg).to(DEVICE))
+    svlm = SpeculativeVLM(t.model, t.processor, drafter)
+    batch = rows("qwen2_vl")
+    out = svlm.generate(prompt=[r["prompt"] for r in batch], images=[r["images"] for r in batch],
+                        max_new_tokens=MAX_NEW)
+    assert out.sequences == [list(r) for r in references("qwen2_vl")]
+    from vision.prompts import build_request
+
+    ids = [build_request(t.processor, **r)[0].input_ids for r in batch]
+    kept = {"avg_pool": 4, "attention_prune": 8, "resampler": 4}[compressor]  # of 16 image tokens (4 x 4)
+    assert drafter.prompt_slots == [len(p) - p.count(drafter.image_token_id) + (kept if drafter.image_token_id in p
+                                                                                else 0) for p in ids]
+    kw = dict(temperature=1.0, top_p=0.9, seed=7, max_new_tokens=8)
+    a = svlm.generate(**batch[0], **kw).token_ids
+    assert a == svlm.generate(**batch[0], **kw).token_ids and len(a) == 8
