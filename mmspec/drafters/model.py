@@ -31,6 +31,7 @@ class _Round:
 
 class ModelDrafter:
     needs_hidden = False
+    lean_chain = True  # greedy chains of one request may take `_greedy_chain` (no per-token host round trip)
     trusted = True  # its drafts are well-formed by construction: the loop skips re-validating them
 
     def __init__(self, model: torch.nn.Module | None = None, tree: StaticTree | DynamicTree | int = 4,
@@ -220,7 +221,7 @@ class ModelDrafter:
     def _propose_chain(self, logits: torch.Tensor, cap: int) -> Draft:
         """One request, chain draft: the lean path (no masks, no per-level bookkeeping), k - 1 single-token feeds."""
         spec, rnd, runner = self.ctx.spec, self.round, self.runner
-        if spec.greedy:
+        if spec.greedy and self.lean_chain:
             return self._greedy_chain(logits, cap)
         toks, qs = [], []
         for depth in range(1, cap + 1):
@@ -233,12 +234,15 @@ class ModelDrafter:
             toks.append(tok)
             if depth < cap:
                 rnd.slot[0][depth - 1] = runner.kv.width
-                out = runner.forward_block(torch.tensor([[tok]]), torch.tensor([[rnd.n_uncached[0] + depth - 1]]),
-                                           None, existing="all")
+                logits = self._chain_feed(tok, rnd.n_uncached[0] + depth - 1)
                 self.counters.forwards += 1
-                logits = out.logits[0, 0]
         return Draft(torch.tensor(toks), torch.arange(-1, len(toks) - 1), torch.stack(qs) if qs else None,
                      siblings="without_replacement")
+
+    def _chain_feed(self, tok: int, offset: int) -> torch.Tensor:
+        """Feed one chain node (it sees every slot written so far); its logits (V,)."""
+        out = self.runner.forward_block(torch.tensor([[tok]]), torch.tensor([[offset]]), None, existing="all")
+        return out.logits[0, 0]
 
     def _greedy_chain(self, logits: torch.Tensor, cap: int) -> Draft:
         """Greedy chain of one request with no host round trip per token: each argmax stays on the device and is fed

@@ -54,6 +54,8 @@ class QueryBlock(nn.Module):
 class Resampler(Compressor):
     type = "resampler"
 
+    extra_queries = 0  # queries beyond the output tokens (ViSpec adds its global query)
+
     def __init__(self, n_queries: int = 16, dim: int = 64, heads: int = 4, mlp_ratio: float = 4.0):
         super().__init__()
         self.n_queries = positive_int("n_queries", n_queries)
@@ -61,7 +63,7 @@ class Resampler(Compressor):
         self.heads = positive_int("heads", heads)
         check_heads(dim, heads)
         self.mlp_ratio = check_mlp_ratio(mlp_ratio)
-        self.block = QueryBlock(n_queries, dim, heads, self.mlp_ratio)
+        self.block = QueryBlock(n_queries + self.extra_queries, dim, heads, self.mlp_ratio)
 
     def out_tokens(self, n_in: int, grid: tuple[int, int] | None = None) -> int:
         resolve_grid(grid, n_in)
@@ -73,7 +75,10 @@ class Resampler(Compressor):
         check_module_matches(self, feats)
         resolve_grid(grid, feats.shape[1])
         check_attention(attention, feats)
-        return CompressedImage(self.block(feats), method=self.type)
+        return self._result(self.block(feats))  # (B, Q + extra, D)
+
+    def _result(self, out: Tensor) -> CompressedImage:
+        return CompressedImage(out, method=self.type)
 
     def config(self) -> dict:
         return {"type": self.type, "n_queries": self.n_queries, "dim": self.dim, "heads": self.heads,

@@ -20,36 +20,20 @@ from torch import Tensor, nn
 
 from mmspec.errors import InvalidInputError
 
-from .base import (CompressedImage, Compressor, check_attention, check_feats, check_module_matches, positive_int,
-                   resolve_grid)
-from .resampler import QueryBlock, check_heads, check_mlp_ratio
+from .base import CompressedImage
+from .resampler import Resampler
 
 
-class ViSpec(Compressor):
+class ViSpec(Resampler):
     type = "vispec"
+    extra_queries = 1  # the last query is the global one
 
     def __init__(self, n_queries: int = 4, dim: int = 64, heads: int = 4, mlp_ratio: float = 4.0):
-        super().__init__()
-        self.n_queries = positive_int("n_queries", n_queries)
-        self.dim = positive_int("dim", dim)
-        self.heads = positive_int("heads", heads)
-        check_heads(dim, heads)
-        self.mlp_ratio = check_mlp_ratio(mlp_ratio)
-        self.block = QueryBlock(n_queries + 1, dim, heads, self.mlp_ratio)  # the last query is the global one
+        super().__init__(n_queries, dim, heads, mlp_ratio)
         self.global_proj = nn.Linear(dim, dim)
         self.gate = nn.Parameter(torch.zeros(dim))
 
-    def out_tokens(self, n_in: int, grid: tuple[int, int] | None = None) -> int:
-        resolve_grid(grid, n_in)
-        return self.n_queries
-
-    def forward(self, feats: Tensor, *, grid: tuple[int, int] | None = None,
-                attention: Tensor | None = None) -> CompressedImage:
-        check_feats(feats, self.dim)
-        check_module_matches(self, feats)
-        resolve_grid(grid, feats.shape[1])
-        check_attention(attention, feats)
-        out = self.block(feats)  # (B, Q + 1, D)
+    def _result(self, out: Tensor) -> CompressedImage:
         return CompressedImage(out[:, :-1], global_vec=out[:, -1], method=self.type)
 
     def fuse(self, text_hidden: Tensor, global_vec: Tensor) -> Tensor:
@@ -61,7 +45,3 @@ class ViSpec(Compressor):
                                     f"{tuple(global_vec.shape)}; expected (B, T, {self.dim}) and (B, {self.dim})")
         g = torch.tanh(self.gate) * self.global_proj(global_vec)  # (B, D)
         return text_hidden + g.unsqueeze(1)
-
-    def config(self) -> dict:
-        return {"type": self.type, "n_queries": self.n_queries, "dim": self.dim, "heads": self.heads,
-                "mlp_ratio": self.mlp_ratio}

@@ -24,7 +24,6 @@ from mmspec.cache import RaggedCache
 from mmspec.drafters.model import ModelDrafter, _Round
 from mmspec.errors import CheckpointError, IncompatibleModelsError, UnsupportedModelError
 from mmspec.target import BlockOutput, CausalLMRunner
-from mmspec.tree import Draft
 
 
 def _text_config(model):
@@ -183,6 +182,7 @@ class EagleDrafter(ModelDrafter):
     """The EAGLE drafter in the engine's Drafter protocol (chains, static trees, EAGLE-2 dynamic trees)."""
 
     needs_hidden = True
+    lean_chain = False  # every chain step needs its parent's feature: the generic loop with `_chain_feed`
 
     def __init__(self, head: EagleHead, tree=4, compressor=None, image_token_id: int | None = None):
         """compressor: a vision.compressors module that shortens the drafter's view of each image (None: the
@@ -304,25 +304,10 @@ class EagleDrafter(ModelDrafter):
                 self._node_hidden[r][node] = self.runner.last_hidden[r, j]
         return logits
 
-    def _propose_chain(self, logits: torch.Tensor, cap: int) -> Draft:
-        """One request's chain, greedy or sampled, each step fed with the previous predicted feature."""
-        spec, rnd, runner = self.ctx.spec, self.round, self.runner
-        feature = self._root_hidden[0]
-        toks, qs = [], []
-        for depth in range(1, cap + 1):
-            if spec.greedy:
-                tok = int(logits.argmax())
-            else:
-                q = spec.probs(logits)
-                tok = int(torch.multinomial(q, 1, generator=self.ctx.generators[0]))
-                qs.append(q)
-            toks.append(tok)
-            if depth < cap:
-                rnd.slot[0][depth - 1] = runner.kv.width
-                runner.features = feature.view(1, 1, -1)
-                out = runner.forward_block(torch.tensor([[tok]]), torch.tensor([[rnd.n_uncached[0] + depth - 1]]),
-                                           None, existing="all")
-                self.counters.forwards += 1
-                logits, feature = out.logits[0, 0], runner.last_hidden[0, 0]
-        return Draft(torch.tensor(toks), torch.arange(-1, len(toks) - 1), torch.stack(qs) if qs else None,
-                     siblings="without_replacement")
+    def _chain_feed(self, tok: int, offset: int) -> torch.Tensor:
+        """A chain node reads its parent's predicted feature (the root's for depth 1)."""
+        first = offset == self.round.n_uncached[0]  # depth 1
+        self.runner.features = (self._root_hidden[0] if first else self._chain_feature).view(1, 1, -1)
+        logits = super()._chain_feed(tok, offset)
+        self._chain_feature = self.runner.last_hidden[0, 0]
+        return logits
