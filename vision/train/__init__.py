@@ -11,6 +11,8 @@ Command line: ``mmspec train-drafter`` (`cli.add_parser`).
 from .data import Record, load_dataset, save_dataset, self_distill, split
 from .eagle_trainer import evaluate_tau, train_eagle
 from .features import Example, FeatureStore, OnlineFeatures, make_example, precompute
+from .vlm_distill import distill_draft_vlm, evaluate_draft_tau
 
 __all__ = ["Record", "load_dataset", "save_dataset", "self_distill", "split", "train_eagle", "evaluate_tau",
-           "Example", "FeatureStore", "OnlineFeatures", "make_example", "precompute"]
+           "Example", "FeatureStore", "OnlineFeatures", "make_example", "precompute", "distill_draft_vlm",
+           "evaluate_draft_tau"]

@@ -286,28 +286,9 @@ def evaluate_tau(head, target, processor, records: Sequence[Record], tree=4, max
     from vision import SpeculativeVLM
     from vision.drafters import EagleDrafter
 
-    if not records:
-        raise InvalidInputError("evaluate_tau needs at least one record")
-    was_training = head.training
-    head.eval()
-    svlm = SpeculativeVLM(target, processor, EagleDrafter(head, tree))
-    committed = steps = accepted = drafted = new = 0
-    tries, accepts = [], []
-    try:
-        for s in range(0, len(records), batch_size):
-            rows = records[s:s + batch_size]
-            out = svlm.generate(messages=[r.prompt_messages for r in rows],
-                                images=[[str(p) for p in r.images] for r in rows], max_new_tokens=max_new_tokens)
-            st = out.stats
-            committed, steps = committed + st.committed_tokens, steps + st.steps
-            accepted, drafted, new = accepted + st.accepted_tokens, drafted + st.draft_tokens, new + st.new_tokens
-            tries, accepts = _add(tries, st.depth_tries), _add(accepts, st.depth_accepts)
-    finally:
-        head.train(was_training)
-    return {"tau": committed / steps if steps else 0.0, "alpha": [a / t if t else 0.0 for a, t in zip(accepts, tries)],
-            "acceptance": accepted / drafted if drafted else 0.0, "new_tokens": new, "requests": len(records)}
+    from .evaluate import measure_tau
 
-
-def _add(a: list[int], b: list[int]) -> list[int]:
-    n = max(len(a), len(b))
-    return [(a[i] if i < len(a) else 0) + (b[i] if i < len(b) else 0) for i in range(n)]
+    out = measure_tau(SpeculativeVLM(target, processor, EagleDrafter(head, tree)), head, records, max_new_tokens,
+                      batch_size)
+    out.pop("sequences")
+    return out
