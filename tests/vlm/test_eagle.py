@@ -166,7 +166,7 @@ def test_checkpoint_round_trip_and_bad_checkpoints(one_layer, tmp_path):
         EagleHead.from_pretrained(tmp_path / "nothing", target)
 
 
-@pytest.mark.parametrize("compressor", ["none", "avg_pool", "attention_prune", "conv", "resampler"])
+@pytest.mark.parametrize("compressor", ["none", "avg_pool", "attention_prune", "conv", "resampler", "elastic"])
 def test_compressed_image_view_is_lossless_and_shorter(compressor):
     """The drafter reads a compressed image (fewer slots in its cache); the answer is still the target's."""
     from vision.compressors import build_compressor
@@ -176,7 +176,9 @@ def test_compressed_image_view_is_lossless_and_shorter(compressor):
     cfg = {"none": {"type": "none"}, "avg_pool": {"type": "avg_pool", "stride": 2},
            "attention_prune": {"type": "attention_prune", "keep_ratio": 0.25},
            "conv": {"type": "conv", "dim": h, "stride": 2},
-           "resampler": {"type": "resampler", "dim": h, "n_queries": 4, "heads": 4}}[compressor]
+           "resampler": {"type": "resampler", "dim": h, "n_queries": 4, "heads": 4},
+           "elastic": {"type": "elastic", "min_tokens": 4, "compressors": [
+               {"type": "avg_pool", "stride": 4}, {"type": "avg_pool", "stride": 2}]}}[compressor]
     torch.manual_seed(0)
     comp = build_compressor(cfg).to(DEVICE)
     drafter = EagleDrafter(EagleHead(t.model), 3, compressor=comp)
@@ -186,7 +188,8 @@ def test_compressed_image_view_is_lossless_and_shorter(compressor):
     n_prompt = len(svlm.target.row_ids[0]) - MAX_NEW + 1  # target prompt length
     n_image = svlm.target.row_ids[0].count(drafter.image_token_id)
     expected = {"none": n_image, "avg_pool": n_image // 4, "attention_prune": n_image // 4, "conv": n_image // 4,
-                "resampler": 4}[compressor]
+                "resampler": 4, "elastic": 4}[compressor]  # elastic: the cheapest with >= 4 tokens (4x4 -> 1x1
+    # for stride 4 gives 1 < 4, so stride 2)
     assert drafter.prompt_slots[0] == n_prompt - n_image + expected  # prompt[1:] + the first token
 
 
