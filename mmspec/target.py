@@ -145,6 +145,8 @@ class CausalLMRunner:
         if block_allowed is None:
             block_allowed = torch.ones(m, m, dtype=torch.bool).tril_().expand(len(kv.lengths), m, m)
         b, m, _ = block_allowed.shape
+        if existing is None and not kv.static and min(kv.lengths) == kv.width:  # hole-free: the whole prefix
+            return torch.cat([torch.ones(b, m, kv.width, dtype=torch.bool), block_allowed], dim=-1)
         key_len = kv.key_len if kv.static else kv.width + m
         allowed = torch.zeros(b, m, key_len, dtype=torch.bool)
         if existing is None:

@@ -183,6 +183,8 @@ class ModelDrafter:
             self.counters.forwards += 1
             rnd.slot[0][node] = start
             return [out.logits[0, :1]]
+        if b == 1 and rnd.length[0] == rnd.start and not runner.kv.static:
+            return self._feed_nodes_one(feed[0], start)
         tokens = [[0] * m for _ in range(b)]
         offsets = [[0] * m for _ in range(b)]
         allowed = runner.empty_mask(b, m)  # (B, M, K) bool, all False
@@ -205,6 +207,33 @@ class ModelDrafter:
             for j, (node, _, _) in enumerate(row):
                 rnd.slot[i][node] = start + j
         return [out.logits[i, : len(row)] for i, row in enumerate(feed)]
+
+    def _feed_nodes_one(self, row: list[tuple[int, int, list[int]]], start: int) -> list[torch.Tensor]:
+        """`_feed_nodes` for one request over a hole-free cache: every node sees all slots before this round's
+        drafted ones; the part over the drafted slots depends only on the tree's shape, so it is built once per
+        shape and reused (a mask template)."""
+        rnd, runner = self.round, self.runner
+        visible = rnd.start + rnd.n_uncached[0]  # committed prefix + this round's uncached block
+        rel = tuple(tuple(rnd.slot[0][a] - visible for a in anc) + (start - visible + j,)
+                    for j, (_, _, anc) in enumerate(row))
+        key = (start - visible + len(row), rel)
+        templates = self.__dict__.setdefault("_templates", {})
+        if key not in templates:
+            if len(templates) >= 512:  # dynamic trees make many shapes: keep the cache bounded
+                templates.clear()
+            t = torch.zeros(len(row), key[0], dtype=torch.bool)
+            for j, slots in enumerate(rel):
+                t[j, list(slots)] = True
+            templates[key] = t
+        m = len(row)
+        allowed = torch.cat([torch.ones(1, m, visible, dtype=torch.bool), templates[key][None]], dim=-1)
+        tokens = torch.tensor([[tok for _, tok, _ in row]])
+        offsets = torch.tensor([[rnd.n_uncached[0] + len(anc) for _, _, anc in row]])
+        out = runner.forward_block(tokens, offsets, None, full_mask=allowed)
+        self.counters.forwards += 1
+        for j, (node, _, _) in enumerate(row):
+            rnd.slot[0][node] = start + j
+        return [out.logits[0, :m]]
 
     def _children(self, logits: torch.Tensor, n: int, rows: list[int]) -> tuple[list[list[int]], torch.Tensor | None]:
         """First n children for each of P nodes from their draft logits (P, V): top ranks (greedy) or draws without
