@@ -97,3 +97,24 @@ def test_bench_compress_quick(tmp_path):
     rows = {r["compressor"]: r for r in json.loads((tmp_path / "result.json").read_text())["rows"]}
     assert rows["none"]["drafter_image_slots"] == 576
     assert rows["avg_pool s=2"]["drafter_image_slots"] == 144 and rows["resampler 64"]["drafter_image_slots"] == 64
+
+
+def test_from_pretrained_with_a_text_lm_drafter_checks_its_tokenizer(checkpoints, tmp_path):
+    """A text LM drafter given as a path: loaded with its tokenizer, checked against the target's, lossless."""
+    from mmspec.drafters import ModelDrafter
+    from mmspec.errors import TokenizerMismatchError
+    from mmspec.testing import word_tokenizer
+    from vision.testing import text_drafter
+
+    root, t = checkpoints
+    lm = text_drafter("qwen2_vl")
+    lm.save_pretrained(tmp_path / "lm")
+    t.processor.tokenizer.save_pretrained(tmp_path / "lm")
+    svlm = SpeculativeVLM.from_pretrained(str(root / "target"), drafter=str(tmp_path / "lm"), tree=3)
+    assert isinstance(svlm.drafter, ModelDrafter) and svlm.drafter.shared_tokenizer
+    row = {"prompt": "describe the image", "images": [str(root / "photo.png")]}
+    assert svlm.generate(**row, max_new_tokens=MAX_NEW).token_ids == hf_reference("qwen2_vl", row)
+    lm.save_pretrained(tmp_path / "other")
+    word_tokenizer(96).save_pretrained(tmp_path / "other")
+    with pytest.raises(TokenizerMismatchError):
+        SpeculativeVLM.from_pretrained(str(root / "target"), drafter=str(tmp_path / "other"))
