@@ -9,7 +9,7 @@ never the whole cache, and the width falls back to max(length). Positions are ex
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -41,6 +41,7 @@ class RaggedCache:
     width: int = 0
     static: bool = False
     peak_width: int = 0  # largest width reached (memory accounting in benchmarks)
+    _plain: bool | None = field(default=None, repr=False, compare=False)  # see _plain_layers
 
     def __post_init__(self):
         self.lengths = [int(v) for v in self.lengths]  # accept a tensor or any int sequence
@@ -122,7 +123,7 @@ class RaggedCache:
 
     def _plain_layers(self) -> bool:
         """Every layer is transformers' plain DynamicLayer (no extra per-layer state for crop to keep in step)."""
-        if getattr(self, "_plain", None) is None:
+        if self._plain is None:
             from transformers.cache_utils import DynamicLayer
 
             layers = getattr(self.cache, "layers", [])

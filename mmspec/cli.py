@@ -227,9 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("question")
     chat.set_defaults(func=cmd_chat)
 
-    from vision.train.cli import add_parser as add_train_drafter  # train-drafter lives with the VLM pipeline
-
-    add_train_drafter(sub)
+    # train-drafter's options live with the VLM pipeline (vision.train.cli), parsed only when the command runs
+    train = sub.add_parser("train-drafter", add_help=False,
+                           help="train an EAGLE drafter head for a VLM target (mmspec train-drafter --help)")
+    train.set_defaults(func=cmd_train_drafter)
 
     bench = sub.add_parser("bench", help="benchmarks that print and save tables (JSON + Markdown)")
     bench.add_argument("what", choices=["engine", "vlm", "compress"])
@@ -245,8 +246,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def cmd_train_drafter(args) -> int:
+    import argparse as _argparse
+
+    from vision.train.cli import add_parser  # the CLI is the one place above the pipelines (ARCHITECTURE.md)
+
+    parser = _argparse.ArgumentParser(prog="mmspec")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    inner = parser.parse_args(["train-drafter", *args.rest])
+    return inner.func(inner)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command != "train-drafter" and rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
     try:
         return args.func(args)
     except MMSpecError as e:

@@ -53,11 +53,17 @@ def model_dtype(model: torch.nn.Module) -> torch.dtype:
     return torch.float32
 
 
+def text_config(model: torch.nn.Module):
+    """The decoder's config (a VLM's text model; the model's own config for a causal LM)."""
+    cfg = model.config
+    return cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
+
+
 def output_vocab(model: torch.nn.Module) -> int:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None and hasattr(head, "out_features"):
         return int(head.out_features)
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    cfg = text_config(model)
     return int(cfg.vocab_size)
 
 
@@ -82,7 +88,7 @@ def fit_vocab(logits: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def context_limit(model: torch.nn.Module) -> int | None:
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    cfg = text_config(model)
     return getattr(cfg, "max_position_embeddings", None)
 
 
@@ -196,9 +202,12 @@ class CausalLMRunner:
         self.forward_time += sync_time(self.device) - t0
         kv.appended(1)
         self.after_forward(out)
-        logits = out.logits[0, -1]
+        return self._fit(out.logits[0, -1])
+
+    def _fit(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits over the target's vocabulary when this runner drafts for a target of another size."""
         if self.out_vocab and logits.shape[-1] != self.out_vocab:
-            logits = fit_vocab(logits, self.out_vocab)
+            return fit_vocab(logits, self.out_vocab)
         return logits
 
     # --- forwards -----------------------------------------------------------------------------------------------
@@ -231,9 +240,7 @@ class CausalLMRunner:
         self.after_forward(out)
         hidden = select_hidden(out.hidden_states, want_hidden) if want_hidden else None
         logits = out.logits[:, -keep_last:] if keep_last and out.logits.shape[1] > keep_last else out.logits
-        if self.out_vocab and logits.shape[-1] != self.out_vocab:
-            logits = fit_vocab(logits, self.out_vocab)
-        return BlockOutput(logits, hidden)
+        return BlockOutput(self._fit(logits), hidden)
 
     @torch.inference_mode()
     def prefill(self, prompts: Sequence[Sequence[int]], want_hidden: bool = False,

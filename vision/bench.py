@@ -131,6 +131,8 @@ def run_compression_benchmark(out_dir="bench_out/compress", image_tokens: int = 
     """Per-step cost of an EAGLE drafter (1 layer, `hidden` wide) whose cache holds the prompt with the image as
     each compressor leaves it: `image_tokens` (LLaVA-1.5: 576 = 24 x 24) become M tokens. Times one drafting
     step (one token attending to the whole cache) and the drafter's prefill, median of `repeats`."""
+    from transformers import DynamicCache
+
     from mmspec.testing import tiny_llama
 
     from .compressors import build_compressor
@@ -160,9 +162,9 @@ def run_compression_benchmark(out_dir="bench_out/compress", image_tokens: int = 
             ids = torch.randint(3, 512, (1, n))
             with torch.inference_mode():
                 t0 = time.perf_counter()
-                head(ids, torch.randn(1, n, hidden), past_key_values=_fresh_cache(head), use_cache=True)
+                head(ids, torch.randn(1, n, hidden), past_key_values=DynamicCache(config=head.config), use_cache=True)
                 prefill_ms.append((time.perf_counter() - t0) * 1e3)
-                cache = _fresh_cache(head)
+                cache = DynamicCache(config=head.config)
                 head(ids, torch.randn(1, n, hidden), past_key_values=cache, use_cache=True)
                 one, f = torch.tensor([[7]]), torch.randn(1, 1, hidden)
                 t0 = time.perf_counter()
@@ -194,9 +196,3 @@ def run_compression_benchmark(out_dir="bench_out/compress", image_tokens: int = 
     (out / "result.md").write_text(md)
     print(md)
     return result
-
-
-def _fresh_cache(head):
-    from transformers import DynamicCache
-
-    return DynamicCache(config=head.config)

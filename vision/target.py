@@ -21,8 +21,8 @@ import torch
 from transformers import DynamicCache
 
 from mmspec.cache import RaggedCache
-from mmspec.errors import ContextOverflowError, EmptyPromptError, InvalidInputError, UnsupportedModelError
-from mmspec.target import BlockOutput, CausalLMRunner, CausalLMTarget, select_hidden, sync_time
+from mmspec.errors import ContextOverflowError, EmptyPromptError, InvalidInputError
+from mmspec.target import BlockOutput, CausalLMRunner, CausalLMTarget, select_hidden, sync_time, text_config
 
 
 @dataclass
@@ -35,11 +35,6 @@ class VLMRequest:
     @property
     def has_images(self) -> bool:
         return any(k.startswith("pixel_values") for k in self.inputs)
-
-
-def text_config(model):
-    cfg = model.config
-    return cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
 
 
 def sliding_window_of(model) -> int | None:
@@ -202,14 +197,13 @@ class VLMRunner(CausalLMRunner):
             self.next_positions = [self.next_positions[0] - drop]
         suffix = req.input_ids[n:]
         m = len(suffix)
-        out = self.forward_block(torch.tensor([suffix]), torch.arange(m)[None], None, want_hidden, keep_last=1)
+        out = self.forward_block(torch.tensor([suffix]), torch.arange(m)[None], None, keep_last=1)
         self.kv.lengths = [self.kv.width]
         self.next_positions = [self.next_positions[0] + m]
         self.last_prefill = {"tokens": m, "resumed": True}
         self.row_ids = [list(req.input_ids)]
         self.requests = None
-        hidden = None  # not reached with want_hidden (feature drafters prefill the whole prompt)
-        return BlockOutput(out.logits[:, -1], hidden)
+        return BlockOutput(out.logits[:, -1])  # never with want_hidden: feature drafters prefill the whole prompt
 
     def note_committed(self, tokens: Sequence[Sequence[int]]) -> None:
         for ids, new in zip(self.row_ids, tokens):
@@ -278,8 +272,3 @@ class VLMTarget(VLMRunner, CausalLMTarget):
         kept = [[] if p is None else [blk[0]] + [blk[1 + i] for i in p] for blk, p in zip(self._block_tokens, paths)]
         CausalLMTarget.commit(self, paths)
         self.note_committed(kept)
-
-
-def check_vlm(model) -> None:
-    if not hasattr(model, "config") or not hasattr(model.config, "get_text_config"):
-        raise UnsupportedModelError(f"{type(model).__name__} is not a transformers model")

@@ -57,6 +57,8 @@ class ModelDrafter:
         self.runner = runner if runner is not None else CausalLMRunner(model, cache=cache)
         self.prompt_view, self.shared_tokenizer = prompt_view, shared_tokenizer
         self.counters = DrafterCounters()
+        self._parents: dict[int, torch.Tensor] = {}  # chain length -> parent tensor
+        self._templates: dict[tuple, torch.Tensor] = {}  # tree-level shape -> mask over the round's drafted slots
         self.vocab_size = self.runner.vocab_size
 
     @property
@@ -217,7 +219,7 @@ class ModelDrafter:
         rel = tuple(tuple(rnd.slot[0][a] - visible for a in anc) + (start - visible + j,)
                     for j, (_, _, anc) in enumerate(row))
         key = (start - visible + len(row), rel)
-        templates = self.__dict__.setdefault("_templates", {})
+        templates = self._templates
         if key not in templates:
             if len(templates) >= 512:  # dynamic trees make many shapes: keep the cache bounded
                 templates.clear()
@@ -290,7 +292,7 @@ class ModelDrafter:
         return Draft.chain_of(tokens.cpu(), self._chain_parent(cap))
 
     def _chain_parent(self, n: int) -> torch.Tensor:
-        cache = self.__dict__.setdefault("_parents", {})
+        cache = self._parents
         if n not in cache:
             cache[n] = torch.arange(-1, n - 1)
         return cache[n]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mmspec.errors import DeviceMismatchError, InvalidInputError
-from vision.compressors import (AttentionPrune, AvgPool, Conv, Elastic, Identity, ViSpec, build_compressor)
+from vision.compressors import AttentionPrune, AvgPool, Conv, Elastic, Identity, build_compressor
 
 D = 8
 CASES = [(16, (4, 4)), (24, (4, 6)), (10, None)]

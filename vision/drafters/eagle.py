@@ -21,14 +21,9 @@ from torch import nn
 from transformers import LlamaConfig, LlamaModel
 
 from mmspec.cache import RaggedCache
-from mmspec.drafters.model import ModelDrafter, _Round
+from mmspec.drafters.model import ModelDrafter
 from mmspec.errors import CheckpointError, IncompatibleModelsError, UnsupportedModelError
-from mmspec.target import BlockOutput, CausalLMRunner
-
-
-def _text_config(model):
-    cfg = model.config
-    return cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
+from mmspec.target import BlockOutput, CausalLMRunner, text_config
 
 
 class EagleHead(nn.Module):
@@ -47,7 +42,7 @@ class EagleHead(nn.Module):
         super().__init__()
         self.layers, self.taps, self.image_token_id = layers, tuple(taps) if taps else None, image_token_id
         self.target_identity = target_identity(target)
-        tc = _text_config(target)
+        tc = text_config(target)
         hidden = int(tc.hidden_size)
         heads = int(tc.num_attention_heads)
         self.config = LlamaConfig(
@@ -128,7 +123,7 @@ class EagleHead(nn.Module):
 
 def target_identity(target: nn.Module) -> dict:
     """What a drafter checkpoint records of its target: loading it on a different one is an error."""
-    tc = _text_config(target)
+    tc = text_config(target)
     return {"architecture": type(target).__name__, "hidden_size": int(tc.hidden_size),
             "vocab_size": int(target.get_output_embeddings().weight.shape[0])}
 
@@ -267,28 +262,18 @@ class EagleDrafter(ModelDrafter):
 
     # --- feeding ------------------------------------------------------------------------------------------------
     def _feed_uncached(self) -> torch.Tensor:
+        """The base feed, each uncached token with its target feature; the root's predicted feature is kept."""
         n = [len(u) for u in self.uncached]
-        m, h = max(n), self.uncached_feats[0].shape[-1]
-        feats = self.uncached_feats[0].new_zeros(len(n), m, h)
+        feats = self.uncached_feats[0].new_zeros(len(n), max(n), self.uncached_feats[0].shape[-1])
         for i, f in enumerate(self.uncached_feats):
             feats[i, : f.shape[0]] = f
         self.runner.features = feats
-        n_rows = len(n)
-        kv = self.runner.kv
-        self.round = _Round(kv.width, n, [dict() for _ in range(n_rows)], kv.lengths)
-        tokens = torch.tensor([u + [0] * (m - len(u)) for u in self.uncached], dtype=torch.long)
-        allowed = None
-        if n_rows > 1:
-            lens = torch.tensor(n)
-            q, k = torch.arange(m)[:, None], torch.arange(m)[None, :]
-            allowed = (k <= q).unsqueeze(0) & ((k.unsqueeze(0) < lens[:, None, None]) | (q == k).unsqueeze(0))
-        out = self.runner.forward_block(tokens, torch.arange(m).expand(n_rows, m), allowed)
-        self.counters.forwards += 1
-        last = torch.tensor(n) - 1
-        rows = torch.arange(n_rows)
-        self._root_hidden = self.runner.last_hidden[rows, last.to(self.runner.last_hidden.device)]
-        self._node_hidden = [dict() for _ in range(n_rows)]
-        return out.logits[rows, last.to(out.logits.device)]
+        logits = super()._feed_uncached()
+        hidden = self.runner.last_hidden  # (B, M, H) of the fed block
+        last = torch.tensor(n, device=hidden.device) - 1
+        self._root_hidden = hidden[torch.arange(len(n), device=hidden.device), last]
+        self._node_hidden = [dict() for _ in n]
+        return logits
 
     def _feed_nodes(self, feed):
         """Each fed node reads its parent's predicted feature (the root's for depth 1)."""
