@@ -30,6 +30,8 @@ class BlockOutput:
     hidden: torch.Tensor | None = None  # (B, M, H) last hidden state (or EAGLE-3 taps, concatenated), when asked
     # for (prefill: (B, T, H), every
     # prompt position, right-padded, for feature-level drafters that read the target's features of the whole prompt)
+    attention: torch.Tensor | None = None  # prefill of targets that offer it: (B, T) attention mass the last prompt
+    # token pays each prompt position in the last layer (summed over heads), right-padded with 0
 
 
 def sync_time(device: torch.device) -> float:

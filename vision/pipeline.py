@@ -75,6 +75,7 @@ class SpeculativeVLM:
         self.drafter_processor = None
         self._text_views: dict[tuple, list[int]] | None = None
         self.drafter = self._make_drafter(drafter, tree, drafter_processor, drafter_tokenizer)
+        self.target.want_attention = bool(getattr(self.drafter, "needs_attention", False))
         self.decoder = SpeculativeDecoder(self.target, self.drafter, tree=tree, acceptance=acceptance)
 
     # --- construction -------------------------------------------------------------------------------------------

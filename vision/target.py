@@ -13,6 +13,7 @@ block (draft verification, a chat's next turn) is text, fed with the engine's ex
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -23,6 +24,8 @@ from transformers import DynamicCache
 from mmspec.cache import RaggedCache
 from mmspec.errors import ContextOverflowError, EmptyPromptError, InvalidInputError
 from mmspec.target import BlockOutput, CausalLMRunner, CausalLMTarget, select_hidden, sync_time, text_config
+
+from .attention_probe import AttentionProbe, last_query_mass
 
 
 @dataclass
@@ -58,6 +61,7 @@ class VLMRunner(CausalLMRunner):
     def __init__(self, model: torch.nn.Module):
         super().__init__(model, cache="dynamic")
         self.window = sliding_window_of(model)
+        self.want_attention = False  # prefill also returns the last token's last-layer attention (DREAM pruning)
         self.rope_index = rope_index_fn(model)
         self.prefix_lm = "paligemma" in type(model).__name__.lower()
         self.position_offset = 1 if self.prefix_lm else 0  # PaliGemma numbers positions from 1 (its own forward)
@@ -124,12 +128,16 @@ class VLMRunner(CausalLMRunner):
         extra = {"logits_to_keep": 1} if self._takes_logits_to_keep else {}
         inputs = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch_inputs(reqs).items()}
         t0 = sync_time(self.device)
-        out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=pos,
-                         past_key_values=cache, use_cache=True, output_hidden_states=bool(want_hidden), **inputs,
-                         **extra)
+        with contextlib.ExitStack() as stack:
+            probe = stack.enter_context(AttentionProbe(self.model, [-1], last_query_mass)) if self.want_attention \
+                else None
+            out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=pos,
+                             past_key_values=cache, use_cache=True, output_hidden_states=bool(want_hidden), **inputs,
+                             **extra)
         self.forward_time += sync_time(self.device) - t0
         hidden = select_hidden(out.hidden_states, want_hidden) if want_hidden else None  # (G, T, H): every position
-        return out.logits[:, -1], hidden, cache, next_pos
+        attention = probe.records[0][-1] if probe is not None else None  # (G, T) the last token's, last layer
+        return out.logits[:, -1], hidden, attention, cache, next_pos
 
     def prefill(self, prompts: Sequence[Sequence[int]], want_hidden: bool = False, reserve: int = 0) -> BlockOutput:
         reqs = self.requests if self.requests is not None else [VLMRequest(list(p)) for p in prompts]
@@ -151,11 +159,13 @@ class VLMRunner(CausalLMRunner):
             return out
         b = len(reqs)
         logits, hidden, caches, next_pos = [None] * b, [None] * b, [None] * b, [0] * b
+        attention = [None] * b
         for group in group_rows(reqs):
-            lg, hd, cache, pos = self._prefill_group([reqs[i] for i in group], want_hidden)
+            lg, hd, att, cache, pos = self._prefill_group([reqs[i] for i in group], want_hidden)
             for j, i in enumerate(group):
                 logits[i], next_pos[i] = lg[j], pos[j]
                 hidden[i] = hd[j] if want_hidden else None
+                attention[i] = att[j] if att is not None else None
                 caches[i] = (cache, j)
         self.kv = merge_row_caches(caches, [len(r.input_ids) for r in reqs])
         self.last_prefill = {"tokens": sum(len(r.input_ids) for r in reqs), "resumed": False}
@@ -166,7 +176,11 @@ class VLMRunner(CausalLMRunner):
         if want_hidden:  # (B, T_max, H), right-padded like the engine's own prefill
             width = max(h.shape[0] for h in hidden)
             hidden = torch.stack([torch.nn.functional.pad(h, (0, 0, 0, width - h.shape[0])) for h in hidden])
-        return BlockOutput(torch.stack(logits), hidden if want_hidden else None)
+        if self.want_attention:  # (B, T_max)
+            width = max(a.shape[0] for a in attention)
+            attention = torch.stack([torch.nn.functional.pad(a, (0, width - a.shape[0])) for a in attention])
+        return BlockOutput(torch.stack(logits), hidden if want_hidden else None,
+                           attention if self.want_attention else None)
 
     # --- chat: continue a cached conversation -------------------------------------------------------------------
     def _can_resume(self, req: VLMRequest) -> bool:

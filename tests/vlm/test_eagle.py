@@ -22,23 +22,9 @@ from stats_tools import chi_square, exact_joint
 from vision import SpeculativeVLM
 from vision.drafters import EagleDrafter, EagleHead
 from vision.testing import tiny_vlm
-from vlm_cases import MAX_NEW, family, hf_reference, image, references, rows
+from vlm_cases import MAX_NEW, family, hf_reference, image, near_oracle, references, rows
 
 SHAPES = {"chain3": 3, "tree221": StaticTree.full((2, 2, 1)), "eagle2": DynamicTree(topk=3, depth=3, total=8)}
-
-
-@torch.no_grad()
-def near_oracle(model) -> EagleHead:
-    text = getattr(getattr(model, "model", None), "language_model", None) or model.model
-    assert len(text.layers) == 1
-    head = EagleHead(model)
-    h = head.config.hidden_size
-    head.fc.weight.zero_()
-    head.fc.bias.zero_()
-    head.fc.weight[:, :h] = torch.eye(h)
-    head.body.layers[0].load_state_dict(text.layers[0].state_dict())
-    head.body.norm.load_state_dict(text.norm.state_dict())
-    return head
 
 
 @pytest.fixture(scope="module")
@@ -209,10 +195,11 @@ def test_eagle3_taps_are_lossless_and_fed_from_the_tapped_layers(target, prompts
     full = prompts[1] + reference[1]
     with torch.no_grad():
         hs = target(torch.tensor([full], device=target.device), output_hidden_states=True).hidden_states
-    start, feats = seen[0]
-    assert feats.shape[-1] == 2 * target.config.hidden_size
-    torch.testing.assert_close(feats, torch.cat([hs[1], hs[2]], -1)[0, start: start + feats.shape[0]],
-                               atol=1e-4, rtol=0)
+    start, feats = seen[0]  # the taps, concatenated (2H) and fused by the head's tap_fc (H)
+    assert feats.shape[-1] == target.config.hidden_size
+    with torch.no_grad():
+        taps = head.tap_fc(torch.cat([hs[1], hs[2]], -1)[0, start: start + feats.shape[0]])
+    torch.testing.assert_close(feats, taps, atol=1e-4, rtol=0)
 
 
 def test_msd_decoupled_image_inputs_and_checkpoint(tmp_path):

@@ -9,12 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import DEVICE
 from mmspec.sampling import SamplingSpec
 from mmspec.tree import DynamicTree, StaticTree
 from stats_tools import chi_square
 from vision import SpeculativeVLM
 from vision.prompts import build_request
-from vlm_cases import extend_inputs, family, image, noisy_vlm, on_device
+from vlm_cases import extend_inputs, family, image, near_oracle, noisy_vlm, on_device
 
 LENGTH = 3
 N = 1500
@@ -23,8 +24,8 @@ PROMPT = "describe the image"
 
 
 @torch.no_grad()
-def exact_joint(name: str, img) -> dict[tuple[int, ...], float]:
-    t = family(name)
+def exact_joint(name: str, img, t=None) -> dict[tuple[int, ...], float]:
+    t = t or family(name)
     req, _, _ = build_request(t.processor, images=[img], prompt=PROMPT)
     spec, joint = SamplingSpec(**SPEC), {(): 1.0}
     for _ in range(LENGTH):
@@ -64,3 +65,29 @@ def test_vlm_sampling_matches_target(config):
     assert outside == 0
     assert stat < threshold, (stat, threshold)
     assert 0 < accepted < drafted  # both the accept and the residual paths were exercised
+
+
+def test_feature_drafter_with_attention_pruned_image_samples_the_target():
+    """EAGLE (near-oracle head on a 1-layer LLaVA) reading an image pruned to half by the target's attention:
+    the sampled continuations follow the target's exact joint distribution."""
+    from vision.compressors import AttentionPrune
+    from vision.drafters import EagleDrafter
+    from vision.testing import tiny_vlm
+
+    t = tiny_vlm("llava", text_layers=1)
+    t.model.to(DEVICE)
+    img = image(6, "llava")
+    joint = exact_joint("llava", img, t)
+    drafter = EagleDrafter(near_oracle(t.model), 2, compressor=AttentionPrune(0.5))
+    svlm = SpeculativeVLM(t.model, t.processor, drafter)
+    samples, accepted, drafted = [], 0, 0
+    for start in range(0, N, 250):
+        out = svlm.generate(prompt=[PROMPT] * 250, images=[[img]] * 250, max_new_tokens=LENGTH, seed=start, **SPEC)
+        samples.extend(tuple(s) for s in out.sequences)
+        accepted, drafted = accepted + out.stats.accepted_tokens, drafted + out.stats.draft_tokens
+    n_image = sum(1 for x in svlm.target.row_ids[0] if x == drafter.image_token_id)
+    assert drafter.prompt_slots[0] == len(svlm.target.row_ids[0]) - LENGTH + 1 - n_image + n_image // 2
+    stat, threshold, outside = chi_square(samples, joint)
+    assert outside == 0
+    assert stat < threshold, (stat, threshold)
+    assert 0 < accepted < drafted

@@ -20,6 +20,7 @@ from .base import CompressedImage, Compressor, ceil_count, check_attention, chec
 
 class AttentionPrune(Compressor):
     type = "attention_prune"
+    uses_attention = True
 
     def __init__(self, keep_ratio: float = 0.25):
         super().__init__()

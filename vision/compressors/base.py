@@ -46,6 +46,7 @@ class Compressor(nn.Module):
     """Base class; subclasses set `type` (the registry name) and implement the three methods."""
 
     type: str = ""
+    uses_attention = False  # True: forward reads `attention` (the drafter then asks the target for it)
 
     def out_tokens(self, n_in: int, grid: tuple[int, int] | None = None) -> int:
         raise NotImplementedError

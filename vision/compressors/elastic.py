@@ -40,6 +40,7 @@ def concentration(attention: Tensor, top_fraction: float) -> Tensor:
 
 class Elastic(Compressor):
     type = "elastic"
+    uses_attention = True
 
     def __init__(self, compressors: Sequence[Compressor] | None = None, min_tokens: int = 1,
                  threshold: float = 0.5, top_fraction: float = 0.1):

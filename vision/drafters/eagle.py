@@ -115,10 +115,15 @@ class EagleHead(nn.Module):
         if self.image_proj is not None:
             is_image = (input_ids == self.image_token_id).unsqueeze(-1)
             x = torch.where(is_image, self.image_proj(features), x)
+        h, extra = self._decode(x, features, attention_mask, position_ids, past_key_values, use_cache)
+        logits = head(h[:, -logits_to_keep:] if logits_to_keep else h)
+        return SimpleNamespace(logits=logits, hidden_states=(h,), **extra)
+
+    def _decode(self, x, features, attention_mask, position_ids, past_key_values, use_cache):
+        """The head's decoder over the fused inputs x (B, M, H): (predicted features, extra outputs)."""
         h = self.body(inputs_embeds=x, attention_mask=attention_mask, position_ids=position_ids,
                       past_key_values=past_key_values, use_cache=use_cache).last_hidden_state
-        logits = head(h[:, -logits_to_keep:] if logits_to_keep else h)
-        return SimpleNamespace(logits=logits, hidden_states=(h,))
+        return h, {}
 
 
 def target_identity(target: nn.Module) -> dict:
@@ -188,6 +193,11 @@ class EagleDrafter(ModelDrafter):
         self.needs_hidden = head.taps if head.taps else True  # what the target hands over: last layer or taps
         self.prompt_slots: list[int] = []  # drafter slots each prompt took (after compression), for inspection
 
+    @property
+    def needs_attention(self) -> bool:
+        """An attention-driven compressor asks the target's prefill for the last-layer attention mass."""
+        return bool(getattr(self.compressor, "uses_attention", False))
+
     def check_target(self, target) -> None:
         super().check_target(target)
         if self.image_token_id is None:
@@ -197,18 +207,20 @@ class EagleDrafter(ModelDrafter):
                     self.image_token_id = int(getattr(cfg, name))
                     break
 
-    def _view(self, tokens: list[int], feats: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+    def _view(self, tokens: list[int], feats: torch.Tensor,
+              attention: torch.Tensor | None = None) -> tuple[list[int], torch.Tensor, torch.Tensor | None]:
         """The drafter's pairs for a prompt: each run of image placeholders is replaced by the compressor's tokens
-        (placeholder id, compressed feature). Square runs are pooled as a grid, others as a sequence."""
+        (placeholder id, compressed feature). Square runs are pooled as a grid, others as a sequence. attention
+        (len(tokens),): the target's attention mass at each token's position, ranking image tokens for pruning.
+        Returns (tokens, features (M, H), the last image's global vector (H,) or None); with a global vector
+        (ViSpec) every text pair after an image has it fused into its feature."""
         if self.compressor is None or self.image_token_id is None or self.image_token_id not in tokens:
-            return tokens, feats
-        if self.head.tap_fc is not None:  # compress fused H-dim features, not the raw taps
-            feats = self.head.tap_fc(feats)
-        out_tok, out_feat, i = [], [], 0
+            return tokens, feats, None
+        out_tok, out_feat, i, g = [], [], 0, None
         while i < len(tokens):
             if tokens[i] != self.image_token_id:
                 out_tok.append(tokens[i])
-                out_feat.append(feats[i: i + 1])
+                out_feat.append(self._fuse(feats[i: i + 1], g))
                 i += 1
                 continue
             j = i
@@ -216,11 +228,24 @@ class EagleDrafter(ModelDrafter):
                 j += 1
             side = int(round((j - i) ** 0.5))
             grid = (side, side) if side * side == j - i else None
-            comp = self.compressor(feats[i:j].unsqueeze(0), grid=grid).tokens[0]
-            out_tok += [self.image_token_id] * comp.shape[0]
-            out_feat.append(comp.to(feats.dtype))
+            att = attention[i:j].unsqueeze(0).to(feats.device) if attention is not None else None
+            comp = self.compressor(feats[i:j].unsqueeze(0), grid=grid, attention=att)
+            out_tok += [self.image_token_id] * comp.tokens.shape[1]
+            out_feat.append(comp.tokens[0].to(feats.dtype))
+            g = comp.global_vec[0] if comp.global_vec is not None else g
             i = j
-        return out_tok, torch.cat(out_feat)
+        return out_tok, torch.cat(out_feat), g
+
+    @torch.inference_mode()
+    def _fuse(self, feats: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
+        """ViSpec: the image's global vector fused into text features (M, H); unchanged without one."""
+        return feats if g is None else self.compressor.fuse(feats.unsqueeze(0), g.unsqueeze(0))[0]
+
+    @torch.inference_mode()
+    def _head_features(self, feats: torch.Tensor) -> torch.Tensor:
+        """The target's features as the head fuses them: EAGLE-3 taps (k*H) through the head's tap_fc (H)."""
+        tap_fc = self.head.tap_fc
+        return tap_fc(feats) if tap_fc is not None and feats.shape[-1] != self.head.config.hidden_size else feats
 
     # --- lifecycle ----------------------------------------------------------------------------------------------
     def begin(self, ctx, prefill: BlockOutput) -> None:
@@ -229,12 +254,15 @@ class EagleDrafter(ModelDrafter):
         b = len(ctx.history)
         self.runner.kv = RaggedCache.new(self.head, b)
         self.runner.next_positions = [0] * b
-        self.uncached, self.uncached_feats = [], []
+        self.uncached, self.uncached_feats, self.global_vecs = [], [], []
         for i, h in enumerate(ctx.history):  # pairs (x_{t+1}, f_t): prompt[1:] + the first generated token
             with torch.inference_mode():
-                tokens, feats = self._view(list(h[1:]), prefill.hidden[i, : len(h) - 1])
+                att = prefill.attention[i, 1: len(h)] if prefill.attention is not None else None
+                feats = self._head_features(prefill.hidden[i, : len(h) - 1])
+                tokens, feats, g = self._view(list(h[1:]), feats, att)
             self.uncached.append(tokens)
             self.uncached_feats.append(feats)
+            self.global_vecs.append(g)
         self.prompt_slots = [len(u) for u in self.uncached]
         self.round = None
 
@@ -244,7 +272,7 @@ class EagleDrafter(ModelDrafter):
         for b, upd in enumerate(updates):
             hidden = verify_out.hidden[b]  # (M, H): [pending, nodes...] of the verify block
             prev = [0] + [1 + n for n in upd.path]  # feature before each committed token
-            feats = hidden[prev[: len(upd.tokens)]]
+            feats = self._fuse(self._head_features(hidden[prev[: len(upd.tokens)]]), self.global_vecs[b])
             if rnd is None:  # nothing was fed this step: keep the old uncached block too
                 self.uncached[b] = self.uncached[b] + list(upd.tokens)
                 self.uncached_feats[b] = torch.cat([self.uncached_feats[b], feats])
@@ -259,6 +287,7 @@ class EagleDrafter(ModelDrafter):
     def select_rows(self, rows) -> None:
         super().select_rows(rows)
         self.uncached_feats = [self.uncached_feats[r] for r in rows]
+        self.global_vecs = [self.global_vecs[r] for r in rows]
 
     # --- feeding ------------------------------------------------------------------------------------------------
     def _feed_uncached(self) -> torch.Tensor:
@@ -281,7 +310,8 @@ class EagleDrafter(ModelDrafter):
         feats = self._root_hidden.new_zeros(len(feed), m, h)
         for r, row in enumerate(feed):
             for j, (node, _, anc) in enumerate(row):
-                feats[r, j] = self._node_hidden[r][anc[-1]] if anc else self._root_hidden[r]
+                parent = self._node_hidden[r][anc[-1]] if anc else self._root_hidden[r]
+                feats[r, j] = parent if self.global_vecs[r] is None else self._fuse(parent[None], self.global_vecs[r])[0]
         self.runner.features = feats
         logits = super()._feed_nodes(feed)
         for r, row in enumerate(feed):
@@ -292,7 +322,8 @@ class EagleDrafter(ModelDrafter):
     def _chain_feed(self, tok: int, offset: int) -> torch.Tensor:
         """A chain node reads its parent's predicted feature (the root's for depth 1)."""
         first = offset == self.round.n_uncached[0]  # depth 1
-        self.runner.features = (self._root_hidden[0] if first else self._chain_feature).view(1, 1, -1)
+        parent = (self._root_hidden[0] if first else self._chain_feature).view(1, -1)
+        self.runner.features = self._fuse(parent, self.global_vecs[0]).unsqueeze(0)  # (1, 1, H)
         logits = super()._chain_feed(tok, offset)
         self._chain_feature = self.runner.last_hidden[0, 0]
         return logits
