@@ -75,13 +75,14 @@ class AttentionProbe:
     ``probe.records[i]`` is the list of statistics layer ``layers[i]`` produced, one per forward call (a model
     called once gives one entry per layer)."""
 
-    def __init__(self, model: nn.Module, layers: list[int], reduce: Reducer = query_entropy):
+    def __init__(self, model: nn.Module, layers: list[int], reduce: Reducer | list[Reducer] = query_entropy):
+        """reduce: one reducer for every layer, or one per layer."""
         all_layers = decoder_layers(model)
         bad = [i for i in layers if not -len(all_layers) <= i < len(all_layers)]
         if bad:
             raise UnsupportedModelError(f"layers {bad} out of range: the model has {len(all_layers)} decoder layers")
         self.watched = {id(all_layers[i].self_attn): n for n, i in enumerate(layers)}
-        self.reduce = reduce
+        self.reducers = list(reduce) if isinstance(reduce, (list, tuple)) else [reduce] * len(layers)
         self.records: list[list[torch.Tensor]] = [[] for _ in layers]
         self._saved: dict[str, tuple[bool, Callable | None]] = {}
 
@@ -112,7 +113,7 @@ class AttentionProbe:
             if slot is not None:
                 with torch.no_grad():
                     w = attention_weights(query, key, attention_mask, kwargs.get("scaling"))
-                    self.records[slot].append(self.reduce(w))
+                    self.records[slot].append(self.reducers[slot](w))
             return out
 
         return probed

@@ -103,8 +103,10 @@ class SpeculativeVLM:
     @classmethod
     def from_pretrained(cls, target: str, drafter=None, *, torch_dtype=None, device_map=None, tree=4,
                         acceptance: str | None = None, trust_remote_code: bool = False, **model_kwargs):
-        """Load the target (AutoModelForImageTextToText + AutoProcessor) and a drafter given as a path/id: a VLM
-        (with its processor) or a causal LM (with its tokenizer), checked to share the target's tokenizer."""
+        """Load the target (AutoModelForImageTextToText + AutoProcessor) and a drafter given as a path/id: a feature
+        drafter saved by `mmspec train-drafter` / `save_pretrained` (EAGLE, EAGLE-3, MSD, DREAM; checked to be made
+        for this target), a VLM (with its processor) or a causal LM (with its tokenizer), checked to share the
+        target's tokenizer."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, \
             AutoTokenizer
 
@@ -113,7 +115,11 @@ class SpeculativeVLM:
         model = _load(AutoModelForImageTextToText, target, "target", **mkw).eval()
         processor = _load(AutoProcessor, target, "target", **kw)
         extra = {}
-        if isinstance(drafter, str) and drafter != "ngram":
+        from .drafters import feature_drafter_kind, load_feature_drafter
+
+        if isinstance(drafter, str) and drafter != "ngram" and feature_drafter_kind(drafter):
+            drafter = load_feature_drafter(drafter, model, tree)
+        elif isinstance(drafter, str) and drafter != "ngram":
             cfg = _load(AutoConfig, drafter, "drafter", **kw)
             if hasattr(cfg, "vision_config"):
                 extra["drafter_processor"] = _load(AutoProcessor, drafter, "drafter", **kw)

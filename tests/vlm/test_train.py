@@ -237,7 +237,7 @@ def test_vispec_loss_trains(learnable):
     batch = collate([make_example(t.model, t.processor, train[0])])
     out = head(batch.input_ids, batch.features, use_cache=False)
     _, parts = drafter_loss(out.hidden_states[0], out.logits, batch, "vispec")
-    assert set(parts) == {"reg", "cls", "prob"}
+    assert set(parts) == {"reg", "cls", "prob", "rank"}
     with pytest.raises(InvalidInputError, match="mode="):
         train_eagle(head, t.model, t.processor, train[:4], steps=3, mode="batch", progress=False)
 
@@ -278,6 +278,24 @@ def test_train_drafter_command_distils_trains_and_resumes(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["train"]["start_step"] == 2 and report["train"]["step"] == 4
     EagleHead.from_pretrained(tmp_path / "out", t.model)
+    dream = ["train-drafter", "--target", str(tmp_path / "target"), "--data", str(tmp_path / "data"), "--out",
+             str(tmp_path / "dream"), "--held-out", "0.34", "--eval-tokens", "4", "--quiet", "--steps", "2",
+             "--head", "dream", "--taps", "1,-1", "--compressor", "avg_pool:2", "--unroll", "2"]
+    args = parser.parse_args(dream)
+    assert args.func(args) == 0
+    assert json.loads(capsys.readouterr().out)["train"]["step"] == 2
+    from vision.drafters import DreamDrafter, load_feature_drafter
+
+    loaded = load_feature_drafter(tmp_path / "dream", t.model)
+    assert isinstance(loaded, DreamDrafter) and loaded.head.taps == (1, -1)
+    assert loaded.compressor.config() == {"type": "avg_pool", "stride": 2}
+    from mmspec.errors import InvalidInputError
+    from vision.train.cli import parse_compressor
+
+    with pytest.raises(InvalidInputError, match="expected one of"):
+        parse_compressor("blur:3", t.model)
+    with pytest.raises(InvalidInputError, match="stride must be a int"):
+        parse_compressor("avg_pool:two", t.model)
     with pytest.raises(DatasetError, match="--images"):
         distill_inputs(None, tmp_path / "prompts.txt")
     with pytest.raises(DatasetError, match="no prompt"):

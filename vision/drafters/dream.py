@@ -68,12 +68,12 @@ class DreamHead(EagleHead):
     KIND = "mmspec.dream"
 
     def __init__(self, target: nn.Module, layers: int = 3, taps: tuple[int, ...] | None = None,
-                 image_token_id: int | None = None):
+                 image_token_id: int | None = None, compressor: nn.Module | None = None):
         """layers: decoder blocks, odd and >= 3 (DREAM: 3); the middle one is the cross-attention block."""
         if not isinstance(layers, int) or layers < 3 or layers % 2 == 0:
             raise InvalidInputError(f"layers={layers!r}: a DREAM head has an odd number >= 3 of blocks (self-attention "
                                     "around one cross-attention block)")
-        super().__init__(target, layers=layers, taps=taps, image_token_id=image_token_id)
+        super().__init__(target, layers=layers, taps=taps, image_token_id=image_token_id, compressor=compressor)
         self.cross_index = layers // 2
         self.body.layers[self.cross_index] = GatedCrossAttention(self.config, self.cross_index)
         self.to(device=self.fc.weight.device, dtype=self.fc.weight.dtype)

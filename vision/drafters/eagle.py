@@ -34,14 +34,17 @@ class EagleHead(nn.Module):
     CONFIG_NAME, WEIGHTS_NAME, KIND = "config.json", "model.safetensors", "mmspec.eagle"
 
     def __init__(self, target: nn.Module, layers: int = 1, taps: tuple[int, ...] | None = None,
-                 image_token_id: int | None = None):
+                 image_token_id: int | None = None, compressor: nn.Module | None = None):
         """layers: decoder layers of the head. taps: indices into the target's hidden_states to read (EAGLE-3, Li
         et al. 2025: low, middle and high layers, fused by a linear layer); None reads the last one (EAGLE-1).
         image_token_id: with it, image positions take a projection of their feature alone instead of the fused
-        (placeholder embedding, feature) pair (MSD's decoupling of visual and text inputs, Lin et al. 2025)."""
+        (placeholder embedding, feature) pair (MSD's decoupling of visual and text inputs, Lin et al. 2025).
+        compressor: a vision.compressors module for the head's view of images, trained and saved with the head
+        (the drafter uses it unless given another)."""
         super().__init__()
         self.layers, self.taps, self.image_token_id = layers, tuple(taps) if taps else None, image_token_id
         self.target_identity = target_identity(target)
+        self.target_config = getattr(target, "config", None)  # (not saved) the target's image token id, for training
         tc = text_config(target)
         hidden = int(tc.hidden_size)
         heads = int(tc.num_attention_heads)
@@ -62,6 +65,7 @@ class EagleHead(nn.Module):
         if embed is None or head is None:
             raise UnsupportedModelError(f"{type(target).__name__} exposes no input embeddings / LM head to share")
         self._shared = [embed, head]  # kept out of the module tree: frozen, not saved with the drafter
+        self.compressor = compressor
         self.to(device=head.weight.device, dtype=head.weight.dtype)
 
     # --- checkpoints: safetensors weights + a config.json naming the target they were trained for ---------------
@@ -74,7 +78,8 @@ class EagleHead(nn.Module):
                    if not k.startswith("body.embed_tokens")}
         save_file(weights, str(out / self.WEIGHTS_NAME))
         cfg = {"kind": self.KIND, "layers": self.layers, "taps": list(self.taps) if self.taps else None,
-               "image_token_id": self.image_token_id, "target": self.target_identity}
+               "image_token_id": self.image_token_id, "target": self.target_identity,
+               "compressor": self.compressor.config() if self.compressor is not None else None}
         (out / self.CONFIG_NAME).write_text(json.dumps(cfg, indent=2))
         return out
 
@@ -89,8 +94,13 @@ class EagleHead(nn.Module):
                 f"drafter checkpoint {str(directory)!r} was trained for another target: " + ", ".join(
                     f"{k} {a!r} in the checkpoint vs {b!r} here" for k, (a, b) in diff.items())
                 + "; train a drafter for this target (mmspec train-drafter)")
+        compressor = None
+        if cfg.get("compressor"):
+            from vision.compressors import build_compressor
+
+            compressor = build_compressor(cfg["compressor"])
         head = cls(target, layers=int(cfg.get("layers", 1)), taps=cfg.get("taps"),
-                   image_token_id=cfg.get("image_token_id"))
+                   image_token_id=cfg.get("image_token_id"), compressor=compressor)
         weights = _read_weights(Path(directory) / cls.WEIGHTS_NAME)
         missing, unexpected = head.load_state_dict(weights, strict=False)
         missing = [k for k in missing if not k.startswith("body.embed_tokens")]
@@ -161,6 +171,42 @@ def _read_weights(path: Path) -> dict:
                               "corrupt or truncated") from e
 
 
+def compressed_view(tokens: list[int], feats: torch.Tensor, compressor, image_token_id: int,
+                    attention: torch.Tensor | None = None):
+    """A feature drafter's view of a sequence of pairs (x_{t+1}, f_t): each run of image placeholders is replaced
+    by the compressor's tokens (placeholder id, compressed feature); square runs are pooled as a grid, others as a
+    sequence. attention (len(tokens),): the target's attention mass at each token's position (for pruning). With a
+    global vector (ViSpec) every text pair after an image gets it fused into its feature.
+
+    Returns (tokens, features (M, H), source (M,) long: the input pair each output slot is, -1 for compressed
+    slots, the last image's global vector (H,) or None). Differentiable in the compressor (training uses it)."""
+    out_tok, out_feat, source, i, g = [], [], [], 0, None
+    while i < len(tokens):
+        if tokens[i] != image_token_id:
+            j = i
+            while j < len(tokens) and tokens[j] != image_token_id:
+                j += 1
+            text = feats[i:j]
+            out_feat.append(text if g is None else compressor.fuse(text.unsqueeze(0), g.unsqueeze(0))[0])
+            out_tok += tokens[i:j]
+            source += range(i, j)
+            i = j
+            continue
+        j = i
+        while j < len(tokens) and tokens[j] == image_token_id:
+            j += 1
+        side = int(round((j - i) ** 0.5))
+        grid = (side, side) if side * side == j - i else None
+        att = attention[i:j].unsqueeze(0).to(feats.device) if attention is not None else None
+        comp = compressor(feats[i:j].unsqueeze(0), grid=grid, attention=att)
+        out_tok += [image_token_id] * comp.tokens.shape[1]
+        out_feat.append(comp.tokens[0].to(feats.dtype))
+        source += [-1] * comp.tokens.shape[1]
+        g = comp.global_vec[0] if comp.global_vec is not None else g
+        i = j
+    return out_tok, torch.cat(out_feat), torch.tensor(source, dtype=torch.long), g
+
+
 class _EagleRunner(CausalLMRunner):
     """Feeds each block with its features (set by the drafter just before) and keeps the predicted features."""
 
@@ -189,6 +235,7 @@ class EagleDrafter(ModelDrafter):
         drafter reads every image position's feature). image_token_id: the target's image placeholder id (read
         from the target's config when the drafter is checked against it)."""
         super().__init__(runner=_EagleRunner(head), tree=tree)
+        compressor = compressor if compressor is not None else head.compressor
         self.head, self.compressor, self.image_token_id = head, compressor, image_token_id
         self.needs_hidden = head.taps if head.taps else True  # what the target hands over: last layer or taps
         self.prompt_slots: list[int] = []  # drafter slots each prompt took (after compression), for inspection
@@ -209,32 +256,11 @@ class EagleDrafter(ModelDrafter):
 
     def _view(self, tokens: list[int], feats: torch.Tensor,
               attention: torch.Tensor | None = None) -> tuple[list[int], torch.Tensor, torch.Tensor | None]:
-        """The drafter's pairs for a prompt: each run of image placeholders is replaced by the compressor's tokens
-        (placeholder id, compressed feature). Square runs are pooled as a grid, others as a sequence. attention
-        (len(tokens),): the target's attention mass at each token's position, ranking image tokens for pruning.
-        Returns (tokens, features (M, H), the last image's global vector (H,) or None); with a global vector
-        (ViSpec) every text pair after an image has it fused into its feature."""
-        if self.compressor is None or self.image_token_id is None or self.image_token_id not in tokens:
+        """The drafter's pairs for a prompt (`compressed_view`): (tokens, features (M, H), global vector or None)."""
+        if self.compressor is None or self.image_token_id is None:
             return tokens, feats, None
-        out_tok, out_feat, i, g = [], [], 0, None
-        while i < len(tokens):
-            if tokens[i] != self.image_token_id:
-                out_tok.append(tokens[i])
-                out_feat.append(self._fuse(feats[i: i + 1], g))
-                i += 1
-                continue
-            j = i
-            while j < len(tokens) and tokens[j] == self.image_token_id:
-                j += 1
-            side = int(round((j - i) ** 0.5))
-            grid = (side, side) if side * side == j - i else None
-            att = attention[i:j].unsqueeze(0).to(feats.device) if attention is not None else None
-            comp = self.compressor(feats[i:j].unsqueeze(0), grid=grid, attention=att)
-            out_tok += [self.image_token_id] * comp.tokens.shape[1]
-            out_feat.append(comp.tokens[0].to(feats.dtype))
-            g = comp.global_vec[0] if comp.global_vec is not None else g
-            i = j
-        return out_tok, torch.cat(out_feat), g
+        out_tok, out_feat, _, g = compressed_view(tokens, feats, self.compressor, self.image_token_id, attention)
+        return out_tok, out_feat, g
 
     @torch.inference_mode()
     def _fuse(self, feats: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:

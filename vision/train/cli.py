@@ -1,12 +1,15 @@
-"""``mmspec train-drafter``: (optionally self-distil a dataset, then) train an EAGLE head and report held-out tau.
+"""``mmspec train-drafter``: (optionally self-distil a dataset, then) train a feature drafter and report held-out tau.
 
     mmspec train-drafter --target llava-dir --data data/ --out eagle/ --steps 2000
+    mmspec train-drafter ... --head dream --compressor attention_prune:0.25     # DREAM
+    mmspec train-drafter ... --taps 2,12,-3 --unroll 7                          # EAGLE-3
+    mmspec train-drafter ... --loss vispec --compressor vispec:4 --unroll 3     # ViSpec
     mmspec train-drafter --target llava-dir --distill --images photos/ --prompts questions.txt --data data/ --out eagle/
     mmspec train-drafter ... --resume            # continue from the newest checkpoint in --out
 
 `add_parser(subparsers)` registers the subcommand on the mmspec CLI's subparsers; the handler prints a JSON report
 (training loss, acceptance estimate, held-out tau before and after training) and writes it to ``--out/report.json``.
-The trained head loads with ``EagleHead.from_pretrained(out, target)``.
+The trained drafter loads with ``SpeculativeVLM.from_pretrained(target, drafter=out)`` or ``mmspec chat --drafter out``.
 """
 from __future__ import annotations
 
@@ -32,7 +35,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--mode", choices=MODES, default="offline",
                    help="offline: target features computed once and cached in --out/features; online: every step")
-    p.add_argument("--loss", choices=LOSSES, default="eagle", help="eagle: SmoothL1 + 0.1 CE; vispec: + prob. L1")
+    p.add_argument("--head", choices=["eagle", "dream"], default="eagle",
+                   help="eagle: one decoder layer (EAGLE); dream: self-attn / gated cross-attn / self-attn (DREAM)")
+    p.add_argument("--taps", help="EAGLE-3: comma-separated hidden-state indices to read, e.g. 2,12,-3")
+    p.add_argument("--msd", action="store_true", help="MSD: image positions read a projection of their feature")
+    p.add_argument("--compressor", help="the drafter's image compression, trained with it: avg_pool:S, "
+                   "attention_prune:R, conv:S, resampler:N, vispec:N (N queries), or a JSON config")
+    p.add_argument("--loss", choices=LOSSES, help="eagle: SmoothL1 + 0.1 CE; vispec: + prob. L1 + ranking; "
+                   "dream: + intermediate-feature loss (default: dream for --head dream, else eagle)")
+    p.add_argument("--unroll", type=int, default=1, help="passes on the head's own predictions (EAGLE-3 training-"
+                   "time test / ViSpec self-feeding; 1 = teacher forcing)")
     p.add_argument("--noise", type=float, default=0.0, help="uniform noise half-width on the input features")
     p.add_argument("--save-every", type=int, default=500, help="checkpoint interval in steps")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
@@ -55,7 +67,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_train_drafter(args) -> int:
-    from vision.drafters import EagleHead
+    from vision.drafters import DreamHead, EagleHead
 
     from .data import DATA_FILE, load_dataset, self_distill, split
     from .eagle_trainer import evaluate_tau, train_eagle
@@ -67,10 +79,14 @@ def cmd_train_drafter(args) -> int:
                      progress=not args.quiet)
     train, held = split(load_dataset(args.data), held_out=args.held_out, seed=args.seed)
     held = held[: args.eval_records]
-    head = EagleHead(model)
+    taps = tuple(int(x) for x in args.taps.split(",")) if args.taps else None
+    image_id = getattr(model.config, "image_token_id", None) if args.msd else None
+    head = (DreamHead if args.head == "dream" else EagleHead)(
+        model, taps=taps, image_token_id=image_id, compressor=parse_compressor(args.compressor, model))
     before = evaluate_tau(head, model, processor, held, tree=args.tree, max_new_tokens=args.eval_tokens)
     report = train_eagle(head, model, processor, train, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                         mode=args.mode, loss=args.loss, noise=args.noise, seed=args.seed, out_dir=args.out,
+                         mode=args.mode, loss=args.loss, unroll=args.unroll, noise=args.noise, seed=args.seed,
+                         out_dir=args.out,
                          save_every=args.save_every, resume=args.resume, progress=not args.quiet)
     after = evaluate_tau(head, model, processor, held, tree=args.tree, max_new_tokens=args.eval_tokens)
     report.pop("losses")
@@ -82,6 +98,36 @@ def cmd_train_drafter(args) -> int:
     print(f"held-out tau: {before['tau']:.2f} untrained -> {after['tau']:.2f} trained; head saved in {args.out}",
           file=sys.stderr)
     return 0
+
+
+def parse_compressor(spec: str | None, model):
+    """--compressor: None, "type:value" shorthands, or a JSON config for vision.compressors.build_compressor."""
+    if not spec:
+        return None
+    from mmspec.errors import InvalidInputError
+    from vision.compressors import build_compressor
+
+    if spec.lstrip().startswith("{"):
+        try:
+            return build_compressor(json.loads(spec))
+        except ValueError as e:
+            raise InvalidInputError(f"--compressor {spec!r} is not valid JSON ({e})") from e
+    kind, _, value = spec.partition(":")
+    h = model.config.get_text_config().hidden_size
+    heads = model.config.get_text_config().num_attention_heads
+    shorthands = {"avg_pool": ("stride", int, {}), "conv": ("stride", int, {"dim": h}),
+                  "attention_prune": ("keep_ratio", float, {}),
+                  "resampler": ("n_queries", int, {"dim": h, "heads": heads}),
+                  "vispec": ("n_queries", int, {"dim": h, "heads": heads})}
+    if kind not in shorthands:
+        raise InvalidInputError(f"--compressor {spec!r}: expected one of {sorted(shorthands)} as TYPE[:VALUE], or "
+                                "a JSON config")
+    name, cast, extra = shorthands[kind]
+    try:
+        cfg = {"type": kind, **extra, **({name: cast(value)} if value else {})}
+    except ValueError as e:
+        raise InvalidInputError(f"--compressor {spec!r}: {name} must be a {cast.__name__}") from e
+    return build_compressor(cfg)
 
 
 def load_target(args):

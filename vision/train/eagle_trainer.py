@@ -17,6 +17,7 @@ running metrics); nothing is pickled. The final head is also saved in ``out_dir`
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -32,36 +33,48 @@ import torch
 from mmspec.errors import CheckpointError, InvalidInputError
 
 from .data import Record
-from .features import OnlineFeatures, collate, precompute
+from .features import OnlineFeatures, collate, compress_pairs, precompute
 from .losses import LOSSES, agreement, drafter_loss
 
 MODES = ("offline", "online")
 STATE_FILE, OPTIMIZER_FILE, STATE_KIND = "trainer_state.json", "optimizer.safetensors", "mmspec.eagle-trainer"
 # Settings a resumed run must share with the run it continues (anything else would change the result).
-RESUMABLE = ("lr", "batch_size", "loss", "w_cls", "w_prob", "noise", "context_weight", "topk", "warmup",
-             "grad_clip", "seed", "examples")
+RESUMABLE = ("lr", "batch_size", "loss", "w_cls", "w_prob", "w_rank", "w_mid", "noise", "context_weight", "topk",
+             "warmup", "grad_clip", "seed", "examples", "unroll", "unroll_decay")
 
 
 def train_eagle(head, target, processor, train_records: Sequence[Record], *, steps: int, lr: float = 1e-4,
-                batch_size: int = 1, mode: str = "offline", loss: str = "eagle", w_cls: float = 0.1,
-                w_prob: float = 1.0, noise: float = 0.0, context_weight: float = 0.1, topk: int = 8,
+                batch_size: int = 1, mode: str = "offline", loss: str | None = None, w_cls: float = 0.1,
+                w_prob: float = 1.0, w_rank: float = 0.1, w_mid: float = 0.1, unroll: int = 1,
+                unroll_decay: float = 0.8, noise: float = 0.0, context_weight: float = 0.1, topk: int = 8,
                 warmup: int = 0, grad_clip: float | None = 0.5, seed: int = 0, out_dir=None,
                 save_every: int | None = None, keep: int | None = 2, resume: bool = False, cache_dir=None,
                 window: int = 50, progress: bool = True) -> dict:
     """Train `head` in place for `steps` optimizer steps in total (resumed steps included).
 
+    head: an EagleHead (EAGLE-1; EAGLE-3 with taps; MSD with image_token_id) or a DreamHead; its compressor, if it
+    has one, is trained with it on the drafter's compressed view of each image. loss: "eagle" (SmoothL1 + w_cls CE),
+    "vispec" (+ w_prob probability L1 + w_rank ranking), "dream" (+ w_mid intermediate-feature loss); default
+    "dream" for a DreamHead, else "eagle". unroll: steps of training on the head's own predicted features (EAGLE-3's
+    training-time test, ViSpec's self-feeding; 1 = teacher forcing only), step s weighted unroll_decay**s.
     mode "offline" computes the target's features once into `cache_dir` (default out_dir/features, else a temporary
     directory), "online" runs the target on each batch. With `out_dir`, a checkpoint is written every `save_every`
     steps and at the end (the newest `keep` are kept; None: all) and the final head is saved in out_dir. Returns
     {"step", "start_step", "loss" (mean over the last `window` steps), "acceptance" (running top-1 agreement with
     the target's next token inside the answers), "losses" (this call's per-step losses), "seconds", "examples",
     "mode", "out_dir"}."""
-    config = dict(lr=lr, batch_size=batch_size, loss=loss, w_cls=w_cls, w_prob=w_prob, noise=noise,
-                  context_weight=context_weight, topk=topk, warmup=warmup, grad_clip=grad_clip, seed=seed,
-                  steps=steps, mode=mode)
+    from vision.drafters import DreamHead
+
+    loss = loss or ("dream" if isinstance(head, DreamHead) else "eagle")
+    config = dict(lr=lr, batch_size=batch_size, loss=loss, w_cls=w_cls, w_prob=w_prob, w_rank=w_rank, w_mid=w_mid,
+                  unroll=unroll, unroll_decay=unroll_decay, noise=noise, context_weight=context_weight, topk=topk,
+                  warmup=warmup, grad_clip=grad_clip, seed=seed, steps=steps, mode=mode)
     _check_args(config, train_records, out_dir, resume)
+    if loss == "dream" and not isinstance(head, DreamHead):
+        raise InvalidInputError(f"loss='dream' trains a DreamHead's cross-attention; got {type(head).__name__}")
+    options = {"taps": head.taps, "mid_features": loss == "dream"}
     with contextlib.ExitStack() as stack:
-        data = _examples(stack, target, processor, train_records, mode, topk, out_dir, cache_dir, progress)
+        data = _examples(stack, target, processor, train_records, mode, topk, out_dir, cache_dir, progress, options)
         config["examples"] = len(data)
         stack.enter_context(_frozen(target))
         return _run(head, target, data, config, out_dir, save_every, keep, resume, window, progress)
@@ -78,6 +91,10 @@ def _check_args(config: dict, records, out_dir, resume: bool) -> None:
         raise InvalidInputError(f"batch_size={config['batch_size']!r}: must be a positive integer")
     if not config["lr"] > 0:
         raise InvalidInputError(f"lr={config['lr']!r}: must be positive")
+    if not isinstance(config["unroll"], int) or config["unroll"] < 1:
+        raise InvalidInputError(f"unroll={config['unroll']!r}: must be an integer >= 1 (1: teacher forcing only)")
+    if not 0 < config["unroll_decay"] <= 1:
+        raise InvalidInputError(f"unroll_decay={config['unroll_decay']!r}: must be in (0, 1]")
     if not records:
         raise InvalidInputError("train_records is empty: nothing to train on")
     if resume and out_dir is None:
@@ -87,13 +104,13 @@ def _check_args(config: dict, records, out_dir, resume: bool) -> None:
                                 "continue it, or choose another out_dir")
 
 
-def _examples(stack, target, processor, records, mode, topk, out_dir, cache_dir, progress):
+def _examples(stack, target, processor, records, mode, topk, out_dir, cache_dir, progress, options):
     if mode == "online":
-        return OnlineFeatures(target, processor, records, topk)
+        return OnlineFeatures(target, processor, records, topk, **options)
     if cache_dir is None:
         cache_dir = Path(out_dir) / "features" if out_dir is not None else stack.enter_context(
             tempfile.TemporaryDirectory(prefix="mmspec-features-"))
-    return precompute(target, processor, records, cache_dir, topk=topk, progress=progress)
+    return precompute(target, processor, records, cache_dir, topk=topk, progress=progress, **options)
 
 
 @contextlib.contextmanager
@@ -126,7 +143,7 @@ def _run(head, target, data, config, out_dir, save_every, keep, resume, window, 
     losses, agree = deque(state["losses"], maxlen=window), deque(state["agreement"], maxlen=window)
     history, t0 = [], time.perf_counter()
     head.train()
-    with tqdm(total=steps, initial=start, desc="train EAGLE head", disable=not progress) as bar:
+    with tqdm(total=steps, initial=start, desc=f"train {type(head).__name__}", disable=not progress) as bar:
         for step in range(start, steps):
             value, hits = train_step(head, opt, data, step, config, device)
             history.append(value)
@@ -150,7 +167,7 @@ def _run(head, target, data, config, out_dir, save_every, keep, resume, window, 
 def train_step(head, opt, data, step: int, config: dict, device) -> tuple[float, tuple[int, int]]:
     """One optimizer step on the batch of `step`; (loss, (agreeing positions, answer positions))."""
     idx = batch_indices(step, len(data), config["batch_size"], config["seed"])
-    batch = collate([data[i] for i in idx], config["context_weight"]).to(device)
+    batch = collate([data[i] for i in idx], config["context_weight"], view=_view_of(head)).to(device)
     feats = batch.features
     if config["noise"]:
         g = torch.Generator().manual_seed(_step_seed(config["seed"], step, salt=1))
@@ -158,15 +175,65 @@ def train_step(head, opt, data, step: int, config: dict, device) -> tuple[float,
         feats = feats + ((2 * u - 1) * config["noise"]).to(device=device, dtype=feats.dtype)
     for group in opt.param_groups:
         group["lr"] = lr_at(step, config["lr"], config["warmup"])
-    out = head(batch.input_ids, feats, use_cache=False)
-    loss, _ = drafter_loss(out.hidden_states[0], out.logits, batch, config["loss"], config["w_cls"],
-                           config["w_prob"])
+    loss, first = None, None
+    for s, (out, weights) in enumerate(unrolled(head, batch.input_ids, feats, batch.weights, config["unroll"])):
+        part, _ = drafter_loss(out.hidden_states[0], out.logits, batch, config["loss"], config["w_cls"],
+                               config["w_prob"], w_rank=config["w_rank"], w_mid=config["w_mid"],
+                               cross_hidden=getattr(out, "cross_hidden", None), weights=weights)
+        part = part * config["unroll_decay"] ** s
+        loss, first = (part, out) if loss is None else (loss + part, first)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if config["grad_clip"]:
         torch.nn.utils.clip_grad_norm_(head.trainable_parameters(), config["grad_clip"])
     opt.step()
-    return loss.item(), agreement(out.logits, batch)
+    return loss.item(), agreement(first.logits, batch)
+
+
+def _view_of(head):
+    """The drafter's compressed view of images when the head has a compressor (trained with it), else None."""
+    if head.compressor is None:
+        return None
+    image_id = head.image_token_id if head.image_token_id is not None else _image_token_id(head)
+    return functools.partial(compress_pairs, compressor=head.compressor, image_token_id=image_id, to_head=head.tap_fc)
+
+
+def _image_token_id(head) -> int:
+    from mmspec.errors import UnsupportedModelError
+
+    cfg = head.target_config
+    for name in ("image_token_id", "image_token_index"):
+        if isinstance(getattr(cfg, name, None), int):
+            return int(getattr(cfg, name))
+    raise UnsupportedModelError("the head has a compressor but its target's config names no image token id; "
+                                "pass image_token_id to the head")
+
+
+def unrolled(head, ids: torch.Tensor, feats: torch.Tensor, weights: torch.Tensor, steps: int):
+    """Yield (head output, loss weights) for `steps` passes over a batch of pairs (EAGLE-3's training-time test).
+
+    Pass 0 is teacher forcing. In pass s the pair at index t reads the feature the head predicted at t - 1 in pass
+    s - 1 and attends, as it would while drafting s tokens ahead, to the true-feature keys of pass 0 up to t - s,
+    to its own chain (pass i at index t - s + i, 0 < i < s) and to itself. Positions t < s have no such context and
+    weigh 0. One KV cache holds every pass's keys, so each pass costs one forward over L pairs."""
+    from transformers import DynamicCache
+
+    b, n = ids.shape
+    dev = ids.device
+    pos = torch.arange(n, device=dev).expand(b, n)
+    cache = DynamicCache(config=head.config) if steps > 1 else None
+    out = head(ids, feats, position_ids=pos, past_key_values=cache, use_cache=steps > 1)
+    yield out, weights
+    t = torch.arange(n, device=dev)
+    for s in range(1, steps):
+        prev = out.hidden_states[0]  # (B, L, H) predicted features of pass s - 1
+        feats_s = torch.cat([prev.new_zeros(b, 1, prev.shape[-1]), prev[:, :-1]], dim=1)  # index t reads t - 1
+        blocks = [t[None, :] <= (t[:, None] - s)]  # (L, L) pass 0: true features up to t - s
+        blocks += [t[None, :] == (t[:, None] - s + i) for i in range(1, s + 1)]  # passes 1..s: the chain, itself
+        allowed = torch.cat(blocks, dim=1)  # (L, (s + 1) L)
+        mask = torch.where(allowed, 0.0, torch.finfo(prev.dtype).min).to(prev.dtype)[None, None].expand(b, 1, -1, -1)
+        out = head(ids, feats_s, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+        yield out, weights * (t >= s).to(weights.dtype)[None, :]
 
 
 def lr_at(step: int, lr: float, warmup: int) -> float:

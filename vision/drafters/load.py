@@ -1,0 +1,29 @@
+"""Loading a saved feature drafter (EAGLE, EAGLE-3, MSD or DREAM head, with its compressor) by what its config says."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .dream import DreamDrafter, DreamHead
+from .eagle import EagleDrafter, EagleHead
+
+KINDS = {EagleHead.KIND: (EagleHead, EagleDrafter), DreamHead.KIND: (DreamHead, DreamDrafter)}
+
+
+def feature_drafter_kind(path) -> str | None:
+    """The kind recorded in `path`/config.json when it is a feature-drafter checkpoint, else None."""
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        kind = json.loads(cfg.read_text()).get("kind")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return None
+    return kind if kind in KINDS else None
+
+
+def load_feature_drafter(path, target, tree=4) -> EagleDrafter:
+    """The drafter saved in `path` (by `save_pretrained` or `mmspec train-drafter`) for `target`: its head class
+    follows the checkpoint's kind; a checkpoint made for another target is an IncompatibleModelsError."""
+    head_cls, drafter_cls = KINDS.get(feature_drafter_kind(path), (EagleHead, EagleDrafter))
+    return drafter_cls(head_cls.from_pretrained(path, target), tree)
