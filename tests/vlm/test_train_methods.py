@@ -176,3 +176,15 @@ def test_pipeline_from_pretrained_loads_a_trained_head(learnable_small, tmp_path
     row = {"prompt": "describe the image", "images": [records[0].images[0]]}
     plain = SpeculativeVLM(t.model, t.processor, None).generate(**row, max_new_tokens=MAX_NEW)
     assert svlm.generate(**row, max_new_tokens=MAX_NEW).token_ids == plain.token_ids
+
+
+def test_accelerate_single_process_equals_the_plain_loop(learnable_small):
+    t, records = learnable_small
+    weights = []
+    for accelerate in (False, True):
+        torch.manual_seed(0)
+        head = EagleHead(t.model)
+        train_eagle(head, t.model, t.processor, records, steps=3, lr=1e-3, batch_size=2, accelerate=accelerate,
+                    progress=False, mode="online")
+        weights.append({k: v.clone() for k, v in head.state_dict().items() if not k.startswith("body.embed")})
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -61,6 +61,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint")
+    p.add_argument("--accelerate", action="store_true", help="optimise through accelerate (multi-GPU: start the "
+                   "command with `accelerate launch -m mmspec.cli train-drafter ...`)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train_drafter)
     return p
@@ -86,7 +88,7 @@ def cmd_train_drafter(args) -> int:
     before = evaluate_tau(head, model, processor, held, tree=args.tree, max_new_tokens=args.eval_tokens)
     report = train_eagle(head, model, processor, train, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                          mode=args.mode, loss=args.loss, unroll=args.unroll, noise=args.noise, seed=args.seed,
-                         out_dir=args.out,
+                         out_dir=args.out, accelerate=args.accelerate,
                          save_every=args.save_every, resume=args.resume, progress=not args.quiet)
     after = evaluate_tau(head, model, processor, held, tree=args.tree, max_new_tokens=args.eval_tokens)
     report.pop("losses")

@@ -49,7 +49,7 @@ def train_eagle(head, target, processor, train_records: Sequence[Record], *, ste
                 unroll_decay: float = 0.8, noise: float = 0.0, context_weight: float = 0.1, topk: int = 8,
                 warmup: int = 0, grad_clip: float | None = 0.5, seed: int = 0, out_dir=None,
                 save_every: int | None = None, keep: int | None = 2, resume: bool = False, cache_dir=None,
-                window: int = 50, progress: bool = True) -> dict:
+                window: int = 50, progress: bool = True, accelerate: bool = False) -> dict:
     """Train `head` in place for `steps` optimizer steps in total (resumed steps included).
 
     head: an EagleHead (EAGLE-1; EAGLE-3 with taps; MSD with image_token_id) or a DreamHead; its compressor, if it
@@ -57,6 +57,9 @@ def train_eagle(head, target, processor, train_records: Sequence[Record], *, ste
     "vispec" (+ w_prob probability L1 + w_rank ranking), "dream" (+ w_mid intermediate-feature loss); default
     "dream" for a DreamHead, else "eagle". unroll: steps of training on the head's own predicted features (EAGLE-3's
     training-time test, ViSpec's self-feeding; 1 = teacher forcing only), step s weighted unroll_decay**s.
+    accelerate: run the optimisation through `accelerate.Accelerator` (launch with ``accelerate launch`` for several
+    GPUs: each process takes its own share of every step's batch, gradients are averaged, the main process
+    checkpoints); with one process it computes exactly what the plain loop does.
     mode "offline" computes the target's features once into `cache_dir` (default out_dir/features, else a temporary
     directory), "online" runs the target on each batch. With `out_dir`, a checkpoint is written every `save_every`
     steps and at the end (the newest `keep` are kept; None: all) and the final head is saved in out_dir. Returns
@@ -77,7 +80,7 @@ def train_eagle(head, target, processor, train_records: Sequence[Record], *, ste
         data = _examples(stack, target, processor, train_records, mode, topk, out_dir, cache_dir, progress, options)
         config["examples"] = len(data)
         stack.enter_context(_frozen(target))
-        return _run(head, target, data, config, out_dir, save_every, keep, resume, window, progress)
+        return _run(head, target, data, config, out_dir, save_every, keep, resume, window, progress, accelerate)
 
 
 def _check_args(config: dict, records, out_dir, resume: bool) -> None:
@@ -128,11 +131,12 @@ def _frozen(target):
 
 
 # --------------------------------------------------------------------------------------------------- the loop
-def _run(head, target, data, config, out_dir, save_every, keep, resume, window, progress) -> dict:
+def _run(head, target, data, config, out_dir, save_every, keep, resume, window, progress, accelerate) -> dict:
     from tqdm.auto import tqdm
 
     device = target.get_output_embeddings().weight.device
     opt = torch.optim.AdamW(head.trainable_parameters(), lr=config["lr"], betas=(0.9, 0.95), weight_decay=0.0)
+    acc = _accelerator(device) if accelerate else None
     state = {"step": 0, "losses": [], "agreement": []}  # running windows (restored on resume)
     if resume:
         state = _load_latest(Path(out_dir), head, target, opt, config) or state
@@ -143,20 +147,29 @@ def _run(head, target, data, config, out_dir, save_every, keep, resume, window, 
     losses, agree = deque(state["losses"], maxlen=window), deque(state["agreement"], maxlen=window)
     history, t0 = [], time.perf_counter()
     head.train()
+    if acc is not None:
+        opt = acc.prepare(opt)  # the head is not DDP-wrapped (its forward is ours): gradients are averaged below
+        if acc.num_processes > 1:
+            from accelerate.utils import broadcast
+
+            for p in head.trainable_parameters():  # every process starts from the main process's weights
+                p.data.copy_(broadcast(p.data.clone(), from_process=0))
+        progress = progress and acc.is_main_process
     with tqdm(total=steps, initial=start, desc=f"train {type(head).__name__}", disable=not progress) as bar:
         for step in range(start, steps):
-            value, hits = train_step(head, opt, data, step, config, device)
+            value, hits = train_step(head, opt, data, step, config, device, acc)
             history.append(value)
             losses.append(value)
             agree.append(hits)
-            acc = sum(h for h, _ in agree) / max(1, sum(n for _, n in agree))
+            running = sum(h for h, _ in agree) / max(1, sum(n for _, n in agree))
             bar.update(1)
-            bar.set_postfix(loss=f"{sum(losses) / len(losses):.4f}", acc=f"{acc:.3f}")
+            bar.set_postfix(loss=f"{sum(losses) / len(losses):.4f}", acc=f"{running:.3f}")
             done = step + 1
-            if out_dir is not None and ((save_every and done % save_every == 0) or done == steps):
+            main = acc is None or acc.is_main_process
+            if main and out_dir is not None and ((save_every and done % save_every == 0) or done == steps):
                 _save_checkpoint(Path(out_dir), head, opt, config, done, list(losses), list(agree), keep)
     head.eval()
-    if out_dir is not None:
+    if out_dir is not None and (acc is None or acc.is_main_process):
         head.save_pretrained(out_dir)
     return {"step": steps, "start_step": start, "loss": sum(losses) / max(1, len(losses)),
             "acceptance": sum(h for h, _ in agree) / max(1, sum(n for _, n in agree)), "losses": history,
@@ -164,9 +177,12 @@ def _run(head, target, data, config, out_dir, save_every, keep, resume, window, 
             "out_dir": None if out_dir is None else str(out_dir)}
 
 
-def train_step(head, opt, data, step: int, config: dict, device) -> tuple[float, tuple[int, int]]:
-    """One optimizer step on the batch of `step`; (loss, (agreeing positions, answer positions))."""
+def train_step(head, opt, data, step: int, config: dict, device, acc=None) -> tuple[float, tuple[int, int]]:
+    """One optimizer step on the batch of `step`; (loss, (agreeing positions, answer positions)). With an
+    accelerator of n processes, process i takes examples i, i + n, ... of the batch."""
     idx = batch_indices(step, len(data), config["batch_size"], config["seed"])
+    if acc is not None and acc.num_processes > 1:
+        idx = idx[acc.process_index:: acc.num_processes] or idx[:1]
     batch = collate([data[i] for i in idx], config["context_weight"], view=_view_of(head)).to(device)
     feats = batch.features
     if config["noise"]:
@@ -183,11 +199,26 @@ def train_step(head, opt, data, step: int, config: dict, device) -> tuple[float,
         part = part * config["unroll_decay"] ** s
         loss, first = (part, out) if loss is None else (loss + part, first)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    if acc is None:
+        loss.backward()
+    else:
+        acc.backward(loss)
+        if acc.num_processes > 1:  # average the head's gradients over processes (its forward is not DDP-wrapped)
+            for p in head.trainable_parameters():
+                if p.grad is not None:
+                    p.grad = acc.reduce(p.grad, reduction="mean")
     if config["grad_clip"]:
         torch.nn.utils.clip_grad_norm_(head.trainable_parameters(), config["grad_clip"])
     opt.step()
     return loss.item(), agreement(first.logits, batch)
+
+
+def _accelerator(device):
+    try:
+        from accelerate import Accelerator
+    except ImportError as e:  # a declared dependency, but say what to do if it is missing
+        raise InvalidInputError("accelerate=True needs the accelerate package (pip install accelerate)") from e
+    return Accelerator(cpu=torch.device(device).type == "cpu")
 
 
 def _view_of(head):
