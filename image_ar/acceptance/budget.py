@@ -45,6 +45,7 @@ import torch
 
 from mmspec.errors import DraftError, GenerationConfigError, InvalidInputError, NonFiniteLogitsError
 from mmspec.kernels import Coin, Verdict, _check, _default_coin, _done, _flip, _normalised, _walk
+from mmspec.testing.enumerate import enumerate_verdicts  # noqa: F401 (re-exported for users' own checks)
 from mmspec.tree import SIBLING_MODES, Draft
 
 @dataclass
@@ -287,36 +288,6 @@ def relaxed_walk(rule: Relaxation, draft: Draft, p: torch.Tensor, *, generator: 
 
 
 # --- exact enumeration (tests, notebooks) --------------------------------------------------------------------------
-class _Branch(Exception):
-    def __init__(self, prob):
-        self.prob = prob
-
-
-def enumerate_verdicts(kernel, draft: Draft, p: torch.Tensor) -> list[tuple[float, Verdict]]:
-    """[(probability, verdict)] over every sequence of coin outcomes `kernel` can ask for (exact; exponential)."""
-    out, stack = [], [()]
-    while stack:
-        script = stack.pop()
-        asked: list[float] = []
-
-        def coin(prob):
-            if len(asked) == len(script):
-                raise _Branch(prob)
-            asked.append(prob)
-            return script[len(asked) - 1]
-
-        try:
-            verdict = kernel(draft, p, coin=coin)
-        except _Branch as b:
-            stack += [script + (d,) for d, w in ((True, b.prob), (False, 1.0 - b.prob)) if w > 0]
-            continue
-        weight = 1.0
-        for prob, d in zip(asked, script):
-            weight *= prob if d else 1.0 - prob
-        out.append((weight, verdict))
-    return out
-
-
 def first_token_distribution(kernel, p: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, float]:
     """Exact (distribution of the first emitted token, acceptance probability) of `kernel` on a one-token chain.
 

@@ -26,6 +26,7 @@ from mmspec.kernels import (
     select_kernel,
     typical,
 )
+from mmspec.testing.enumerate import enumerate_verdicts
 from mmspec.tree import Draft, StaticTree
 
 F64 = torch.float64
@@ -131,34 +132,9 @@ def target_rows(P, draft: Draft) -> torch.Tensor:
 
 
 # --- exact enumeration of coin outcomes --------------------------------------------------------------------------
-class _Branch(Exception):
-    def __init__(self, prob):
-        self.prob = prob
-
-
 def coin_outcomes(kernel, draft, p):
     """[(probability, verdict)] over every sequence of coin results the kernel can ask for."""
-    out, stack = [], [()]
-    while stack:
-        script = stack.pop()
-        asked = []
-
-        def coin(prob):
-            if len(asked) == len(script):
-                raise _Branch(prob)
-            asked.append(prob)
-            return script[len(asked) - 1]
-
-        try:
-            verdict = kernel(draft, p, coin=coin)
-        except _Branch as b:
-            assert 0.0 <= b.prob <= 1.0
-            stack += [script + (d,) for d, w in ((True, b.prob), (False, 1.0 - b.prob)) if w > 0]
-            continue
-        weight = 1.0
-        for prob, d in zip(asked, script):
-            weight *= prob if d else 1.0 - prob
-        out.append((weight, verdict))
+    out = enumerate_verdicts(kernel, draft, p)
     assert abs(sum(w for w, _ in out) - 1.0) < 1e-12
     return out
 
