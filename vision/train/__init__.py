@@ -1,9 +1,10 @@
-"""Training feature drafters (EAGLE; ViSpec's loss) on a target's own answers: data, features, losses, trainer.
+"""Training feature drafters (EAGLE, EAGLE-3, MSD, ViSpec, DREAM heads, with their compressors) and MASSV draft VLMs
+on a target's own answers: data, features, losses, trainer.
 
     records = self_distill(model, processor, images, prompts, "data/")      # or load_dataset("data/")
     train, held = split(records, held_out=0.1)
-    head = EagleHead(model)
-    report = train_eagle(head, model, processor, train, steps=2000, lr=1e-4, out_dir="eagle/")
+    head = EagleHead(model)         # or EagleHead(model, taps=...), DreamHead(model, compressor=AttentionPrune(0.25))
+    report = train_eagle(head, model, processor, train, steps=2000, lr=1e-4, out_dir="eagle/", unroll=3)
     evaluate_tau(head, model, processor, held)                               # {"tau": ..., "alpha": [...]}
 
 Command line: ``mmspec train-drafter`` (`cli.add_parser`).
