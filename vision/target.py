@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from transformers import DynamicCache
 
 from mmspec.cache import RaggedCache
@@ -128,9 +129,8 @@ class VLMRunner(CausalLMRunner):
         extra = {"logits_to_keep": 1} if self._takes_logits_to_keep else {}
         inputs = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch_inputs(reqs).items()}
         t0 = sync_time(self.device)
-        with contextlib.ExitStack() as stack:
-            probe = stack.enter_context(AttentionProbe(self.model, [-1], last_query_mass)) if self.want_attention \
-                else None
+        probe = AttentionProbe(self.model, [-1], last_query_mass) if self.want_attention else None
+        with probe or contextlib.nullcontext():
             out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=pos,
                              past_key_values=cache, use_cache=True, output_hidden_states=bool(want_hidden), **inputs,
                              **extra)
@@ -173,14 +173,10 @@ class VLMRunner(CausalLMRunner):
         self.row_ids = [list(r.input_ids) for r in reqs]
         self.requests = None
         self.owner = owner
-        if want_hidden:  # (B, T_max, H), right-padded like the engine's own prefill
-            width = max(h.shape[0] for h in hidden)
-            hidden = torch.stack([torch.nn.functional.pad(h, (0, 0, 0, width - h.shape[0])) for h in hidden])
-        if self.want_attention:  # (B, T_max)
-            width = max(a.shape[0] for a in attention)
-            attention = torch.stack([torch.nn.functional.pad(a, (0, width - a.shape[0])) for a in attention])
-        return BlockOutput(torch.stack(logits), hidden if want_hidden else None,
-                           attention if self.want_attention else None)
+        # (B, T_max, H) hidden and (B, T_max) attention, right-padded like the engine's own prefill
+        hidden = pad_sequence(hidden, batch_first=True) if want_hidden else None
+        attention = pad_sequence(attention, batch_first=True) if self.want_attention else None
+        return BlockOutput(torch.stack(logits), hidden, attention)
 
     # --- chat: continue a cached conversation -------------------------------------------------------------------
     def _can_resume(self, req: VLMRequest) -> bool:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 from collections import defaultdict
-from functools import lru_cache
 
 import pytest
 import torch
@@ -27,6 +26,7 @@ from mmspec.kernels import (
     typical,
 )
 from mmspec.testing.enumerate import enumerate_verdicts
+from kernel_cases import ancestors, sampled_drafts, synthetic, target_rows
 from mmspec.tree import Draft, StaticTree
 
 F64 = torch.float64
@@ -42,20 +42,7 @@ SHAPES = {
 }
 
 
-# --- synthetic models --------------------------------------------------------------------------------------------
-@lru_cache(maxsize=None)
-def synthetic(seed: int, vocab: int, prefix: tuple[int, ...], min_support: int = 3) -> torch.Tensor:
-    """A random distribution per prefix, with about a third of the tokens at zero (top-k-like sparsity)."""
-    code = sum((t + 1) * (vocab + 1) ** i for i, t in enumerate(prefix))
-    g = torch.Generator().manual_seed(seed * 1_000_003 + code)
-    w = torch.rand(vocab, generator=g, dtype=F64) ** 2 + 1e-3
-    zero = torch.rand(vocab, generator=g, dtype=F64) < 0.35
-    if int((~zero).sum()) < min_support:  # WOR drafts need as many candidates as siblings
-        zero[w.argsort(descending=True)[:min_support]] = False
-    w = torch.where(zero, 0.0, w)
-    return w / w.sum()
-
-
+# --- synthetic models (tests/kernel_cases.py) ---------------------------------------------------------------------
 def target(vocab):
     return lambda prefix: synthetic(1, vocab, tuple(prefix))
 
@@ -72,40 +59,9 @@ def one_hot_of(model):
 
 
 # --- drafts ------------------------------------------------------------------------------------------------------
-def ancestors_tokens(parent, toks, i):
-    out = []
-    while i >= 0:
-        out.append(toks[i])
-        i = parent[i]
-    return out[::-1]
-
-
 def node_prefixes(parent, toks):
     """Prefix (tokens before the node) of every node."""
-    return [tuple(ancestors_tokens(parent, toks, parent[i])) for i in range(len(parent))]
-
-
-def sampled_drafts(Q, vocab, shape: StaticTree, siblings: str):
-    """Every draft the drafter can produce for `shape`, with its probability."""
-    parent = shape.parent
-    out = []
-
-    def rec(i, toks, w):
-        if i == len(parent):
-            out.append((make_draft(Q, parent, toks, siblings), w))
-            return
-        prefix = tuple(ancestors_tokens(parent, toks, parent[i]))
-        q = Q(prefix).clone()
-        if siblings == "without_replacement":
-            q[[toks[j] for j in range(i) if parent[j] == parent[i]]] = 0.0
-            q = q / q.sum()
-        for x in range(vocab):
-            if q[x] > 0:
-                rec(i + 1, toks + [x], w * float(q[x]))
-
-    rec(0, [], 1.0)
-    assert abs(sum(w for _, w in out) - 1.0) < 1e-12
-    return out
+    return [tuple(ancestors(parent, toks, parent[i])) for i in range(len(parent))]
 
 
 def make_draft(Q, parent, toks, siblings="iid", with_q=True):
@@ -119,16 +75,9 @@ def topk_draft(Q, shape: StaticTree):
     """Deterministic draft: node token = rank-th most likely token of Q at its prefix (Medusa/EAGLE static tree)."""
     parent, toks = shape.parent, []
     for i, r in enumerate(shape.rank):
-        prefix = tuple(ancestors_tokens(parent, toks, parent[i]))
+        prefix = tuple(ancestors(parent, toks, parent[i]))
         toks.append(int(Q(prefix).argsort(descending=True, stable=True)[r]))
     return make_draft(Q, parent, toks, with_q=False)
-
-
-def target_rows(P, draft: Draft) -> torch.Tensor:
-    """(N + 1, V): P at the root, then P after each node."""
-    toks, parent = draft.token_list, draft.parent_list
-    rows = [P(())] + [P(tuple(ancestors_tokens(parent, toks, i))) for i in range(len(draft))]
-    return torch.stack(rows)
 
 
 # --- exact enumeration of coin outcomes --------------------------------------------------------------------------

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_cases import sampled_drafts, target_rows
 from test_lantern import (
     EXACT,
     SHAPES,
@@ -12,8 +13,6 @@ from test_lantern import (
     joint_tv,
     model,
     rows,
-    sampled_drafts,
-    target_rows,
 )
 
 from image_ar.acceptance import (

@@ -6,11 +6,11 @@ distribution) are also used by test_gsd.py and test_tv_budget.py.
 from __future__ import annotations
 
 from collections import defaultdict
-from functools import lru_cache
 
 import pytest
 import torch
 
+import kernel_cases
 from image_ar.acceptance import (
     RelaxedVerdict,
     enumerate_verdicts,
@@ -26,6 +26,7 @@ from image_ar.acceptance import (
 from image_ar.acceptance import neighbours as neighbours_module
 from mmspec.errors import GenerationConfigError, InvalidInputError
 from mmspec.kernels import accept_point_mass, accept_speculative
+from kernel_cases import sampled_drafts, target_rows
 from mmspec.tree import Draft
 
 F64 = torch.float64
@@ -35,17 +36,9 @@ SHAPES = {"chain1": [-1], "chain2": [-1, 0], "root2": [-1, -1], "tree3": [-1, -1
 
 
 # --- synthetic models and drafts (shared with test_gsd.py / test_tv_budget.py) -----------------------------------
-@lru_cache(maxsize=None)
 def synthetic(seed: int, vocab: int, prefix: tuple[int, ...] = (), sparse: bool = True) -> torch.Tensor:
     """A random distribution per prefix; with `sparse`, about a third of the tokens at zero (top-k-like)."""
-    code = sum((t + 1) * (vocab + 1) ** i for i, t in enumerate(prefix))
-    g = torch.Generator().manual_seed(seed * 1_000_003 + code)
-    w = torch.rand(vocab, generator=g, dtype=F64) ** 2 + 1e-3
-    zero = torch.rand(vocab, generator=g, dtype=F64) < (0.3 if sparse else 0.0)
-    if int((~zero).sum()) < 3:
-        zero[w.argsort(descending=True)[:3]] = False
-    w = torch.where(zero, 0.0, w)
-    return w / w.sum()
+    return kernel_cases.synthetic(seed, vocab, prefix, zero_fraction=0.3 if sparse else 0.0)
 
 
 def model(seed: int, vocab: int):
@@ -54,40 +47,6 @@ def model(seed: int, vocab: int):
 
 def codebook(seed: int, vocab: int, dim: int = 3) -> torch.Tensor:
     return torch.randn(vocab, dim, generator=torch.Generator().manual_seed(seed), dtype=F64)
-
-
-def ancestors(parent, toks, i):
-    out = []
-    while i >= 0:
-        out.append(toks[i])
-        i = parent[i]
-    return tuple(out[::-1])
-
-
-def sampled_drafts(Q, vocab: int, parent: list[int], siblings: str = "iid"):
-    """Every draft the drafter Q can produce for the tree `parent`, with its probability."""
-    out = []
-
-    def rec(i, toks, w):
-        if i == len(parent):
-            q = torch.stack([Q(ancestors(parent, toks, parent[j])) for j in range(len(parent))])
-            out.append((Draft(torch.tensor(toks), torch.tensor(parent), q, siblings), w))
-            return
-        q = Q(ancestors(parent, toks, parent[i])).clone()
-        if siblings == "without_replacement":
-            q[[toks[j] for j in range(i) if parent[j] == parent[i]]] = 0.0
-            q = q / q.sum()
-        for x in q.nonzero().flatten().tolist():
-            rec(i + 1, toks + [x], w * float(q[x]))
-
-    rec(0, [], 1.0)
-    assert abs(sum(w for _, w in out) - 1.0) < 1e-12
-    return out
-
-
-def target_rows(P, draft: Draft) -> torch.Tensor:
-    toks, parent = draft.token_list, draft.parent_list
-    return torch.stack([P(())] + [P(ancestors(parent, toks, i)) for i in range(len(draft))])
 
 
 def joint_tv(kernel, P, weighted_drafts, depth: int) -> float:

@@ -13,6 +13,7 @@ drafter sees the image through the target's features (the compressors of vision.
 from __future__ import annotations
 
 import json
+from itertools import groupby
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -44,7 +45,7 @@ class EagleHead(nn.Module):
         super().__init__()
         self.layers, self.taps, self.image_token_id = layers, tuple(taps) if taps else None, image_token_id
         self.target_identity = target_identity(target)
-        self.target_config = getattr(target, "config", None)  # (not saved) the target's image token id, for training
+        self.target_image_token_id = image_token_id_of(getattr(target, "config", None))  # training's compressed view
         tc = text_config(target)
         hidden = int(tc.hidden_size)
         heads = int(tc.num_attention_heads)
@@ -136,6 +137,14 @@ class EagleHead(nn.Module):
         return h, {}
 
 
+def image_token_id_of(config) -> int | None:
+    """The image placeholder id a VLM config names (None for a text-only model)."""
+    for name in ("image_token_id", "image_token_index"):
+        if isinstance(getattr(config, name, None), int):
+            return int(getattr(config, name))
+    return None
+
+
 def target_identity(target: nn.Module) -> dict:
     """What a drafter checkpoint records of its target: loading it on a different one is an error."""
     tc = text_config(target)
@@ -180,29 +189,23 @@ def compressed_view(tokens: list[int], feats: torch.Tensor, compressor, image_to
 
     Returns (tokens, features (M, H), source (M,) long: the input pair each output slot is, -1 for compressed
     slots, the last image's global vector (H,) or None). Differentiable in the compressor (training uses it)."""
-    out_tok, out_feat, source, i, g = [], [], [], 0, None
-    while i < len(tokens):
-        if tokens[i] != image_token_id:
-            j = i
-            while j < len(tokens) and tokens[j] != image_token_id:
-                j += 1
+    out_tok, out_feat, source, g, i = [], [], [], None, 0
+    for is_image, run in groupby(tokens, key=lambda t: t == image_token_id):
+        j = i + len(list(run))
+        if not is_image:
             text = feats[i:j]
             out_feat.append(text if g is None else compressor.fuse(text.unsqueeze(0), g.unsqueeze(0))[0])
             out_tok += tokens[i:j]
             source += range(i, j)
-            i = j
-            continue
-        j = i
-        while j < len(tokens) and tokens[j] == image_token_id:
-            j += 1
-        side = int(round((j - i) ** 0.5))
-        grid = (side, side) if side * side == j - i else None
-        att = attention[i:j].unsqueeze(0).to(feats.device) if attention is not None else None
-        comp = compressor(feats[i:j].unsqueeze(0), grid=grid, attention=att)
-        out_tok += [image_token_id] * comp.tokens.shape[1]
-        out_feat.append(comp.tokens[0].to(feats.dtype))
-        source += [-1] * comp.tokens.shape[1]
-        g = comp.global_vec[0] if comp.global_vec is not None else g
+        else:
+            side = int(round((j - i) ** 0.5))
+            grid = (side, side) if side * side == j - i else None
+            att = attention[i:j].unsqueeze(0).to(feats.device) if attention is not None else None
+            comp = compressor(feats[i:j].unsqueeze(0), grid=grid, attention=att)
+            out_tok += [image_token_id] * comp.tokens.shape[1]
+            out_feat.append(comp.tokens[0].to(feats.dtype))
+            source += [-1] * comp.tokens.shape[1]
+            g = comp.global_vec[0] if comp.global_vec is not None else g
         i = j
     return out_tok, torch.cat(out_feat), torch.tensor(source, dtype=torch.long), g
 
@@ -248,11 +251,7 @@ class EagleDrafter(ModelDrafter):
     def check_target(self, target) -> None:
         super().check_target(target)
         if self.image_token_id is None:
-            cfg = getattr(getattr(target, "model", None), "config", None)
-            for name in ("image_token_id", "image_token_index"):
-                if isinstance(getattr(cfg, name, None), int):
-                    self.image_token_id = int(getattr(cfg, name))
-                    break
+            self.image_token_id = image_token_id_of(getattr(getattr(target, "model", None), "config", None))
 
     def _view(self, tokens: list[int], feats: torch.Tensor,
               attention: torch.Tensor | None = None) -> tuple[list[int], torch.Tensor, torch.Tensor | None]:
@@ -337,7 +336,7 @@ class EagleDrafter(ModelDrafter):
         for r, row in enumerate(feed):
             for j, (node, _, anc) in enumerate(row):
                 parent = self._node_hidden[r][anc[-1]] if anc else self._root_hidden[r]
-                feats[r, j] = parent if self.global_vecs[r] is None else self._fuse(parent[None], self.global_vecs[r])[0]
+                feats[r, j] = self._fuse(parent[None], self.global_vecs[r])[0]
         self.runner.features = feats
         logits = super()._feed_nodes(feed)
         for r, row in enumerate(feed):

@@ -70,6 +70,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def cmd_train_drafter(args) -> int:
     from vision.drafters import DreamHead, EagleHead
+    from vision.drafters.eagle import image_token_id_of
 
     from .data import DATA_FILE, load_dataset, self_distill, split
     from .eagle_trainer import evaluate_tau, train_eagle
@@ -82,7 +83,7 @@ def cmd_train_drafter(args) -> int:
     train, held = split(load_dataset(args.data), held_out=args.held_out, seed=args.seed)
     held = held[: args.eval_records]
     taps = tuple(int(x) for x in args.taps.split(",")) if args.taps else None
-    image_id = getattr(model.config, "image_token_id", None) if args.msd else None
+    image_id = image_token_id_of(model.config) if args.msd else None
     head = (DreamHead if args.head == "dream" else EagleHead)(
         model, taps=taps, image_token_id=image_id, compressor=parse_compressor(args.compressor, model))
     before = evaluate_tau(head, model, processor, held, tree=args.tree, max_new_tokens=args.eval_tokens)

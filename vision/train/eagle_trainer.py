@@ -30,7 +30,7 @@ from typing import Sequence
 
 import torch
 
-from mmspec.errors import CheckpointError, InvalidInputError
+from mmspec.errors import CheckpointError, InvalidInputError, UnsupportedModelError
 
 from .data import Record
 from .features import OnlineFeatures, collate, compress_pairs, precompute
@@ -191,13 +191,13 @@ def train_step(head, opt, data, step: int, config: dict, device, acc=None) -> tu
         feats = feats + ((2 * u - 1) * config["noise"]).to(device=device, dtype=feats.dtype)
     for group in opt.param_groups:
         group["lr"] = lr_at(step, config["lr"], config["warmup"])
-    loss, first = None, None
+    loss, first = 0.0, None
     for s, (out, weights) in enumerate(unrolled(head, batch.input_ids, feats, batch.weights, config["unroll"])):
         part, _ = drafter_loss(out.hidden_states[0], out.logits, batch, config["loss"], config["w_cls"],
                                config["w_prob"], w_rank=config["w_rank"], w_mid=config["w_mid"],
                                cross_hidden=getattr(out, "cross_hidden", None), weights=weights)
-        part = part * config["unroll_decay"] ** s
-        loss, first = (part, out) if loss is None else (loss + part, first)
+        loss = loss + part * config["unroll_decay"] ** s
+        first = out if s == 0 else first  # teacher-forced pass: the running acceptance estimate
     opt.zero_grad(set_to_none=True)
     if acc is None:
         loss.backward()
@@ -225,19 +225,11 @@ def _view_of(head):
     """The drafter's compressed view of images when the head has a compressor (trained with it), else None."""
     if head.compressor is None:
         return None
-    image_id = head.image_token_id if head.image_token_id is not None else _image_token_id(head)
+    image_id = head.image_token_id if head.image_token_id is not None else head.target_image_token_id
+    if image_id is None:
+        raise UnsupportedModelError("the head has a compressor but its target's config names no image token id; "
+                                    "pass image_token_id to the head")
     return functools.partial(compress_pairs, compressor=head.compressor, image_token_id=image_id, to_head=head.tap_fc)
-
-
-def _image_token_id(head) -> int:
-    from mmspec.errors import UnsupportedModelError
-
-    cfg = head.target_config
-    for name in ("image_token_id", "image_token_index"):
-        if isinstance(getattr(cfg, name, None), int):
-            return int(getattr(cfg, name))
-    raise UnsupportedModelError("the head has a compressor but its target's config names no image token id; "
-                                "pass image_token_id to the head")
 
 
 def unrolled(head, ids: torch.Tensor, feats: torch.Tensor, weights: torch.Tensor, steps: int):

@@ -42,10 +42,12 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from mmspec.errors import DatasetError
 from mmspec.target import select_hidden
 from vision.attention_probe import AttentionProbe, decoder_layers, query_entropy
+from vision.drafters.eagle import compressed_view, target_identity
 from vision.images import load_images
 from vision.prompts import has_chat_template, normalise_messages, process, render, take_message_images
 from vision.target import VLMRequest
@@ -162,8 +164,6 @@ class OnlineFeatures:
 def fingerprint(target, records: Sequence[Record], topk: int, options: dict | None = None) -> str:
     """What the cached numbers depend on: the records (messages, image paths and sizes), k and the target (its
     identity, name, dtype and a checksum of every parameter, so another checkpoint of one architecture differs)."""
-    from vision.drafters.eagle import target_identity
-
     h = hashlib.sha256()
     probe = [float(p.detach().sum(dtype=torch.float64)) for p in target.parameters()]
     h.update(json.dumps([target_identity(target), str(getattr(target.config, "_name_or_path", "")), probe, topk,
@@ -319,8 +319,6 @@ def compress_pairs(pairs: dict, compressor, image_token_id: int, to_head=None) -
     """The drafter's compressed view of one example's pairs, as at inference (`compressed_view`): compressed image
     slots carry no target (weight 0) and serve as context; text pairs keep theirs. to_head: maps the stored
     features to the head's width first (EAGLE-3's tap_fc). Differentiable in the compressor and to_head."""
-    from vision.drafters.eagle import compressed_view
-
     feats = to_head(pairs["features"]) if to_head is not None else pairs["features"]
     tokens, feats, source, _ = compressed_view(pairs["input_ids"].tolist(), feats, compressor, image_token_id,
                                                pairs["attention"])
@@ -337,13 +335,9 @@ def collate(examples: Sequence[Example], context_weight: float = 0.1, view=None)
     rows = [example_pairs(e, context_weight) for e in examples]
     if view is not None:
         rows = [view(r) for r in rows]
-    n = max(len(r["input_ids"]) for r in rows)
 
     def pad(key):
-        if rows[0][key] is None:
-            return None
-        return torch.stack([torch.nn.functional.pad(r[key], (0, 0) * (r[key].dim() - 1) + (0, n - len(r[key])))
-                            for r in rows])
+        return None if rows[0][key] is None else pad_sequence([r[key] for r in rows], batch_first=True)
 
     return Batch(pad("input_ids"), pad("features"), pad("target_features"), pad("topk_ids"), pad("topk_logprobs"),
                  pad("weights"), pad("answer"), pad("mid_features"))
