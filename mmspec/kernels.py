@@ -36,6 +36,13 @@ between 0 and 1. Certain decisions draw nothing. When no ``coin`` is given, the 
 :func:`finalize` with a separate draw from the same generator (ALGORITHMS.md §3.3); with a ``coin`` the verdict is
 returned unsampled (``next_token is None``) so the caller can read ``residual``. Greedy needs no draw and always
 fills ``next_token``.
+
+Writing a rule (the plug-in API; image_ar's LANTERN and GSD are built this way): decorate
+``fn(draft, p, *, generator=None, coin=None) -> Verdict`` with ``@kernel_rule(name, lossless)``; call
+``check_kernel_inputs`` first; walk the tree with ``walk_tree(draft, p, try_children)``, deciding each child with
+``flip_coin(coin or default_coin(p, generator), prob)`` and renormalising residuals with ``normalised``; end with
+``finish_verdict(verdict, coin, generator)``. Pass the function as ``SpeculativeDecoder(acceptance=fn)``; the loop
+names it in the stats and counts it as lossy unless ``lossless=True``.
 """
 from __future__ import annotations
 
@@ -84,7 +91,7 @@ def finalize(verdict: Verdict, generator: torch.Generator | None = None) -> Verd
     return verdict
 
 
-def _kernel(name: str, lossless: bool):
+def kernel_rule(name: str, lossless: bool):
     """Tag a rule so the loop, CLI and benchmark tables can name it and mark lossy rules as such."""
     def tag(fn):
         fn.name, fn.lossless = name, lossless
@@ -93,7 +100,7 @@ def _kernel(name: str, lossless: bool):
 
 
 # --- input checks (cheap: shapes, one NaN reduction) ------------------------------------------------------------
-def _check(draft: Draft, p: torch.Tensor, what: str) -> None:
+def check_kernel_inputs(draft: Draft, p: torch.Tensor, what: str) -> None:
     n = len(draft)
     if p.dim() != 2 or p.shape[0] != n + 1:
         raise DraftError(f"{what}: p has shape {tuple(p.shape)}; a draft of {n} node(s) needs ({n + 1}, V) — "
@@ -111,11 +118,11 @@ def _check(draft: Draft, p: torch.Tensor, what: str) -> None:
         raise NonFiniteLogitsError(f"{what}: target probabilities p {tuple(p.shape)} contain NaN")
 
 
-def _default_coin(p: torch.Tensor, generator: torch.Generator | None) -> Coin:
+def default_coin(p: torch.Tensor, generator: torch.Generator | None) -> Coin:
     return lambda prob: bool(torch.rand((), generator=generator, device=p.device, dtype=p.dtype) < prob)
 
 
-def _flip(coin: Coin, prob: float) -> bool:
+def flip_coin(coin: Coin, prob: float) -> bool:
     # Certain outcomes draw nothing: fewer draws, and branches of probability 0 are never taken (which keeps the
     # zero-mass fallbacks below unreachable except through rounding).
     if prob >= 1.0:
@@ -125,7 +132,7 @@ def _flip(coin: Coin, prob: float) -> bool:
     return bool(coin(prob))
 
 
-def _normalised(r: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+def normalised(r: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
     """r / sum(r), or `fallback` when r has (numerically) no mass.
 
     In every call below, the unnormalised mass of r equals the probability of the rejection that produced it
@@ -142,7 +149,7 @@ def _normalised(r: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
 TryChildren = Callable[[list[int], torch.Tensor], tuple[int | None, torch.Tensor | None]]
 
 
-def _walk(draft: Draft, p: torch.Tensor, try_children: TryChildren) -> Verdict:
+def walk_tree(draft: Draft, p: torch.Tensor, try_children: TryChildren) -> Verdict:
     path, node = [], -1
     while True:
         kids = draft.children[node + 1]
@@ -160,30 +167,30 @@ def _verdict(draft: Draft, path: list[int], residual: torch.Tensor, bonus: bool)
     return Verdict(path, [toks[i] for i in path], residual, None, bonus)
 
 
-def _done(verdict: Verdict, coin: Coin | None, generator: torch.Generator | None) -> Verdict:
+def finish_verdict(verdict: Verdict, coin: Coin | None, generator: torch.Generator | None) -> Verdict:
     return finalize(verdict, generator) if coin is None else verdict
 
 
 # --- point mass (q = 1) ------------------------------------------------------------------------------------------
-@_kernel("point_mass", lossless=True)
+@kernel_rule("point_mass", lossless=True)
 def accept_point_mass(draft: Draft, p: torch.Tensor, *, generator: torch.Generator | None = None,
                       coin: Coin | None = None) -> Verdict:
     """EAGLE / vLLM n-gram verification: lossless for any proposal; ignores draft.q."""
-    _check(draft, p, "accept_point_mass")
-    flip = coin or _default_coin(p, generator)
+    check_kernel_inputs(draft, p, "accept_point_mass")
+    flip = coin or default_coin(p, generator)
     toks = draft.token_list
 
     def try_children(kids, r):
         for c in kids:
             x = toks[c]
-            if _flip(flip, float(r[x])):
+            if flip_coin(flip, float(r[x])):
                 return c, None
             rest = r.clone()
             rest[x] = 0.0  # a rejected token can never be the outcome of this position any more
-            r = _normalised(rest, fallback=r)
+            r = normalised(rest, fallback=r)
         return None, r
 
-    return _done(_walk(draft, p, try_children), coin, generator)
+    return finish_verdict(walk_tree(draft, p, try_children), coin, generator)
 
 
 # --- speculative sampling (chains, SpecInfer i.i.d. siblings, RSD without replacement) --------------------------
@@ -197,14 +204,14 @@ def _proposal(q: torch.Tensor, c: int, tried: list[int], without_replacement: bo
     qs[tried] = 0.0
     # No mass left means the drafter claims a sibling it could not have drawn; returning zeros sends that sibling to
     # the point-mass rule below, which is lossless whatever the proposal was.
-    return _normalised(qs, fallback=torch.zeros_like(qs))
+    return normalised(qs, fallback=torch.zeros_like(qs))
 
 
-@_kernel("speculative", lossless=True)
+@kernel_rule("speculative", lossless=True)
 def accept_speculative(draft: Draft, p: torch.Tensor, *, generator: torch.Generator | None = None,
                        coin: Coin | None = None) -> Verdict:
     """Speculative sampling over a draft tree with draft probabilities (chain / SpecInfer / RSD)."""
-    _check(draft, p, "accept_speculative")
+    check_kernel_inputs(draft, p, "accept_speculative")
     if draft.q is None:
         raise DraftError("accept_speculative: draft.q is None; speculative sampling needs the distributions the "
                          "draft tokens were sampled from — use accept_point_mass for deterministic proposals")
@@ -212,7 +219,7 @@ def accept_speculative(draft: Draft, p: torch.Tensor, *, generator: torch.Genera
         raise DraftError(f"accept_speculative: draft siblings={draft.siblings!r}; expected one of {SIBLING_MODES}")
     if bool(draft.q.sum().isnan()):
         raise NonFiniteLogitsError(f"accept_speculative: draft q {tuple(draft.q.shape)} contains NaN")
-    flip = coin or _default_coin(p, generator)
+    flip = coin or default_coin(p, generator)
     toks, wor = draft.token_list, draft.siblings == "without_replacement"
 
     def try_children(kids, r):
@@ -226,13 +233,13 @@ def accept_speculative(draft: Draft, p: torch.Tensor, *, generator: torch.Genera
                 # (q_s = onehot(x)), the one proposal for which x is certain; that rule is lossless for any proposal.
                 qs, qx = torch.zeros_like(r), 1.0
                 qs[x] = 1.0
-            if _flip(flip, min(1.0, float(r[x]) / qx)):
+            if flip_coin(flip, min(1.0, float(r[x]) / qx)):
                 return c, None
-            r = _normalised((r - qs).clamp_min_(0.0), fallback=r)  # (V,) Leviathan's residual max(0, r - q_s)
+            r = normalised((r - qs).clamp_min_(0.0), fallback=r)  # (V,) Leviathan's residual max(0, r - q_s)
             tried.append(x)
         return None, r
 
-    return _done(_walk(draft, p, try_children), coin, generator)
+    return finish_verdict(walk_tree(draft, p, try_children), coin, generator)
 
 
 # --- vectorised rules: greedy and typical ------------------------------------------------------------------------
@@ -270,7 +277,7 @@ def _vectorised_verdict(draft: Draft, last: int, residual: torch.Tensor) -> Verd
                     bonus=not draft.children[last + 1])
 
 
-@_kernel("greedy", lossless=True)
+@kernel_rule("greedy", lossless=True)
 def accept_greedy(draft: Draft, p: torch.Tensor, *, generator: torch.Generator | None = None,
                   coin: Coin | None = None) -> Verdict:
     """Temperature 0: keep the longest draft path that matches the target's argmax; no random draws.
@@ -278,7 +285,7 @@ def accept_greedy(draft: Draft, p: torch.Tensor, *, generator: torch.Generator |
     One argmax over all rows and one host transfer; the walk itself is over Python ints (a step's draft is small),
     which is cheaper than any per-node tensor op. A duplicated sibling can only match after its first copy did.
     """
-    _check(draft, p, "accept_greedy")
+    check_kernel_inputs(draft, p, "accept_greedy")
     verdict = greedy_walk(draft, p.argmax(-1).tolist())
     verdict.residual = torch.zeros_like(p[0])
     verdict.residual[verdict.next_token] = 1.0
@@ -314,17 +321,17 @@ def typical(epsilon: float = 0.09, delta: float = 0.3):
     if not (0 < epsilon <= 1 and delta > 0):
         raise GenerationConfigError(f"typical(epsilon={epsilon}, delta={delta}): need 0 < epsilon <= 1, delta > 0")
 
-    @_kernel("typical", lossless=False)
+    @kernel_rule("typical", lossless=False)
     def accept_typical(draft: Draft, p: torch.Tensor, *, generator: torch.Generator | None = None,
                        coin: Coin | None = None) -> Verdict:
-        _check(draft, p, "accept_typical")
+        check_kernel_inputs(draft, p, "accept_typical")
         last = -1
         if len(draft):
             entropy = torch.special.entr(p).sum(-1)  # (N+1,) -sum p log p, with 0 log 0 = 0
             threshold = torch.clamp(delta * torch.exp(-entropy), max=epsilon)  # (N+1,)
             px = p[draft.parent + 1, draft.tokens]  # (N,) target prob of each node given its parent
             last = _deepest(draft, px > threshold[draft.parent + 1], loglik=px.log())
-        return _done(_vectorised_verdict(draft, last, p[last + 1]), coin, generator)
+        return finish_verdict(_vectorised_verdict(draft, last, p[last + 1]), coin, generator)
 
     accept_typical.epsilon, accept_typical.delta = epsilon, delta
     return accept_typical

@@ -64,6 +64,9 @@ class TokenEvent:
     tokens: list[int]  # newly committed tokens
     finished: bool
     finish_reason: str | None = None  # "eos" | "length"
+    accepted: int = 0  # how many of `tokens` (leading) are accepted draft tokens; the rest came from the target
+    drift: list[float] | None = None  # lossy rules that measure it: per token, the TV between the distribution it
+    # was emitted from and the target's (ALGORITHMS.md section 5); None for lossless rules
 
 
 @dataclass
@@ -339,7 +342,10 @@ class Stream:
             row.generated.extend(kept)
             paths.append(verdict.path)
             updates.append(RowUpdate(list(verdict.path), kept))
-            events.append(TokenEvent(row.index, kept, row.finish is not None, row.finish))
+            drift = getattr(verdict, "tv", None)
+            events.append(TokenEvent(row.index, kept, row.finish is not None, row.finish,
+                                     accepted=min(len(verdict.path), len(kept)),
+                                     drift=None if drift is None else list(drift[: len(kept)])))
         dec.target.commit(paths)
         dec.drafter.commit(updates, out)
         t3 = self._sync()

@@ -44,7 +44,8 @@ from dataclasses import dataclass
 import torch
 
 from mmspec.errors import DraftError, GenerationConfigError, InvalidInputError, NonFiniteLogitsError
-from mmspec.kernels import Coin, Verdict, _check, _default_coin, _done, _flip, _normalised, _walk
+from mmspec.kernels import (Coin, Verdict, check_kernel_inputs, default_coin, finish_verdict, flip_coin, normalised,
+                            walk_tree)
 from mmspec.testing.enumerate import enumerate_verdicts  # noqa: F401 (re-exported for users' own checks)
 from mmspec.tree import SIBLING_MODES, Draft
 
@@ -79,7 +80,7 @@ def output_distribution(p: torch.Tensor, q: torch.Tensor, a: torch.Tensor) -> to
     """(V,) distribution of the emitted token: ``q*a + (1 - sum q*a) * norm(max(0, p - q*a))``."""
     p, m = _rows(p, q, a)
     deficit = (p - m).clamp_min(0.0)
-    return m + (1.0 - m.sum()).clamp_min(0.0) * _normalised(deficit, fallback=p)
+    return m + (1.0 - m.sum()).clamp_min(0.0) * normalised(deficit, fallback=p)
 
 
 def output_tv(p: torch.Tensor, q: torch.Tensor, a: torch.Tensor) -> float:
@@ -184,15 +185,15 @@ class Relaxation:
     def reject(self, r, q, x, m, ctx) -> torch.Tensor:
         """Distribution after rejecting x (m: accepted mass or None on the fast path)."""
         if self.residual == "deficit":
-            return _normalised((r - m).clamp_min(0.0), fallback=r)  # (V,) norm(max(0, r - q*a))
-        return _normalised((r - q).clamp_min(0.0), fallback=r)  # (V,) Leviathan's norm(max(0, r - q))
+            return normalised((r - m).clamp_min(0.0), fallback=r)  # (V,) norm(max(0, r - q*a))
+        return normalised((r - q).clamp_min(0.0), fallback=r)  # (V,) Leviathan's norm(max(0, r - q))
 
     def decision_output(self, r, q, m, ctx) -> torch.Tensor:
         """(V,) exact distribution of the token emitted by one decision (x ~ q, then accept or reject)."""
         rejected = (1.0 - m.sum()).clamp_min(0.0)
         if self.residual == "deficit":
-            return m + rejected * _normalised((r - m).clamp_min(0.0), fallback=r)
-        return m + rejected * _normalised((r - q).clamp_min(0.0), fallback=r)
+            return m + rejected * normalised((r - m).clamp_min(0.0), fallback=r)
+        return m + rejected * normalised((r - q).clamp_min(0.0), fallback=r)
 
     def decision_tv(self, r, q, m, ctx) -> float:
         if self.residual == "deficit":
@@ -220,7 +221,7 @@ def _sibling_proposal(draft: Draft, c: int, x: int, tried: list[int], wor: bool,
         if wor and tried:
             qs = qs.clone()
             qs[tried] = 0.0
-            qs = _normalised(qs, fallback=torch.zeros_like(qs))
+            qs = normalised(qs, fallback=torch.zeros_like(qs))
         if float(qs[x]) > 0.0:
             return qs
     # q = None, or q_s(x) = 0 (the drafter could not have drawn x): verify x as a point mass, which is what makes
@@ -241,14 +242,14 @@ def relaxed_walk(rule: Relaxation, draft: Draft, p: torch.Tensor, *, generator: 
                  coin: Coin | None = None) -> RelaxedVerdict:
     """Walk `draft` root-first like accept_speculative, accepting each child with `rule`'s relaxed probability."""
     what = f"accept_{rule.name}"
-    _check(draft, p, what)
+    check_kernel_inputs(draft, p, what)
     if draft.q is not None:
         if draft.siblings not in SIBLING_MODES:
             raise DraftError(f"{what}: draft siblings={draft.siblings!r}; expected one of {SIBLING_MODES}")
         if bool(draft.q.sum().isnan()):
             raise NonFiniteLogitsError(f"{what}: draft q {tuple(draft.q.shape)} contains NaN")
     rule.prepare(p)
-    flip = coin or _default_coin(p, generator)
+    flip = coin or default_coin(p, generator)
     toks, wor = draft.token_list, draft.siblings == "without_replacement"
     track = rule.report_tv or rule.tv_budget is not None
     need_vectors = track or rule.residual == "deficit"
@@ -268,7 +269,7 @@ def relaxed_walk(rule: Relaxation, draft: Draft, p: torch.Tensor, *, generator: 
                 reach *= 1.0 - beta
                 if budget is not None:
                     budget = next_budget(budget, t, beta)
-            if chosen is None and _flip(flip, alpha):
+            if chosen is None and flip_coin(flip, alpha):
                 chosen = c
                 if not track:
                     break
@@ -280,11 +281,11 @@ def relaxed_walk(rule: Relaxation, draft: Draft, p: torch.Tensor, *, generator: 
             tvs.append(total)
         return chosen, (r if chosen is None else None)
 
-    v = _walk(draft, p, try_children)
+    v = walk_tree(draft, p, try_children)
     if track and v.bonus:
         tvs.append(0.0)  # a bonus token is drawn from the target row as is
     verdict = RelaxedVerdict(v.path, v.tokens, v.residual, v.next_token, v.bonus, tv=tvs)
-    return _done(verdict, coin, generator)
+    return finish_verdict(verdict, coin, generator)
 
 
 # --- exact enumeration (tests, notebooks) --------------------------------------------------------------------------

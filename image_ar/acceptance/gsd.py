@@ -37,7 +37,7 @@ import math
 import torch
 
 from mmspec.errors import GenerationConfigError, InvalidInputError
-from mmspec.kernels import _kernel
+from mmspec.kernels import kernel_rule
 
 from .budget import Relaxation, check_residual, check_tv_budget, deficit_tvs, interpolate, max_feasible, relaxed_walk
 from .neighbours import squared_distance
@@ -142,7 +142,7 @@ def gsd(*, rank_window: int = 7, prob_threshold: float = 0.15, embed_threshold: 
     residual = check_residual(residual, RESIDUALS, budget, "gsd")
     rule = _GSD(rank_window, prob_threshold, embed_threshold, embeddings, residual, budget, bool(report_tv))
 
-    @_kernel("gsd" + (f"[tv<={budget:g}]" if budget is not None else ""), lossless=False)
+    @kernel_rule("gsd" + (f"[tv<={budget:g}]" if budget is not None else ""), lossless=False)
     def accept_gsd(draft, p, *, generator=None, coin=None):
         return relaxed_walk(rule, draft, p, generator=generator, coin=coin)
 

@@ -46,7 +46,7 @@ import math
 import torch
 
 from mmspec.errors import GenerationConfigError, InvalidInputError
-from mmspec.kernels import _kernel, _normalised
+from mmspec.kernels import kernel_rule, normalised
 
 from .budget import Relaxation, check_residual, check_tv_budget, deficit_tvs, interpolate, max_feasible, relaxed_walk
 
@@ -168,12 +168,12 @@ class _Lantern(Relaxation):
             return super().reject(r, q, x, m, ctx)
         cstar = float(ctx[x]) if isinstance(ctx, torch.Tensor) else ctx
         deficit = (r - q).clamp_min(0.0)  # (V,) zero at x whenever x can be rejected
-        plain = _normalised(deficit, fallback=r)
+        plain = normalised(deficit, fallback=r)
         if cstar <= 0.0:
             return plain
         zeroed = deficit.clone()
         zeroed[self._nb(r.device)[1][x]] = 0.0
-        return _normalised(zeroed, fallback=plain)
+        return normalised(zeroed, fallback=plain)
 
     def decision_output(self, r, q, m, ctx):
         if self.residual != "lantern":
@@ -181,7 +181,7 @@ class _Lantern(Relaxation):
         # out = m + sum_x w(x) R_x with w(x) = q(x) - m(x) the mass of drawing x and rejecting it, and R_x the
         # residual after rejecting x: D / |D| (plain), or D off Z(x) renormalised when x's relaxation moved mass.
         deficit = (r - q).clamp_min(0.0)  # (V,) D
-        plain = _normalised(deficit, fallback=r)
+        plain = normalised(deficit, fallback=r)
         w = (q - m).clamp_min(0.0)  # (V,)
         xs = ((ctx > 0) & (w > 0)).nonzero().flatten()  # (n,) rejectable tokens whose relaxation borrowed mass
         zone = self._nb(r.device)[1][xs]  # (n, kz) Z(x)
@@ -218,7 +218,7 @@ def lantern(neighbours: torch.Tensor, *, delta: float | None = None, lam: float 
     residual = check_residual(residual, RESIDUALS, budget, "lantern")
     rule = _Lantern(nb, k, delta, lam, residual, budget, bool(report_tv))
 
-    @_kernel(rule.name + (f"[tv<={budget:g}]" if budget is not None else ""), lossless=False)
+    @kernel_rule(rule.name + (f"[tv<={budget:g}]" if budget is not None else ""), lossless=False)
     def accept_lantern(draft, p, *, generator=None, coin=None):
         return relaxed_walk(rule, draft, p, generator=generator, coin=coin)
 

@@ -1,0 +1,127 @@
+"""A small independent LlamaGen as drafter: it samples a chain of k image tokens, the target verifies them.
+
+Classic draft-model speculative decoding (Leviathan et al. 2023; Chen et al. 2023) applied to visual AR models, as
+in LANTERN's and Jang et al.'s baselines: the drafter shares the target's codebook (same VQ tokenizer) and its
+condition, runs its own [cond; uncond] rows with the *target's* guidance scale, and records q, the guided and
+warped distribution each draft token was drawn from (ALGORITHMS.md section 5: the same combined distribution for p
+and q). A copy of the target as drafter accepts every token at temperature 0 (the bookkeeping test).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from mmspec.drafters.base import DraftContext, DrafterCounters, RowUpdate
+from mmspec.errors import InvalidInputError, UnsupportedModelError
+from mmspec.target import BlockOutput
+from mmspec.tree import Draft
+
+from ..models.llamagen import LlamaGen
+from ..target import LlamaGenRunner
+
+
+class ImageModelDrafter:
+    needs_hidden = False
+    trusted = True
+
+    def __init__(self, model: LlamaGen, k: int = 4):
+        if not isinstance(model, LlamaGen):
+            raise InvalidInputError(f"drafter model must be an image_ar LlamaGen, got {type(model).__name__}")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise InvalidInputError(f"k={k!r}: the number of drafted tokens per step must be an int >= 1")
+        self.model, self.k = model.eval(), k
+        self.max_depth = self.max_nodes = k
+        self.counters = DrafterCounters()
+        self.runner: LlamaGenRunner | None = None
+        self.target = None
+
+    @property
+    def forward_time(self) -> float:
+        return 0.0 if self.runner is None else self.runner.forward_time
+
+    def check_target(self, target) -> None:
+        mine, cfg = self.model.config, getattr(target, "model", None)
+        cfg = getattr(cfg, "config", None)
+        if cfg is None or not hasattr(target, "condition"):
+            raise UnsupportedModelError(f"a LlamaGen drafter needs a LlamaGen target (image_ar.LlamaGenTarget); got "
+                                        f"{type(target).__name__}")
+        for field in ("vocab_size", "grid_size", "model_type", "cls_token_num"):
+            if getattr(mine, field) != getattr(cfg, field):
+                raise UnsupportedModelError(f"drafter {field}={getattr(mine, field)} but the target's is "
+                                            f"{getattr(cfg, field)}: the drafter must share the target's codebook, "
+                                            "grid and condition")
+        if mine.model_type == "c2i" and mine.num_classes != cfg.num_classes:
+            raise UnsupportedModelError(f"drafter has {mine.num_classes} classes, the target {cfg.num_classes}")
+        self.target = target
+
+    def begin(self, ctx: DraftContext, prefill: BlockOutput) -> None:
+        self.ctx = ctx
+        if self.runner is None:
+            self.runner = LlamaGenRunner(self.model, self.target.guidance_scale)
+        else:
+            self.runner.guidance_scale = self.target.guidance_scale
+        cond, cond_mask = self.target.condition
+        self.runner.start(cond, cond_mask, capacity=self.model.config.max_seq_len)
+        self.counters.forwards += 1
+        self.uncached = [[h[-1]] for h in ctx.history]  # committed tokens not yet in the drafter's cache
+        self.base = list(self.runner.lengths)
+        self.fed, self.carry = 0, [[] for _ in ctx.history]
+
+    def _feed(self, feed: list[list[int]]) -> torch.Tensor:
+        """Append each row's tokens (ragged, right-padded; an empty row gets a dummy it does not keep), keep the real
+        ones; guided logits at each row's last (garbage for an empty row)."""
+        m = max(1, max(len(f) for f in feed))
+        tokens = torch.tensor([f + [0] * (m - len(f)) for f in feed], dtype=torch.long)
+        start = self.runner.cache.length
+        logits, _ = self.runner.forward_block(tokens, torch.arange(m).expand(len(feed), m), None)
+        self.runner.keep([list(range(len(f))) for f in feed], start)
+        self.counters.forwards += 1
+        last = torch.tensor([max(len(f) - 1, 0) for f in feed], device=logits.device)
+        return logits[torch.arange(len(feed), device=logits.device), last]  # (B, V)
+
+    def propose(self, budgets: Sequence[int]) -> list[Draft]:
+        spec, gens = self.ctx.spec, self.ctx.generators
+        depth = min(self.k, max(budgets))
+        if depth <= 0:  # nothing to draft: the uncached tokens wait for the next step
+            self.fed, self.carry, self.want = 0, self.uncached, [0] * len(budgets)
+            self.base = list(self.runner.lengths)
+            return [Draft.empty() for _ in budgets]
+        logits = self._feed(self.uncached)
+        self.carry = [[] for _ in budgets]
+        self.base = list(self.runner.lengths)  # committed + pending: the drafts come after
+        want = [min(depth, b) for b in budgets]  # rows near the image's end draft less (and feed nothing past it)
+        toks, qs = [], []
+        for step in range(depth):
+            if spec.greedy:
+                tok = spec.processed_logits(logits).argmax(-1)  # (B,)
+            else:
+                q = spec.probs(logits)  # (B, V)
+                tok = torch.cat([torch.multinomial(q[b], 1, generator=gens[b]) for b in range(len(q))])
+                qs.append(q)
+            toks.append(tok)
+            if step < depth - 1:
+                logits = self._feed([[t] if step < n - 1 else [] for t, n in zip(tok.tolist(), want)])
+        self.fed, self.want = depth - 1, want  # the last draft token of a row is sampled but not fed
+        toks = torch.stack(toks, 1).cpu()  # (B, depth)
+        q_all = torch.stack(qs, 1) if qs else None  # (B, depth, V)
+        out = []
+        for b, n in enumerate(want):
+            out.append(Draft.chain(toks[b, :n], None if q_all is None else q_all[b, :n]))
+        return out
+
+    def commit(self, updates: Sequence[RowUpdate], verify_out: BlockOutput | None) -> None:
+        lengths, uncached = [], []
+        for b, up in enumerate(updates):
+            a = len(up.path)
+            cached = min(a, self.fed, max(self.want[b] - 1, 0))  # accepted drafts already in the drafter's cache
+            lengths.append(self.base[b] + cached)
+            uncached.append(self.carry[b] + list(up.tokens[cached:]))
+        self.runner.rollback(lengths)
+        self.uncached = uncached
+
+    def select_rows(self, rows: Sequence[int]) -> None:
+        self.runner.select_rows(rows)
+        self.uncached = [self.uncached[r] for r in rows]
+        self.base = [self.base[r] for r in rows]
+        self.carry = [self.carry[r] for r in rows]

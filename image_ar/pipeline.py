@@ -1,0 +1,324 @@
+"""SpeculativeImagePipeline: class- or text-conditional image generation with speculative decoding.
+
+    from image_ar import SpeculativeImagePipeline
+    pipe = SpeculativeImagePipeline.from_pretrained("path/to/llamagen", vq="path/to/vq", drafter="jacobi")
+    out = pipe(class_labels=[3, 7], guidance_scale=4.0, temperature=1.0, top_k=2000,
+               acceptance="lossless", generator=torch.Generator().manual_seed(0))
+    out.images   # PIL images
+    out.stats    # target forwards per image, tau, acceptance by token position (a grid the size of the image)
+
+The pipeline composes components passed in (ARCHITECTURE.md): an image target (``LlamaGenTarget``, or the Janus /
+Emu3 adapters), a VQ tokenizer for LlamaGen, a drafter (``"jacobi"``: SJD, no model; a head or LlamaGen checkpoint
+path; any Drafter object), and an acceptance rule. The decode loop is the engine's, so the lossless rules are its
+kernels (ALGORITHMS.md section 5): at temperature 0 greedy verification, else speculative sampling with the draft's
+q, both over the CFG-combined distribution, which makes the images exactly the target's. ``acceptance="lantern"`` /
+``"gsd"`` are LOSSY: every such run measures the per-position TV between the distribution each token was emitted from
+and the target's, reports it in ``out.stats`` (mean, max, a grid) and can be held under ``tv_budget``.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mmspec.errors import (CheckpointError, GenerationConfigError, IncompatibleModelsError, InvalidInputError,
+                           UnsupportedModelError)
+from mmspec.loop import SpeculativeDecoder
+from mmspec.stats import GenerationStats
+
+from .acceptance import gsd, latent_neighbours, lantern
+from .drafters import ImageHead, ImageHeadDrafter, ImageModelDrafter, JacobiDrafter, is_head_checkpoint
+from .models.llamagen import LlamaGen
+from .models.vq import VQTokenizer, load_vq, to_pil
+from .target import LlamaGenTarget
+
+ACCEPTANCE = ("lossless", "lantern", "gsd")
+
+
+@dataclass
+class ImageStats:
+    """What a generation cost and, for lossy rules, how far it drifted. Grids are (rows, cols) over image positions.
+
+    target_forwards: per image, the target forwards it took part in (prefill included); tau: image tokens per
+    target forward, mean over images; acceptance_grid: fraction of images whose token at that position was an
+    accepted draft token; tv_grid: mean measured per-position TV (None for lossless rules); tv_mean / tv_max over
+    every generated token.
+    """
+
+    acceptance: str
+    lossless: bool
+    images: int
+    tokens_per_image: int
+    target_forwards: list[int]
+    tau: float
+    acceptance_grid: torch.Tensor
+    tv_grid: torch.Tensor | None
+    tv_mean: float | None
+    tv_max: float | None
+    seconds: float
+    engine: GenerationStats = field(repr=False)
+
+    def as_dict(self) -> dict:
+        return {"acceptance": self.acceptance, "lossless": self.lossless, "images": self.images,
+                "tokens_per_image": self.tokens_per_image, "target_forwards": self.target_forwards,
+                "mean_target_forwards": sum(self.target_forwards) / max(1, len(self.target_forwards)),
+                "tau": self.tau, "mean_acceptance": float(self.acceptance_grid.mean()),
+                "tv_mean": self.tv_mean, "tv_max": self.tv_max, "seconds": self.seconds}
+
+    def summary(self) -> str:
+        rule = self.acceptance if self.lossless else f"{self.acceptance} (LOSSY)"
+        line = (f"{self.images} image(s) x {self.tokens_per_image} tokens | {rule} | tau {self.tau:.2f} tokens/"
+                f"forward | {sum(self.target_forwards) / max(1, self.images):.1f} target forwards per image | "
+                f"{self.seconds:.2f} s")
+        if self.tv_mean is not None:
+            line += f" | measured output TV per position: mean {self.tv_mean:.4f}, max {self.tv_max:.4f}"
+        return line
+
+
+@dataclass
+class ImagePipelineOutput:
+    images: list | None  # PIL images (None with output_type="tokens")
+    tokens: torch.Tensor  # (N, tokens_per_image) long
+    stats: ImageStats
+
+
+class SpeculativeImagePipeline:
+    """target: a LlamaGen or an image target adapter (``bind``/``prefill``/``verify``/``commit``, with ``grid`` and
+    ``decode``). vq: a VQTokenizer (or anything ``load_vq`` takes) for LlamaGen targets; its codebook must match the
+    target's vocabulary. drafter: None (plain decoding), "jacobi", a LlamaGen (draft model), a path to a head or
+    LlamaGen checkpoint, or a Drafter object. draft_tokens: tokens drafted per step by model/head drafters;
+    window / jacobi_init: SJD's window and initialisation."""
+
+    def __init__(self, target, vq=None, drafter=None, *, draft_tokens: int = 4, window: int = 16,
+                 jacobi_init: str = "random", neighbours_cache: str | Path | None = None):
+        self.target = LlamaGenTarget(target) if isinstance(target, LlamaGen) else target
+        if not all(hasattr(self.target, a) for a in ("bind", "prefill", "verify", "commit", "grid")):
+            raise UnsupportedModelError(f"target {type(target).__name__} is neither a LlamaGen nor an image target "
+                                        "adapter (bind / prefill / verify / commit / grid)")
+        self.vq = None if vq is None else load_vq(vq)
+        if self.vq is not None and self.vq.codebook_size != self.target.vocab_size:
+            raise IncompatibleModelsError(f"the VQ tokenizer has {self.vq.codebook_size} codes but the target "
+                                          f"predicts {self.target.vocab_size} image tokens: use the tokenizer the "
+                                          "target was trained with")
+        self.drafter_spec = drafter
+        self.draft_tokens, self.window, self.jacobi_init = draft_tokens, window, jacobi_init
+        self.neighbours_cache = neighbours_cache
+        self._drafter = self._make_drafter(drafter)
+        self.decoder = SpeculativeDecoder(self.target, self._drafter)
+
+    @classmethod
+    def from_pretrained(cls, target, vq=None, drafter=None, *, dtype=torch.float32, device=None, **kwargs):
+        """target: a LlamaGen directory (``save_pretrained``) or reference checkpoint file, or a model; vq: a VQ
+        directory / reference file; drafter: None, "jacobi", or a head / LlamaGen checkpoint path."""
+        if isinstance(target, (str, Path)):
+            target = LlamaGen.from_pretrained(target, dtype=dtype)
+        if device is not None and isinstance(target, torch.nn.Module):
+            target = target.to(device)
+        if vq is not None and not isinstance(vq, VQTokenizer):
+            vq = load_vq(vq)
+        if vq is not None and device is not None:
+            vq = vq.to(device)
+        return cls(target, vq, drafter, **kwargs)
+
+    def _make_drafter(self, drafter):
+        if drafter is None:
+            return None
+        if isinstance(drafter, str) and drafter == "jacobi":
+            return JacobiDrafter(self.window, self.jacobi_init)
+        if isinstance(drafter, (str, Path)):
+            drafter = self._load_drafter(Path(drafter))
+        if isinstance(drafter, LlamaGen):
+            return ImageModelDrafter(drafter.to(self.target.device), self.draft_tokens)
+        if all(hasattr(drafter, a) for a in ("begin", "propose", "commit", "select_rows", "check_target")):
+            return drafter
+        raise InvalidInputError(f"drafter={drafter!r}: expected None, 'jacobi', a LlamaGen, a checkpoint path or a "
+                                "Drafter object")
+
+    def _load_drafter(self, path: Path):
+        if not path.exists():
+            raise CheckpointError(f"drafter {str(path)!r} does not exist: expected 'jacobi', a head directory "
+                                  "(image_ar.train) or a LlamaGen checkpoint")
+        if is_head_checkpoint(path):
+            return ImageHeadDrafter(ImageHead.from_pretrained(path, self.target.model), self.draft_tokens)
+        return LlamaGen.from_pretrained(path, dtype=self.target.model.dtype)
+
+    @property
+    def drafter(self):
+        return self._drafter
+
+    # --- generation -----------------------------------------------------------------------------------------------
+    def _kernel(self, acceptance, temperature, lantern_k, lantern_delta, lantern_lambda, gsd_rank_window,
+                gsd_prob_threshold, gsd_embed_threshold, tv_budget):
+        if acceptance not in ACCEPTANCE:
+            raise GenerationConfigError(f"acceptance={acceptance!r}: expected one of {ACCEPTANCE}")
+        if acceptance == "lossless":
+            if tv_budget not in (None, 0):
+                raise GenerationConfigError(f"tv_budget={tv_budget} needs a relaxed rule (acceptance='lantern' or "
+                                            "'gsd'); lossless acceptance has TV 0")
+            return None
+        if temperature == 0:
+            raise GenerationConfigError(f"acceptance={acceptance!r} relaxes *sampling*; at temperature 0 use "
+                                        "acceptance='lossless' (greedy verification)")
+        codebook = self._codebook(acceptance)
+        if acceptance == "gsd":
+            return gsd(rank_window=gsd_rank_window, prob_threshold=gsd_prob_threshold,
+                       embed_threshold=gsd_embed_threshold, embeddings=codebook, tv_budget=tv_budget, report_tv=True)
+        vocab = self.target.vocab_size
+        if lantern_delta is None and lantern_lambda is None:
+            lantern_delta = 0.1
+        k = lantern_k if lantern_k is not None else (1000 if lantern_lambda is None else 10)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise GenerationConfigError(f"lantern_k={lantern_k!r}: must be an int >= 0")
+        k = min(k, vocab - 2)
+        table = latent_neighbours(codebook, k + 1, cache_dir=self.neighbours_cache)  # k + 1: LANTERN zeroes k + 1
+        return lantern(table, delta=lantern_delta, lam=lantern_lambda, k=k, tv_budget=tv_budget, report_tv=True)
+
+    def _codebook(self, acceptance: str) -> torch.Tensor:
+        if self.vq is not None:
+            return self.vq.codebook_embeddings().detach()
+        embed = getattr(self.target, "codebook_embeddings", None)
+        if embed is None:
+            raise GenerationConfigError(f"acceptance={acceptance!r} needs the VQ codebook's geometry: pass vq=")
+        return embed().detach()
+
+    def _conditions(self, class_labels, prompt_embeds, prompt_mask, prompt, num_images_per_prompt):
+        given = [n for n, v in (("class_labels", class_labels), ("prompt_embeds", prompt_embeds), ("prompt", prompt))
+                 if v is not None]
+        if len(given) != 1:
+            raise InvalidInputError(f"pass exactly one of class_labels, prompt_embeds, prompt; got {given or 'none'}")
+        n = num_images_per_prompt
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise InvalidInputError(f"num_images_per_prompt={n!r}: must be an int >= 1")
+        if class_labels is not None:
+            if isinstance(class_labels, int):
+                class_labels = [class_labels]
+            labels = torch.as_tensor(class_labels)
+            return labels.reshape(-1).repeat_interleave(n), None
+        if prompt_embeds is not None:
+            embeds = torch.as_tensor(prompt_embeds)
+            mask = None if prompt_mask is None else torch.as_tensor(prompt_mask).repeat_interleave(n, 0)
+            return embeds.repeat_interleave(n, 0), mask
+        if isinstance(self.target, LlamaGenTarget):
+            raise UnsupportedModelError("prompt= needs a text encoder, which LlamaGen does not include: pass "
+                                        "prompt_embeds= (caption embeddings, e.g. from FLAN-T5) for a t2i LlamaGen, "
+                                        "class_labels= for c2i")
+        prompts = [prompt] if isinstance(prompt, str) or (isinstance(prompt, list) and prompt
+                                                             and isinstance(prompt[0], int)) else list(prompt)
+        return [p for p in prompts for _ in range(n)], None
+
+    def __call__(self, class_labels=None, prompt_embeds=None, *, prompt=None, prompt_mask=None,
+                 guidance_scale: float = 4.0, temperature: float = 1.0, top_k: int | None = 2000,
+                 top_p: float = 1.0, acceptance: str = "lossless", lantern_k: int | None = None,
+                 lantern_delta: float | None = None, lantern_lambda: float | None = None, gsd_rank_window: int = 7,
+                 gsd_prob_threshold: float = 0.15, gsd_embed_threshold: float = 0.5, tv_budget: float | None = None,
+                 num_images_per_prompt: int = 1, generator=None, seed: int | None = None,
+                 num_tokens: int | None = None, output_type: str = "pil", progress: bool = False) -> ImagePipelineOutput:
+        """Generate images. Defaults are LlamaGen's c2i sampling defaults (CFG 4, temperature 1, top-k 2000).
+
+        class_labels (c2i) / prompt_embeds + prompt_mask (t2i LlamaGen) / prompt (Janus, Emu3 adapters); generator:
+        one torch.Generator (rows draw from per-row generators seeded from it) or one per image; seed: shortcut.
+        acceptance: "lossless" | "lantern" (lantern_delta or lantern_lambda, lantern_k) | "gsd" (rank window,
+        probability and embedding thresholds); tv_budget: per-position TV budget for the relaxed rules (0 = lossless).
+        num_tokens: stop after this many tokens (partial images come back as tokens only). output_type: "pil" |
+        "tokens"."""
+        if output_type not in ("pil", "tokens"):
+            raise InvalidInputError(f"output_type={output_type!r}: expected 'pil' or 'tokens'")
+        kernel = self._kernel(acceptance, temperature, lantern_k, lantern_delta, lantern_lambda, gsd_rank_window,
+                              gsd_prob_threshold, gsd_embed_threshold, tv_budget)
+        cond, mask = self._conditions(class_labels, prompt_embeds, prompt_mask, prompt, num_images_per_prompt)
+        total = self.target.num_image_tokens
+        n_tok = total if num_tokens is None else num_tokens
+        if isinstance(n_tok, bool) or not isinstance(n_tok, int) or not 0 < n_tok <= total:
+            raise InvalidInputError(f"num_tokens={num_tokens!r}: must be an int in [1, {total}]")
+        self.target.guidance_scale = guidance_scale
+        prompts = self.target.bind(cond, mask) if mask is not None else self.target.bind(cond)
+        gens = self._generators(generator, seed, len(prompts))
+        self.decoder.acceptance = kernel
+        t0 = time.perf_counter()
+        stream = self.decoder.stream(prompts, max_new_tokens=n_tok, temperature=temperature, top_k=top_k or 0,
+                                     top_p=top_p, generator=gens)
+        record = _Recorder(len(prompts), n_tok)
+        bar = _progress(progress, len(prompts) * n_tok)
+        for event in stream:
+            record.add(event)
+            if bar is not None:
+                bar.update(len(event.tokens))
+        if bar is not None:
+            bar.close()
+        tokens = torch.tensor(stream.output.sequences, dtype=torch.long)
+        stats = record.stats(self.target.grid, acceptance, kernel is None, total, stream.output.stats,
+                             time.perf_counter() - t0)
+        images = self.decode(tokens) if output_type == "pil" and n_tok == total else None
+        return ImagePipelineOutput(images, tokens, stats)
+
+    def _generators(self, generator, seed, n) -> list[torch.Generator] | None:
+        """One generator per image: the given list, or per-row generators seeded from draws of one generator, or
+        seed + row (row 0 of a batch then reproduces a single image); None: fresh seeds."""
+        if generator is not None and seed is not None:
+            raise InvalidInputError("pass generator= or seed=, not both")
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != n:
+                raise InvalidInputError(f"got {len(generator)} generators for {n} images: pass one per image "
+                                        "(num_images_per_prompt counts) or a single one")
+            return list(generator)
+        dev = self.target.device
+        if generator is not None:
+            if n == 1:
+                return [generator]
+            seeds = torch.randint(0, 2**62, (n,), generator=generator, device=generator.device).tolist()
+            return [torch.Generator(dev).manual_seed(s) for s in seeds]
+        return None if seed is None else [torch.Generator(dev).manual_seed(seed + b) for b in range(n)]
+
+    def decode(self, tokens: torch.Tensor) -> list:
+        """Image tokens (N, rows * cols) -> PIL images, through the VQ tokenizer (or the adapter's own decoder)."""
+        if hasattr(self.target, "decode") and self.vq is None:
+            return self.target.decode(tokens)
+        if self.vq is None:
+            raise InvalidInputError("no VQ tokenizer to decode image tokens with: pass vq= (or output_type='tokens')")
+        with torch.no_grad():
+            return to_pil(self.vq.decode_codes(tokens.to(self.vq.vq.post_quant_conv.weight.device), self.target.grid))
+
+
+class _Recorder:
+    """Per image: which positions were accepted drafts, the measured TV per position, forwards taken part in."""
+
+    def __init__(self, n: int, tokens: int):
+        self.accepted = torch.zeros(n, tokens)
+        self.tv = torch.zeros(n, tokens)
+        self.has_tv = False
+        self.forwards = [0] * n
+        self.filled = [0] * n
+
+    def add(self, event) -> None:
+        i, start, k = event.request, self.filled[event.request], len(event.tokens)
+        self.forwards[i] += 1
+        self.accepted[i, start: start + event.accepted] = 1.0
+        if event.drift is not None:
+            self.has_tv = True
+            self.tv[i, start: start + len(event.drift)] = torch.tensor(event.drift)
+        self.filled[i] = start + k
+
+    def stats(self, grid, acceptance, lossless, total, engine, seconds) -> ImageStats:
+        rows, cols = grid
+        n, t = self.accepted.shape
+
+        def as_grid(x):  # (N, t) -> (rows, cols) mean over images; positions not generated stay 0
+            full = torch.zeros(total)
+            full[:t] = x.mean(0)
+            return full.view(rows, cols) if total == rows * cols else full
+
+        tau = sum(f / max(1, c) for f, c in zip(self.filled, self.forwards)) / max(1, n)
+        tv = self.tv if self.has_tv else None
+        return ImageStats(acceptance, lossless, n, t, list(self.forwards), tau, as_grid(self.accepted),
+                          None if tv is None else as_grid(tv), None if tv is None else float(tv.mean()),
+                          None if tv is None else float(tv.max()), seconds, engine)
+
+
+def _progress(enabled: bool, total: int):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="image tokens", unit="tok")

@@ -1,0 +1,230 @@
+"""LlamaGen as an engine target: classifier-free guidance over a ragged KV cache, one forward per verification.
+
+The engine's loop (``mmspec.loop``) sees an ordinary target whose logits are already *guided*: every forward runs
+[cond rows; uncond rows] (2B) and returns ``u + s (c - u)`` (B, M, V), before temperature / top-k / top-p, exactly as
+the plain sampler ``generate_tokens`` does (ALGORITHMS.md section 5, CFG). Drafters that read features get both halves
+side by side: ``hidden`` is (B, M, 2D) = [cond features, uncond features] when guided, (B, M, D) otherwise.
+
+Requests carry no text: the condition (class label or caption embeddings) is bound with :meth:`bind`, which returns
+one placeholder token per request as the loop's prompt. Image position ``i`` (raster order) is sequence position
+``cls_token_num + i``; rows accept different numbers of tokens, so each row has its own committed length and the
+4-D masks hide the other rows' slots (``LlamaGenRunner``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from mmspec.errors import ContextOverflowError, InvalidInputError
+from mmspec.target import BlockOutput, draft_block, sync_time
+from mmspec.tree import Draft
+
+from .models.llamagen import LlamaGen, cfg_logits, prefix_mask
+
+PLACEHOLDER = 0  # the loop's one-token "prompt" per image; the condition is bound to the target instead
+
+
+def check_guidance(model: LlamaGen, guidance_scale) -> float:
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
+            or not math.isfinite(guidance_scale):
+        raise InvalidInputError(f"guidance_scale={guidance_scale!r}: must be a finite number (1.0 = no guidance)")
+    if guidance_scale != 1.0:
+        model.null_cond(1)  # UnsupportedModelError when the model has no null class / caption
+    return float(guidance_scale)
+
+
+class LlamaGenRunner:
+    """A LlamaGen driven over a ragged cache with CFG: prefill, append blocks, keep slots per row.
+
+    Row b's committed slots are [0, lengths[b]) (prefix + committed image tokens, hole-free), so its next position
+    is lengths[b]. A block is appended at the cache's width; `keep` moves each row's kept block slots right after its
+    committed ones. Guided: cache rows [0, B) are cond, [B, 2B) uncond, sharing lengths.
+    """
+
+    def __init__(self, model: LlamaGen, guidance_scale: float = 1.0):
+        if not isinstance(model, LlamaGen):
+            raise InvalidInputError(f"expected an image_ar LlamaGen, got {type(model).__name__}")
+        self.model = model.eval()
+        self.config = model.config
+        self.guidance_scale = check_guidance(model, guidance_scale)
+        self.cache = None
+        self.lengths: list[int] = []
+        self.prefix_ok: torch.Tensor | None = None  # (R, L) bool: caption slots that are real (t2i padding)
+        self.forward_time = 0.0
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale != 1.0
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, x]) if self.guided else x
+
+    def _combine(self, logits: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.guided:
+            return logits, hidden
+        cond, uncond = hidden.chunk(2)
+        return cfg_logits(logits, self.guidance_scale), torch.cat([cond, uncond], dim=-1)
+
+    def _forward(self, idx, cond, pos, mask, reserve: int = 0):
+        t0 = sync_time(self.device)
+        with torch.no_grad():  # not inference_mode: the cache is compacted in place afterwards
+            out = self.model(idx, cond, input_pos=pos, cache=self.cache, mask=mask)
+        self.forward_time += sync_time(self.device) - t0
+        return out
+
+    # --- prefill --------------------------------------------------------------------------------------------------
+    def start(self, cond, cond_mask: torch.Tensor | None = None, capacity: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the prefix of every request: cond = class labels (B,) or caption embeddings (B, L, C).
+        Returns guided logits (B, V) and features (B, D or 2D) at the last prefix position."""
+        model, cfg = self.model, self.config
+        cond = torch.as_tensor(cond, device=model.device)
+        if cfg.model_type == "c2i":
+            cond = model.check_class_labels(cond.reshape(-1))
+        b = cond.shape[0]
+        if self.guided:
+            cond = torch.cat([cond, model.null_cond(b).to(cond.dtype)])
+        n = cfg.cls_token_num
+        keys = torch.ones(len(cond), n, dtype=torch.bool, device=model.device)
+        if cond_mask is not None:
+            cond_mask = torch.as_tensor(cond_mask, dtype=torch.bool, device=model.device)
+            if cond_mask.shape != (b, n):
+                raise InvalidInputError(f"cond_mask must be bool (B, L) = ({b}, {n}); got {tuple(cond_mask.shape)}")
+            keys = self._rows(cond_mask)
+        self.prefix_ok = keys
+        self.cache = model.new_cache(max(capacity, n + 1))
+        mask = None if cond_mask is None else prefix_mask(keys, n, n)
+        out = self._forward(None, cond, None, mask)
+        self.lengths = [n] * b
+        return self._combine(out.logits[:, -1], out.hidden[:, -1])
+
+    # --- blocks ---------------------------------------------------------------------------------------------------
+    def block_mask(self, allowed: torch.Tensor | None, m: int) -> torch.Tensor:
+        """(R, 1, M, width + M) bool: each row's committed slots (real prefix slots only) + block visibility."""
+        width, dev = self.cache.length, self.device
+        lengths = self._rows(torch.tensor(self.lengths, device=dev))  # (R,)
+        slots = torch.arange(width, device=dev)
+        committed = slots[None, :] < lengths[:, None]  # (R, width)
+        committed[:, : self.prefix_ok.shape[1]] &= self.prefix_ok
+        if allowed is None:
+            allowed = torch.ones(m, m, dtype=torch.bool, device=dev).tril_().expand(len(lengths), m, m)
+        else:
+            allowed = self._rows(allowed.to(dev))
+        r = len(lengths)
+        return torch.cat([committed[:, None, :].expand(r, m, width), allowed], dim=-1)[:, None]
+
+    def forward_block(self, tokens: torch.Tensor, offsets: torch.Tensor,
+                      allowed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append a (B, M) block at positions lengths[b] + offsets (B, M); allowed (B, M, M) or None (causal).
+        Returns guided logits (B, M, V) and features (B, M, D or 2D)."""
+        dev = self.device
+        m = tokens.shape[1]
+        pos = torch.tensor(self.lengths, device=dev)[:, None] + offsets.to(dev)  # (B, M)
+        top = int(pos.max())
+        if top >= self.config.max_seq_len:
+            raise ContextOverflowError(f"block reaches position {top}, past the image's last position "
+                                       f"{self.config.max_seq_len - 1}")
+        mask = self.block_mask(allowed, m)
+        out = self._forward(self._rows(tokens.to(dev)), None, self._rows(pos), mask)
+        return self._combine(out.logits, out.hidden)
+
+    def keep(self, keep: Sequence[Sequence[int]], block_start: int) -> None:
+        """Row b keeps block slots keep[b] (indices within the block appended at `block_start`, ascending) right
+        after its committed slots; everything else written since is dropped."""
+        start = min(self.lengths)
+        index = [list(range(start, n)) + [block_start + j for j in ks] for n, ks in zip(self.lengths, keep)]
+        width = max(len(ix) for ix in index)
+        if width == 0:
+            self.cache.crop(start)
+        else:
+            padded = [ix + [ix[-1] if ix else 0] * (width - len(ix)) for ix in index]  # pads are never visible
+            self.cache.compact(start, self._rows(torch.tensor(padded, dtype=torch.long)))
+        self.lengths = [n + len(ks) for n, ks in zip(self.lengths, keep)]
+
+    def rollback(self, lengths: Sequence[int]) -> None:
+        """Forget each row's slots past lengths[b] (<= its current length): a drafter dropping rejected tokens."""
+        if any(n > old for n, old in zip(lengths, self.lengths)):
+            raise InvalidInputError(f"rollback to {list(lengths)} past the committed lengths {self.lengths}")
+        self.lengths = list(lengths)
+        self.cache.crop(max(self.lengths))
+
+    def select_rows(self, rows: Sequence[int]) -> None:
+        rows = list(rows)
+        b = len(self.lengths)
+        full = rows + [b + r for r in rows] if self.guided else rows
+        self.cache.select_rows(full)
+        self.prefix_ok = self.prefix_ok[torch.tensor(full, device=self.prefix_ok.device)]
+        self.lengths = [self.lengths[r] for r in rows]
+
+
+class LlamaGenTarget:
+    """The engine's Target protocol for a LlamaGen with CFG (see the module docstring)."""
+
+    def __init__(self, model: LlamaGen, guidance_scale: float = 1.0):
+        self.runner = LlamaGenRunner(model, guidance_scale)
+        self.model, cfg = model, model.config
+        self.vocab_size = cfg.vocab_size
+        self.num_image_tokens = cfg.num_image_tokens
+        self.grid = (cfg.grid_size, cfg.grid_size)
+        self.max_positions = cfg.num_image_tokens + 1  # the placeholder prompt + the image tokens
+        self._cond = self._cond_mask = None
+        self._block_start = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def guidance_scale(self) -> float:
+        return self.runner.guidance_scale
+
+    @guidance_scale.setter
+    def guidance_scale(self, value) -> None:
+        self.runner.guidance_scale = check_guidance(self.model, value)
+
+    @property
+    def forward_time(self) -> float:
+        return self.runner.forward_time
+
+    def bind(self, cond, cond_mask=None) -> list[list[int]]:
+        """Condition the next generation: class labels (B,) or caption embeddings (B, L, C) with an optional (B, L)
+        mask of real caption tokens. Returns the loop's prompts (one placeholder token per image)."""
+        cfg = self.model.config
+        if cfg.model_type == "c2i":
+            cond = self.model.check_class_labels(torch.as_tensor(cond).reshape(-1))
+        elif not (torch.is_tensor(cond) and cond.dim() == 3):
+            raise InvalidInputError(f"a text-conditional LlamaGen needs caption embeddings (B, {cfg.cls_token_num}, "
+                                    f"{cfg.caption_dim}); got {type(cond).__name__}")
+        self._cond, self._cond_mask = cond, cond_mask
+        return [[PLACEHOLDER] for _ in range(len(cond))]
+
+    @property
+    def condition(self) -> tuple:
+        """The bound (cond, cond_mask): model drafters condition their own prefill on it."""
+        return self._cond, self._cond_mask
+
+    def prefill(self, prompts: Sequence[Sequence[int]], want_hidden: bool = False, reserve: int = 0) -> BlockOutput:
+        if self._cond is None or len(prompts) != len(self._cond):
+            raise InvalidInputError(f"{len(prompts)} prompt(s) but {0 if self._cond is None else len(self._cond)} "
+                                    "bound condition(s): call bind(cond) before generating")
+        cfg = self.model.config
+        logits, hidden = self.runner.start(self._cond, self._cond_mask, capacity=cfg.cls_token_num + reserve + 1)
+        return BlockOutput(logits[:, None], hidden[:, None] if want_hidden else None)
+
+    def verify(self, pending: Sequence[int], drafts: Sequence[Draft], want_hidden: bool = False) -> BlockOutput:
+        tokens, offsets, allowed = draft_block(pending, drafts)
+        self._block_start = self.runner.cache.length
+        logits, hidden = self.runner.forward_block(tokens, offsets.expand_as(tokens), allowed)
+        return BlockOutput(logits, hidden if want_hidden else None)
+
+    def commit(self, paths: Sequence[Sequence[int] | None]) -> None:
+        keep = [[] if p is None else [0] + [1 + i for i in p] for p in paths]
+        self.runner.keep(keep, self._block_start)
+
+    def select_rows(self, rows: Sequence[int]) -> None:
+        self.runner.select_rows(rows)
