@@ -180,9 +180,9 @@ def dataset(model: LlamaGen, class_labels, tokens, samples: int, guidance_scale:
     return cond, grids.long().cpu()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m image_ar.train --target DIR --out DIR`: train an ImageHead on self-generated grids and save it."""
-    ap = argparse.ArgumentParser(prog="python -m image_ar.train", description=main.__doc__)
+def main(argv: Sequence[str] | None = None, prog: str = "python -m image_ar.train") -> int:
+    """Train an ImageHead drafter on grids the target generates itself, and save it (config.json + safetensors)."""
+    ap = argparse.ArgumentParser(prog=prog, description=main.__doc__)
     ap.add_argument("--target", required=True, help="LlamaGen checkpoint (save_pretrained directory or reference file)")
     ap.add_argument("--out", required=True, help="directory to write the head to (config.json + model.safetensors)")
     ap.add_argument("--steps", type=int, default=500)

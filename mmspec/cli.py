@@ -171,6 +171,11 @@ def cmd_bench(args) -> int:
         run_vlm_benchmark(out_dir=args.out or "bench_out/vlm", family=args.family,
                           new_tokens=16 if args.quick else min(args.new_tokens, 64))
         return 0
+    if args.what == "image":
+        from image_ar.bench import run_image_benchmark
+
+        run_image_benchmark(out_dir=args.out or "bench_out/image", quick=args.quick, temperature=args.temperature)
+        return 0
     if args.what == "compress":
         from vision.bench import run_compression_benchmark
 
@@ -232,14 +237,20 @@ def build_parser() -> argparse.ArgumentParser:
                            help="train an EAGLE drafter head for a VLM target (mmspec train-drafter --help)")
     train.set_defaults(func=cmd_train_drafter)
 
+    _add_image_parser(sub)
+    train_img = sub.add_parser("train-image-head", add_help=False,
+                               help="train an EAGLE-style head drafter for a LlamaGen (mmspec train-image-head --help)")
+    train_img.set_defaults(func=cmd_train_image_head)
+
     bench = sub.add_parser("bench", help="benchmarks that print and save tables (JSON + Markdown)")
-    bench.add_argument("what", choices=["engine", "vlm", "compress"])
+    bench.add_argument("what", choices=["engine", "vlm", "compress", "image"])
     bench.add_argument("--out", default=None, help="output folder (default bench_out/<what>)")
     bench.add_argument("--family", default="llava", help="vlm: the tiny VLM family to run (see vision.testing)")
     bench.add_argument("--new-tokens", type=int, default=128)
     bench.add_argument("--quick", action="store_true", help="a small run (for smoke tests)")
     bench.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     bench.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    bench.add_argument("--temperature", type=float, default=1.0, help="image: sampling temperature (0 = greedy)")
     bench.add_argument("--hidden", type=int, default=None, help="hidden size of the benchmark pair (default 256)")
     bench.add_argument("--layers", type=int, default=None, help="target layers of the benchmark pair (default 4)")
     bench.set_defaults(func=cmd_bench)
@@ -257,10 +268,47 @@ def cmd_train_drafter(args) -> int:
     return inner.func(inner)
 
 
+def _add_image_parser(sub) -> None:
+    img = sub.add_parser("image", help="generate images with a visual AR model, speculatively (LlamaGen + VQ)")
+    img.add_argument("--target", required=True, help="LlamaGen directory (save_pretrained) or reference .pt file")
+    img.add_argument("--vq", required=True, help="VQ tokenizer directory or LlamaGen VQ reference checkpoint")
+    img.add_argument("--drafter", default="jacobi",
+                     help="'jacobi' (SJD, no model), 'none' (plain decoding), or a head / LlamaGen checkpoint path")
+    img.add_argument("--class-label", type=int, nargs="+", required=True, help="one or more class labels")
+    img.add_argument("--num-images", type=int, default=1, help="images per class label")
+    img.add_argument("--acceptance", choices=["lossless", "lantern", "gsd"], default="lossless")
+    img.add_argument("--lantern-delta", type=float, default=None)
+    img.add_argument("--lantern-lambda", type=float, default=None)
+    img.add_argument("--lantern-k", type=int, default=None)
+    img.add_argument("--tv-budget", type=float, default=None, help="per-position output TV budget (relaxed rules)")
+    img.add_argument("--guidance-scale", type=float, default=4.0)
+    img.add_argument("--temperature", type=float, default=1.0)
+    img.add_argument("--top-k", type=int, default=2000)
+    img.add_argument("--top-p", type=float, default=1.0)
+    img.add_argument("--draft-tokens", type=int, default=4, help="tokens per step for head / model drafters")
+    img.add_argument("--window", type=int, default=16, help="SJD window")
+    img.add_argument("--seed", type=int, default=0)
+    img.add_argument("--device", default="cpu")
+    img.add_argument("--out", default="out.png")
+    img.set_defaults(func=cmd_image)
+
+
+def cmd_image(args) -> int:
+    from image_ar.cli import run_image  # the CLI is the one place above the pipelines (ARCHITECTURE.md)
+
+    return run_image(args)
+
+
+def cmd_train_image_head(args) -> int:
+    from image_ar.train import main as train_main
+
+    return train_main(args.rest, prog="mmspec train-image-head")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if args.command != "train-drafter" and rest:
+    if args.command not in ("train-drafter", "train-image-head") and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.rest = rest
     try:

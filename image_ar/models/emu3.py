@@ -44,7 +44,7 @@ from torch import nn
 from mmspec.errors import GenerationConfigError, InvalidInputError, UnsupportedModelError
 from mmspec.target import CausalLMRunner
 
-from .janus import GuidedImageTarget, as_token_ids, left_pad
+from .guided import GuidedImageTarget, as_token_ids, left_pad
 from .vq import to_pil
 
 EOL, EOF, EOI = "<|extra_200|>", "<|extra_201|>", "<|image end|>"

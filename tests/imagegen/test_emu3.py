@@ -279,3 +279,13 @@ def test_bad_inputs(model, target):
         target.decode(torch.zeros(2, N - 3, dtype=torch.long))
     with pytest.raises(InvalidInputError, match="non-visual"):
         target.decode(torch.zeros(1, N, dtype=torch.long))
+
+
+@pytest.mark.parametrize("drafter", [None, "jacobi"])
+def test_pipeline_greedy_equals_generate_and_decodes(target, refs, drafter):
+    from image_ar import SpeculativeImagePipeline
+
+    pipe = SpeculativeImagePipeline(target, drafter=drafter, window=5)
+    out = pipe(prompt=PROMPTS, guidance_scale=target.guidance_scale, temperature=0)
+    assert out.tokens.tolist() == refs["batch"]
+    assert len(out.images) == 2 and out.stats.tau >= 1.0

@@ -264,3 +264,14 @@ def test_bad_inputs(model, target):
         target.decode(torch.full((1, 16), 48))
     with pytest.raises(InvalidInputError, match="dtype"):
         target.decode(torch.zeros(1, 16))
+
+
+@pytest.mark.parametrize("drafter", [None, "jacobi"])
+def test_pipeline_greedy_equals_generate_and_decodes(target, refs, drafter):
+    from image_ar import SpeculativeImagePipeline
+
+    pipe = SpeculativeImagePipeline(target, drafter=drafter, window=5)
+    out = pipe(prompt=PROMPTS, guidance_scale=3.0, temperature=0)
+    assert out.tokens.tolist() == refs["batch"]
+    assert len(out.images) == 2 and out.images[0].size == (8, 8)
+    assert out.stats.acceptance_grid.shape == (4, 4) and out.stats.lossless

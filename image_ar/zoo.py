@@ -1,0 +1,128 @@
+"""The image zoo: small class-conditional LlamaGens trained here, offline, on procedurally generated token grids.
+
+Random tiny models say nothing about acceptance: their next-token distributions are arbitrary, so no drafter agrees
+with them. These models are trained (a minute on a laptop CPU) on "pattern" grids, the visual-AR analogue of a
+structured image dataset: class c has its own palette of codes and a layout family (horizontal / vertical stripes,
+checkerboards, diagonals) with random period and phase, plus a little code noise. A trained target is confident
+where the pattern is determined and uncertain where it is not (the first rows pick the period and phase), as real
+image models are; drafters and relaxed rules then behave measurably (see `mmspec bench image`).
+
+`zoo_llamagen("target")` / `zoo_llamagen("draft")` train on first use and cache under ``$MMSPEC_ZOO`` (default
+``~/.cache/mmspec/zoo``) as ``save_pretrained`` directories; `zoo_vq()` is a random tiny VQ decoder for the codes
+(images show the layout, not photographs); `zoo_head()` trains an ImageHead for the zoo target.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .models.llamagen import LlamaGen, LlamaGenConfig
+
+GRID, VOCAB, CLASSES = 8, 128, 10
+RECIPES = {
+    "target": dict(dim=128, n_layer=4, n_head=4, steps=700, lr=3e-3),
+    "draft": dict(dim=64, n_layer=1, n_head=2, steps=500, lr=3e-3),
+}
+
+
+def zoo_dir() -> Path:
+    return Path(os.environ.get("MMSPEC_ZOO", Path.home() / ".cache" / "mmspec" / "zoo"))
+
+
+def pattern_grids(labels: torch.Tensor, generator: torch.Generator, grid: int = GRID, vocab: int = VOCAB,
+                  noise: float = 0.03) -> torch.Tensor:
+    """(B,) class labels -> (B, grid * grid) code grids in raster order (see the module docstring)."""
+    b = len(labels)
+    rows = torch.arange(grid).view(1, grid, 1)
+    cols = torch.arange(grid).view(1, 1, grid)
+    period = torch.randint(2, 5, (b, 1, 1), generator=generator)
+    phase = torch.randint(0, 4, (b, 1, 1), generator=generator)
+    layout = (labels % 4).view(b, 1, 1)
+    index = torch.where(layout == 0, rows, torch.where(layout == 1, cols, torch.where(layout == 2, rows + cols,
+                                                                                     rows - cols + grid)))
+    index = ((index + phase) // period) % 4  # (B, grid, grid) palette slot
+    palette = (labels.view(b, 1, 1) * 11 + torch.tensor([0, 3, 7, 9]).view(1, 4, 1)) % vocab  # (B, 4, 1)
+    codes = palette.squeeze(-1).gather(1, index.view(b, -1))  # (B, grid * grid)
+    flip = torch.rand(codes.shape, generator=generator) < noise
+    return torch.where(flip, (codes + 1) % vocab, codes)
+
+
+def train_llamagen(config: LlamaGenConfig, steps: int, lr: float, batch_size: int = 32, seed: int = 0,
+                   progress: bool = True) -> LlamaGen:
+    """Teacher-forced next-code cross-entropy on fresh pattern grids every step, with class dropout (CFG)."""
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(seed)
+    model = LlamaGen(config).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    g = torch.Generator().manual_seed(seed)
+    bar = tqdm(range(steps), desc=f"zoo: training LlamaGen dim {config.dim} x {config.n_layer}", disable=not progress)
+    for _ in bar:
+        labels = torch.randint(0, config.num_classes, (batch_size,), generator=g)
+        codes = pattern_grids(labels, g, config.grid_size, config.vocab_size)
+        drop = model.sample_cond_drop(batch_size, g)
+        logits = model(codes[:, :-1], labels, cond_drop=drop).logits  # (B, N, V): prefix predicts the first code
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), codes.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return model.eval()
+
+
+def _recipe(name: str) -> dict:
+    if name not in RECIPES:
+        raise KeyError(f"zoo model {name!r}: expected one of {sorted(RECIPES)}")
+    return dict(RECIPES[name], grid=GRID, vocab=VOCAB, classes=CLASSES, data="patterns-v1")
+
+
+def zoo_llamagen(name: str = "target", progress: bool = True) -> LlamaGen:
+    """A trained zoo LlamaGen ("target" or "draft"), from the cache or trained now (deterministic)."""
+    recipe = _recipe(name)
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+    path = zoo_dir() / f"llamagen-{name}-{digest}"
+    if (path / "model.safetensors").is_file():
+        return LlamaGen.from_pretrained(path)
+    cfg = LlamaGenConfig(vocab_size=VOCAB, dim=recipe["dim"], n_layer=recipe["n_layer"], n_head=recipe["n_head"],
+                         multiple_of=32, grid_size=GRID, num_classes=CLASSES, class_dropout_prob=0.1)
+    model = train_llamagen(cfg, recipe["steps"], recipe["lr"], progress=progress)
+    model.save_pretrained(path)
+    return model
+
+
+def zoo_head(target: LlamaGen, steps: int = 400, progress: bool = True):
+    """An ImageHead trained on the zoo target's own samples (cached next to it)."""
+    from .drafters.head import ImageHead
+    from .train import train_head
+
+    path = zoo_dir() / f"head-{steps}-{_fingerprint(target)}"
+    if (path / "model.safetensors").is_file():
+        return ImageHead.from_pretrained(path, target)
+    head = ImageHead(target)
+    train_head(target, head, samples=512, steps=steps, lr=3e-3, batch_size=32, guidance_scale=4.0, ce_weight=0.3,
+               progress=progress)
+    head.save_pretrained(path)
+    return head
+
+
+def zoo_vq():
+    """A random tiny VQ decoder with the zoo's codebook size (8x8 codes -> 16x16 images)."""
+    from .testing.tiny import tiny_vq
+
+    return tiny_vq(codebook_size=VOCAB, image_size=2 * GRID)
+
+
+def _fingerprint(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().float().sum().item().hex().encode())
+    return h.hexdigest()[:12]
