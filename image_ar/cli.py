@@ -21,7 +21,8 @@ from .pipeline import SpeculativeImagePipeline
 def run_image(args) -> int:
     pipe = SpeculativeImagePipeline.from_pretrained(
         args.target, vq=args.vq, drafter=None if args.drafter == "none" else args.drafter, device=args.device,
-        draft_tokens=args.draft_tokens, window=args.window)
+        draft_tokens=args.draft_tokens, window=args.window,
+        target_config=None if args.grid_size is None else {"grid_size": args.grid_size})
     out = pipe(class_labels=args.class_label, num_images_per_prompt=args.num_images,
                guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                acceptance=args.acceptance, lantern_delta=args.lantern_delta, lantern_lambda=args.lantern_lambda,

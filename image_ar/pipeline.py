@@ -93,7 +93,9 @@ class SpeculativeImagePipeline:
 
     def __init__(self, target, vq=None, drafter=None, *, draft_tokens: int = 4, window: int = 16,
                  jacobi_init: str = "random", neighbours_cache: str | Path | None = None):
-        self.target = LlamaGenTarget(target) if isinstance(target, LlamaGen) else target
+        if isinstance(target, LlamaGen):  # LlamaGen's c2i default CFG scale when the model has a null class
+            target = LlamaGenTarget(target, 4.0 if target.config.has_null_class else 1.0)
+        self.target = target
         if not all(hasattr(self.target, a) for a in ("bind", "prefill", "verify", "commit", "grid")):
             raise UnsupportedModelError(f"target {type(target).__name__} is neither a LlamaGen nor an image target "
                                         "adapter (bind / prefill / verify / commit / grid)")
@@ -109,11 +111,16 @@ class SpeculativeImagePipeline:
         self.decoder = SpeculativeDecoder(self.target, self._drafter)
 
     @classmethod
-    def from_pretrained(cls, target, vq=None, drafter=None, *, dtype=torch.float32, device=None, **kwargs):
+    def from_pretrained(cls, target, vq=None, drafter=None, *, dtype=torch.float32, device=None,
+                        target_config=None, **kwargs):
         """target: a LlamaGen directory (``save_pretrained``) or reference checkpoint file, or a model; vq: a VQ
-        directory / reference file; drafter: None, "jacobi", or a head / LlamaGen checkpoint path."""
+        directory / reference file; drafter: None, "jacobi", or a head / LlamaGen checkpoint path. target_config: for
+        reference files, a preset name ("GPT-L"), a LlamaGenConfig, or a dict of fields the weights do not hold
+        (e.g. {"grid_size": 24} for the 384 px models; LlamaGen.from_pretrained documents the rest)."""
         if isinstance(target, (str, Path)):
-            target = LlamaGen.from_pretrained(target, dtype=dtype)
+            over = target_config if isinstance(target_config, dict) else {}
+            cfg = None if isinstance(target_config, dict) else target_config
+            target = LlamaGen.from_pretrained(target, cfg, dtype=dtype, **over)
         if device is not None and isinstance(target, torch.nn.Module):
             target = target.to(device)
         if vq is not None and not isinstance(vq, VQTokenizer):
@@ -180,7 +187,9 @@ class SpeculativeImagePipeline:
             return self.vq.codebook_embeddings().detach()
         embed = getattr(self.target, "codebook_embeddings", None)
         if embed is None:
-            raise GenerationConfigError(f"acceptance={acceptance!r} needs the VQ codebook's geometry: pass vq=")
+            raise GenerationConfigError(f"acceptance={acceptance!r} needs the codebook's latent geometry, which "
+                                        f"{type(self.target).__name__} does not expose; relaxed rules run on "
+                                        "LlamaGen targets with vq= (use acceptance='lossless' here)")
         return embed().detach()
 
     def _conditions(self, class_labels, prompt_embeds, prompt_mask, prompt, num_images_per_prompt):
@@ -209,13 +218,14 @@ class SpeculativeImagePipeline:
         return [p for p in prompts for _ in range(n)], None
 
     def __call__(self, class_labels=None, prompt_embeds=None, *, prompt=None, prompt_mask=None,
-                 guidance_scale: float = 4.0, temperature: float = 1.0, top_k: int | None = 2000,
+                 guidance_scale: float | None = None, temperature: float = 1.0, top_k: int | None = 2000,
                  top_p: float = 1.0, acceptance: str = "lossless", lantern_k: int | None = None,
                  lantern_delta: float | None = None, lantern_lambda: float | None = None, gsd_rank_window: int = 7,
                  gsd_prob_threshold: float = 0.15, gsd_embed_threshold: float = 0.5, tv_budget: float | None = None,
                  num_images_per_prompt: int = 1, generator=None, seed: int | None = None,
                  num_tokens: int | None = None, output_type: str = "pil", progress: bool = False) -> ImagePipelineOutput:
-        """Generate images. Defaults are LlamaGen's c2i sampling defaults (CFG 4, temperature 1, top-k 2000).
+        """Generate images. Defaults are LlamaGen's c2i sampling defaults (CFG 4, temperature 1, top-k 2000);
+        guidance_scale None keeps the target's (4.0 for a LlamaGen with a null class, else 1.0; an adapter's own).
 
         class_labels (c2i) / prompt_embeds + prompt_mask (t2i LlamaGen) / prompt (Janus, Emu3 adapters); generator:
         one torch.Generator (rows draw from per-row generators seeded from it) or one per image; seed: shortcut.
@@ -232,7 +242,11 @@ class SpeculativeImagePipeline:
         n_tok = total if num_tokens is None else num_tokens
         if isinstance(n_tok, bool) or not isinstance(n_tok, int) or not 0 < n_tok <= total:
             raise InvalidInputError(f"num_tokens={num_tokens!r}: must be an int in [1, {total}]")
-        self.target.guidance_scale = guidance_scale
+        if guidance_scale is not None:
+            self.target.guidance_scale = guidance_scale
+        if output_type == "pil" and n_tok == total and self.vq is None and not hasattr(self.target, "decode"):
+            raise InvalidInputError("no VQ tokenizer to decode image tokens with: pass vq= to the pipeline, or "
+                                    "output_type='tokens'")
         prompts = self.target.bind(cond, mask) if mask is not None else self.target.bind(cond)
         gens = self._generators(generator, seed, len(prompts))
         self.decoder.acceptance = kernel

@@ -271,6 +271,8 @@ def cmd_train_drafter(args) -> int:
 def _add_image_parser(sub) -> None:
     img = sub.add_parser("image", help="generate images with a visual AR model, speculatively (LlamaGen + VQ)")
     img.add_argument("--target", required=True, help="LlamaGen directory (save_pretrained) or reference .pt file")
+    img.add_argument("--grid-size", type=int, default=None,
+                     help="tokens per side for reference .pt targets (16: 256 px, 24: 384 px); directories know it")
     img.add_argument("--vq", required=True, help="VQ tokenizer directory or LlamaGen VQ reference checkpoint")
     img.add_argument("--drafter", default="jacobi",
                      help="'jacobi' (SJD, no model), 'none' (plain decoding), or a head / LlamaGen checkpoint path")

@@ -172,6 +172,8 @@ def test_bad_input(target, vq, tmp_path):
         pipe(class_labels=[1], tv_budget=0.1)
     with pytest.raises(InvalidInputError, match="num_tokens"):
         pipe(class_labels=[1], num_tokens=26)
+    with pytest.raises(InvalidInputError, match="vq="):  # before generating anything, not after
+        SpeculativeImagePipeline(target)(class_labels=[1], temperature=0)
     pipe(class_labels=[1], temperature=0, num_tokens=3)  # the session is still usable after the errors
     with pytest.raises(IncompatibleModelsError, match="codes"):
         SpeculativeImagePipeline(target, tiny_vq(codebook_size=32))
@@ -187,6 +189,11 @@ def test_bad_input(target, vq, tmp_path):
         SpeculativeImagePipeline(target, drafter=tmp_path / "missing")
     with pytest.raises(UnsupportedModelError):
         ImageModelDrafter(tiny_llamagen(grid_size=4)).check_target(LlamaGenTarget(target))
+
+
+def test_default_guidance_is_llamagens(target):
+    out = SpeculativeImagePipeline(target, drafter="jacobi")(class_labels=[2, 6], temperature=0, output_type="tokens")
+    assert out.tokens.tolist() == greedy_ref(target, [2, 6], 4.0).tolist()
 
 
 def test_from_pretrained_round_trip(target, vq, small, tmp_path):

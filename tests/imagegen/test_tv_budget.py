@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 from kernel_cases import sampled_drafts, target_rows
-from test_lantern import (
+from relaxed_cases import (
     EXACT,
     SHAPES,
     assert_same_outcomes,
