@@ -42,6 +42,7 @@ from mmspec.errors import (CheckpointError, IncompatibleModelsError, InvalidInpu
 from mmspec.target import BlockOutput, sync_time
 from mmspec.tree import Draft
 
+from .model import check_draft_depth
 from ..models.llamagen import KVCache, LlamaGen, LlamaGenConfig, TransformerBlock, causal_mask, cfg_logits, rope_2d
 
 CONFIG_NAME, WEIGHTS_NAME, KIND = "config.json", "model.safetensors", "image_ar.head"
@@ -206,9 +207,7 @@ class ImageHeadDrafter:
     def __init__(self, head: ImageHead, k: int = 4):
         if not isinstance(head, ImageHead):
             raise InvalidInputError(f"head must be an ImageHead, got {type(head).__name__}")
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise InvalidInputError(f"k={k!r}: the number of drafted tokens per step must be an int >= 1")
-        self.head, self.k = head.eval(), k
+        self.head, self.k = head.eval(), check_draft_depth(k)
         self.max_depth = self.max_nodes = k
         self.counters = DrafterCounters()
         self.forward_time = 0.0

@@ -21,6 +21,12 @@ from ..models.llamagen import LlamaGen
 from ..target import LlamaGenRunner
 
 
+def check_draft_depth(k) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise InvalidInputError(f"k={k!r}: the number of drafted tokens per step must be an int >= 1")
+    return k
+
+
 class ImageModelDrafter:
     needs_hidden = False
     trusted = True
@@ -28,9 +34,7 @@ class ImageModelDrafter:
     def __init__(self, model: LlamaGen, k: int = 4):
         if not isinstance(model, LlamaGen):
             raise InvalidInputError(f"drafter model must be an image_ar LlamaGen, got {type(model).__name__}")
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise InvalidInputError(f"k={k!r}: the number of drafted tokens per step must be an int >= 1")
-        self.model, self.k = model.eval(), k
+        self.model, self.k = model.eval(), check_draft_depth(k)
         self.max_depth = self.max_nodes = k
         self.counters = DrafterCounters()
         self.runner: LlamaGenRunner | None = None
