@@ -12,7 +12,6 @@ one placeholder token per request as the loop's prompt. Image position ``i`` (ra
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
@@ -21,18 +20,17 @@ from mmspec.errors import ContextOverflowError, InvalidInputError
 from mmspec.target import BlockOutput, draft_block, sync_time
 from mmspec.tree import Draft
 
+from .models.guided import check_guidance_scale
 from .models.llamagen import LlamaGen, cfg_logits, prefix_mask
 
 PLACEHOLDER = 0  # the loop's one-token "prompt" per image; the condition is bound to the target instead
 
 
 def check_guidance(model: LlamaGen, guidance_scale) -> float:
-    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
-            or not math.isfinite(guidance_scale):
-        raise InvalidInputError(f"guidance_scale={guidance_scale!r}: must be a finite number (1.0 = no guidance)")
-    if guidance_scale != 1.0:
+    scale = check_guidance_scale(guidance_scale)
+    if scale != 1.0:
         model.null_cond(1)  # UnsupportedModelError when the model has no null class / caption
-    return float(guidance_scale)
+    return scale
 
 
 class LlamaGenRunner:
@@ -71,7 +69,7 @@ class LlamaGenRunner:
         cond, uncond = hidden.chunk(2)
         return cfg_logits(logits, self.guidance_scale), torch.cat([cond, uncond], dim=-1)
 
-    def _forward(self, idx, cond, pos, mask, reserve: int = 0):
+    def _forward(self, idx, cond, pos, mask):
         t0 = sync_time(self.device)
         with torch.no_grad():  # not inference_mode: the cache is compacted in place afterwards
             out = self.model(idx, cond, input_pos=pos, cache=self.cache, mask=mask)

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mmspec.errors import InvalidInputError
+
 from .models.llamagen import LlamaGen, LlamaGenConfig
 
 GRID, VOCAB, CLASSES = 8, 128, 10
@@ -80,7 +82,7 @@ def train_llamagen(config: LlamaGenConfig, steps: int, lr: float, batch_size: in
 
 def _recipe(name: str) -> dict:
     if name not in RECIPES:
-        raise KeyError(f"zoo model {name!r}: expected one of {sorted(RECIPES)}")
+        raise InvalidInputError(f"zoo model {name!r}: expected one of {sorted(RECIPES)}")
     return dict(RECIPES[name], grid=GRID, vocab=VOCAB, classes=CLASSES, data="patterns-v1")
 
 

@@ -42,7 +42,7 @@ from mmspec.errors import (CheckpointError, IncompatibleModelsError, InvalidInpu
 from mmspec.target import BlockOutput, sync_time
 from mmspec.tree import Draft
 
-from .model import check_draft_depth
+from .model import chains, check_draft_depth, draw_step
 from ..models.llamagen import KVCache, LlamaGen, LlamaGenConfig, TransformerBlock, causal_mask, cfg_logits, rope_2d
 
 CONFIG_NAME, WEIGHTS_NAME, KIND = "config.json", "model.safetensors", "image_ar.head"
@@ -258,20 +258,13 @@ class ImageHeadDrafter:
         for step in range(depth):
             logits = self.head.logits(feats)  # (R, V)
             logits = cfg_logits(logits, self.scale) if self.guided else logits  # (B, V)
-            if spec.greedy:
-                tok = spec.processed_logits(logits).argmax(-1)  # (B,)
-            else:
-                q = spec.probs(logits)  # (B, V)
-                tok = torch.cat([torch.multinomial(q[b], 1, generator=gens[b]) for b in range(len(q))])
-                qs.append(q)
+            tok, q = draw_step(spec, logits, gens)
             toks.append(tok)
+            qs.append(q)
             if step < depth - 1:  # the pair (own predicted feature, drafted token) at the next position
                 feats = self._append(tok[:, None], feats[:, None], [n + step for n in base], causal=False)[:, -1]
         self.cache.crop(max(self.lengths))  # forget the drafted pairs: only true features stay
-        toks = torch.stack(toks, 1).cpu()  # (B, depth)
-        q_all = torch.stack(qs, 1) if qs else None  # (B, depth, V)
-        return [Draft.chain(toks[b, :min(depth, n)], None if q_all is None else q_all[b, :min(depth, n)])
-                for b, n in enumerate(budgets)]
+        return chains(toks, qs, [min(depth, n) for n in budgets])
 
     def commit(self, updates: Sequence[RowUpdate], verify_out: BlockOutput | None) -> None:
         hidden = None if verify_out is None else verify_out.hidden  # (B, M, D or 2D): [pending, draft nodes...]

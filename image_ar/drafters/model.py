@@ -27,6 +27,22 @@ def check_draft_depth(k) -> int:
     return k
 
 
+def draw_step(spec, logits: torch.Tensor, gens) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One draft token per row from guided logits (B, V): the argmax at temperature 0 (q None), else a sample from
+    q = spec.probs(logits) with the row's own generator; returns (tokens (B,), q (B, V) or None)."""
+    if spec.greedy:
+        return spec.processed_logits(logits).argmax(-1), None
+    q = spec.probs(logits)
+    return torch.cat([torch.multinomial(q[b], 1, generator=gens[b]) for b in range(len(q))]), q
+
+
+def chains(toks: list[torch.Tensor], qs: list[torch.Tensor | None], lengths: Sequence[int]) -> list[Draft]:
+    """Per-step tokens (B,) and q (B, V) -> one chain per row, cut to lengths[b] nodes."""
+    toks_b = torch.stack(toks, 1).cpu()  # (B, depth)
+    q_b = None if qs[0] is None else torch.stack(qs, 1)  # (B, depth, V)
+    return [Draft.chain(toks_b[b, :n], None if q_b is None else q_b[b, :n]) for b, n in enumerate(lengths)]
+
+
 class ImageModelDrafter:
     needs_hidden = False
     trusted = True
@@ -97,22 +113,13 @@ class ImageModelDrafter:
         want = [min(depth, b) for b in budgets]  # rows near the image's end draft less (and feed nothing past it)
         toks, qs = [], []
         for step in range(depth):
-            if spec.greedy:
-                tok = spec.processed_logits(logits).argmax(-1)  # (B,)
-            else:
-                q = spec.probs(logits)  # (B, V)
-                tok = torch.cat([torch.multinomial(q[b], 1, generator=gens[b]) for b in range(len(q))])
-                qs.append(q)
+            tok, q = draw_step(spec, logits, gens)
             toks.append(tok)
+            qs.append(q)
             if step < depth - 1:
                 logits = self._feed([[t] if step < n - 1 else [] for t, n in zip(tok.tolist(), want)])
         self.fed, self.want = depth - 1, want  # the last draft token of a row is sampled but not fed
-        toks = torch.stack(toks, 1).cpu()  # (B, depth)
-        q_all = torch.stack(qs, 1) if qs else None  # (B, depth, V)
-        out = []
-        for b, n in enumerate(want):
-            out.append(Draft.chain(toks[b, :n], None if q_all is None else q_all[b, :n]))
-        return out
+        return chains(toks, qs, want)
 
     def commit(self, updates: Sequence[RowUpdate], verify_out: BlockOutput | None) -> None:
         lengths, uncached = [], []

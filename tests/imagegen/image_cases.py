@@ -1,10 +1,23 @@
-"""A scripted drafter for the image adapters' tests (Janus, Emu3): right with a chosen probability per request."""
+"""Shared pieces of the image adapters' tests (Janus, Emu3): references, the loop, a scripted drafter."""
 from __future__ import annotations
 
 import torch
 
 from mmspec.drafters.base import DrafterCounters
+from mmspec.loop import SpeculativeDecoder
 from mmspec.tree import Draft
+
+
+def reference_outputs(target, prompts) -> dict:
+    """The model's own greedy generate: each prompt alone and all in one left-padded batch."""
+    return {"single": [target.reference_generate([p])[0].tolist() for p in prompts],
+            "batch": target.reference_generate(prompts).tolist()}
+
+
+def speculative(target, prompts, drafter=None, **kw):
+    """The engine's loop over a whole image per prompt (greedy unless told otherwise)."""
+    return SpeculativeDecoder(target, drafter).generate(target.bind(prompts), max_new_tokens=target.num_image_tokens,
+                                                        **{"temperature": 0.0, **kw})
 
 
 class ScriptedDrafter:

@@ -13,8 +13,7 @@ from transformers.models.emu3.configuration_emu3 import Emu3TextConfig, Emu3VQVA
 
 from image_ar.models.emu3 import Emu3ImageTarget
 from mmspec.errors import EmptyPromptError, GenerationConfigError, InvalidInputError, UnsupportedModelError
-from image_cases import ScriptedDrafter
-from mmspec.loop import SpeculativeDecoder
+from image_cases import ScriptedDrafter, reference_outputs, speculative
 from mmspec.testing import tiny_llama, widen_
 from mmspec.tree import Draft
 
@@ -68,13 +67,7 @@ def target(model):
 
 @pytest.fixture(scope="module")
 def refs(target):
-    return {"single": [target.reference_generate([p])[0].tolist() for p in PROMPTS],
-            "batch": target.reference_generate(PROMPTS).tolist()}
-
-
-def speculative(target, prompts, drafter=None, **kw):
-    return SpeculativeDecoder(target, drafter).generate(target.bind(prompts), max_new_tokens=target.num_image_tokens,
-                                                        **{"temperature": 0.0, **kw})
+    return reference_outputs(target, PROMPTS)
 
 
 def test_layout_and_reference(target, refs):

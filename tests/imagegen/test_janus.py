@@ -13,8 +13,7 @@ from transformers.models.janus.configuration_janus import JanusVisionConfig, Jan
 from image_ar.models.janus import JanusImageTarget
 from mmspec.errors import (ContextOverflowError, EmptyPromptError, GenerationConfigError, InvalidInputError,
                            UnsupportedModelError)
-from image_cases import ScriptedDrafter
-from mmspec.loop import SpeculativeDecoder
+from image_cases import ScriptedDrafter, reference_outputs, speculative
 from mmspec.testing import tiny_llama, widen_
 from mmspec.tree import Draft
 
@@ -56,13 +55,7 @@ def target(model):
 @pytest.fixture(scope="module")
 def refs(target):
     """The model's own greedy generate: each prompt alone and both in one left-padded batch."""
-    return {"single": [target.reference_generate([p])[0].tolist() for p in PROMPTS],
-            "batch": target.reference_generate(PROMPTS).tolist()}
-
-
-def speculative(target, prompts, drafter=None, **kw):
-    return SpeculativeDecoder(target, drafter).generate(target.bind(prompts), max_new_tokens=target.num_image_tokens,
-                                                        **{"temperature": 0.0, **kw})
+    return reference_outputs(target, PROMPTS)
 
 
 def test_reference_is_diverse_and_batch_consistent(target, refs):
