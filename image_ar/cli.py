@@ -2,6 +2,7 @@
 
     mmspec image --target llamagen_dir --vq vq_dir --drafter jacobi --class-label 3 --out out.png
     mmspec image --target ... --vq ... --class-label 1 2 3 --num-images 4 --acceptance lantern --out grid.png
+    mmspec image --target continuous_dir --vae vae_dir --drafter draft_dir --acceptance cspd --class-label 3
 
 One label and one image writes that image; several are laid out in a grid (a row per label). Next to the image
 ``<out>.json`` holds the stats, and ``<out>.acceptance.png`` the per-position acceptance map (and, for lossy rules,
@@ -15,18 +16,21 @@ from pathlib import Path
 
 import torch
 
-from .pipeline import SpeculativeImagePipeline
+from .pipeline import SpeculativeImagePipeline, is_continuous_dir
 
 
 def run_image(args) -> int:
+    continuous = is_continuous_dir(Path(args.target))
+    drafter = args.drafter or ("none" if continuous else "jacobi")
     pipe = SpeculativeImagePipeline.from_pretrained(
-        args.target, vq=args.vq, drafter=None if args.drafter == "none" else args.drafter, device=args.device,
+        args.target, vq=args.vq, drafter=None if drafter == "none" else drafter, device=args.device,
         draft_tokens=args.draft_tokens, window=args.window,
         target_config=None if args.grid_size is None else {"grid_size": args.grid_size})
     out = pipe(class_labels=args.class_label, num_images_per_prompt=args.num_images,
                guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                acceptance=args.acceptance, lantern_delta=args.lantern_delta, lantern_lambda=args.lantern_lambda,
-               lantern_k=args.lantern_k, tv_budget=args.tv_budget, seed=args.seed, progress=True)
+               lantern_k=args.lantern_k, tv_budget=args.tv_budget, seed=args.seed, progress=True,
+               guidance_schedule=args.guidance_schedule, prefill_ratio=args.prefill_ratio)
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     image_grid(out.images, rows=len(args.class_label)).save(path)

@@ -14,6 +14,10 @@ kernels (ALGORITHMS.md section 5): at temperature 0 greedy verification, else sp
 q, both over the CFG-combined distribution, which makes the images exactly the target's. ``acceptance="lantern"`` /
 ``"gsd"`` are LOSSY: every such run measures the per-position TV between the distribution each token was emitted from
 and the target's, reports it in ``out.stats`` (mean, max, a grid) and can be held under ``tv_budget``.
+
+Continuous-token targets (:class:`~image_ar.models.continuous_ar.ContinuousAR`, MAR-style: VAE latents and a
+diffusion head) run through the same class: ``vae=`` decodes their tokens (diffusers ``AutoencoderKL``), drafters are
+small ContinuousARs, and ``acceptance="cspd"`` (or "lossless", the same rule) is exact CSpD (section 6).
 """
 from __future__ import annotations
 
@@ -29,12 +33,17 @@ from mmspec.loop import SpeculativeDecoder
 from mmspec.stats import GenerationStats
 
 from .acceptance import gsd, latent_neighbours, lantern
+from .acceptance.cspd import CSpD
+from .continuous_target import ContinuousARTarget
 from .drafters import ImageHead, ImageHeadDrafter, ImageModelDrafter, JacobiDrafter, is_head_checkpoint
+from .drafters.continuous import ContinuousDrafter, check_prefill_ratio
+from .models.continuous_ar import KIND as CONTINUOUS_KIND, ContinuousAR
+from .models.kl_vae import decode_tokens, load_kl_vae
 from .models.llamagen import LlamaGen
 from .models.vq import VQTokenizer, load_vq, to_pil
 from .target import LlamaGenTarget
 
-ACCEPTANCE = ("lossless", "lantern", "gsd")
+ACCEPTANCE = ("lossless", "lantern", "gsd", "cspd")
 
 
 @dataclass
@@ -59,13 +68,15 @@ class ImageStats:
     tv_max: float | None
     seconds: float
     engine: GenerationStats = field(repr=False)
+    residual_draws: int | None = None  # CSpD: chains the residual sampler drew from the target's head (all images)
 
     def as_dict(self) -> dict:
         return {"acceptance": self.acceptance, "lossless": self.lossless, "images": self.images,
                 "tokens_per_image": self.tokens_per_image, "target_forwards": self.target_forwards,
                 "mean_target_forwards": sum(self.target_forwards) / max(1, len(self.target_forwards)),
                 "tau": self.tau, "mean_acceptance": float(self.acceptance_grid.mean()),
-                "tv_mean": self.tv_mean, "tv_max": self.tv_max, "seconds": self.seconds}
+                "tv_mean": self.tv_mean, "tv_max": self.tv_max, "seconds": self.seconds,
+                "residual_draws": self.residual_draws}
 
     def summary(self) -> str:
         rule = self.acceptance if self.lossless else f"{self.acceptance} (LOSSY)"
@@ -80,7 +91,7 @@ class ImageStats:
 @dataclass
 class ImagePipelineOutput:
     images: list | None  # PIL images (None with output_type="tokens")
-    tokens: torch.Tensor  # (N, tokens_per_image) long
+    tokens: torch.Tensor  # (N, tokens_per_image) long; continuous targets: (N, tokens_per_image, C) float
     stats: ImageStats
 
 
@@ -89,16 +100,31 @@ class SpeculativeImagePipeline:
     ``decode``). vq: a VQTokenizer (or anything ``load_vq`` takes) for LlamaGen targets; its codebook must match the
     target's vocabulary. drafter: None (plain decoding), "jacobi", a LlamaGen (draft model), a path to a head or
     LlamaGen checkpoint, or a Drafter object. draft_tokens: tokens drafted per step by model/head drafters;
-    window / jacobi_init: SJD's window and initialisation."""
+    window / jacobi_init: SJD's window and initialisation.
 
-    def __init__(self, target, vq=None, drafter=None, *, draft_tokens: int = 4, window: int = 16,
-                 jacobi_init: str = "random", neighbours_cache: str | Path | None = None):
+    Continuous targets (a ContinuousAR or ContinuousARTarget): vae (or vq, the same slot) is an AutoencoderKL or
+    anything ``load_kl_vae`` takes; drafter is None, a ContinuousAR or its directory; cspd_max_candidates bounds the
+    residual sampler (see image_ar.acceptance.cspd)."""
+
+    def __init__(self, target, vq=None, drafter=None, *, vae=None, draft_tokens: int = 4, window: int = 16,
+                 jacobi_init: str = "random", neighbours_cache: str | Path | None = None,
+                 cspd_max_candidates: int = 1 << 16):
         if isinstance(target, LlamaGen):  # LlamaGen's c2i default CFG scale when the model has a null class
             target = LlamaGenTarget(target, 4.0 if target.config.has_null_class else 1.0)
+        elif isinstance(target, ContinuousAR):
+            target = ContinuousARTarget(target)
         self.target = target
         if not all(hasattr(self.target, a) for a in ("bind", "prefill", "verify", "commit", "grid")):
             raise UnsupportedModelError(f"target {type(target).__name__} is neither a LlamaGen nor an image target "
                                         "adapter (bind / prefill / verify / commit / grid)")
+        self.continuous = bool(getattr(self.target, "continuous", False))
+        self.cspd_max_candidates = cspd_max_candidates
+        self.vae = None
+        if self.continuous:
+            vae = vae if vae is not None else vq
+            self.vae, vq = (None if vae is None else load_kl_vae(vae) if isinstance(vae, (str, Path)) else vae), None
+        elif vae is not None:
+            raise InvalidInputError("vae= decodes continuous tokens; a discrete (VQ) target takes vq=")
         self.vq = None if vq is None else load_vq(vq)
         if self.vq is not None and self.vq.codebook_size != self.target.vocab_size:
             raise IncompatibleModelsError(f"the VQ tokenizer has {self.vq.codebook_size} codes but the target "
@@ -120,9 +146,16 @@ class SpeculativeImagePipeline:
         if isinstance(target, (str, Path)):
             over = target_config if isinstance(target_config, dict) else {}
             cfg = None if isinstance(target_config, dict) else target_config
-            target = LlamaGen.from_pretrained(target, cfg, dtype=dtype, **over)
+            kind = ContinuousAR if is_continuous_dir(Path(target)) else LlamaGen
+            target = kind.from_pretrained(target, cfg, dtype=dtype, **over)
         if device is not None and isinstance(target, torch.nn.Module):
             target = target.to(device)
+        if isinstance(target, ContinuousAR):
+            vae = kwargs.pop("vae", None) or vq
+            vae = load_kl_vae(vae, dtype=dtype) if isinstance(vae, (str, Path)) else vae
+            if vae is not None and device is not None:
+                vae = vae.to(device)
+            return cls(target, None, drafter, vae=vae, **kwargs)
         if vq is not None and not isinstance(vq, VQTokenizer):
             vq = load_vq(vq)
         if vq is not None and device is not None:
@@ -132,6 +165,8 @@ class SpeculativeImagePipeline:
     def _make_drafter(self, drafter):
         if drafter is None:
             return None
+        if self.continuous:
+            return self._continuous_drafter(drafter)
         if isinstance(drafter, str) and drafter == "jacobi":
             return JacobiDrafter(self.window, self.jacobi_init)
         if isinstance(drafter, (str, Path)):
@@ -142,6 +177,18 @@ class SpeculativeImagePipeline:
             return drafter
         raise InvalidInputError(f"drafter={drafter!r}: expected None, 'jacobi', a LlamaGen, a checkpoint path or a "
                                 "Drafter object")
+
+    def _continuous_drafter(self, drafter):
+        if isinstance(drafter, (str, Path)) and str(drafter) != "jacobi":
+            if not is_continuous_dir(Path(drafter)):
+                raise CheckpointError(f"drafter {str(drafter)!r} is not a ContinuousAR directory (save_pretrained)")
+            drafter = ContinuousAR.from_pretrained(drafter, dtype=self.target.model.dtype)
+        if isinstance(drafter, ContinuousAR):
+            return ContinuousDrafter(drafter.to(self.target.device), self.draft_tokens)
+        if all(hasattr(drafter, a) for a in ("begin", "propose", "commit", "select_rows", "check_target")):
+            return drafter
+        raise InvalidInputError(f"drafter={drafter!r}: a continuous-token target takes None, a ContinuousAR (or its "
+                                "directory) or a Drafter object; 'jacobi' and heads work on discrete tokens")
 
     def _load_drafter(self, path: Path):
         if not path.exists():
@@ -160,6 +207,16 @@ class SpeculativeImagePipeline:
                 gsd_prob_threshold, gsd_embed_threshold, tv_budget):
         if acceptance not in ACCEPTANCE:
             raise GenerationConfigError(f"acceptance={acceptance!r}: expected one of {ACCEPTANCE}")
+        if self.continuous:
+            if acceptance not in ("lossless", "cspd") or tv_budget not in (None, 0):
+                raise GenerationConfigError(f"a continuous-token target verifies with exact CSpD "
+                                            f"(acceptance='cspd' or 'lossless'); got acceptance={acceptance!r}"
+                                            + (f", tv_budget={tv_budget}" if tv_budget not in (None, 0) else ""))
+            return CSpD(self.target.head, temperature, max_candidates=self.cspd_max_candidates)
+        if acceptance == "cspd":
+            raise GenerationConfigError("acceptance='cspd' is for continuous-token targets (ContinuousAR); this "
+                                        f"{type(self.target).__name__} has discrete tokens: use 'lossless', "
+                                        "'lantern' or 'gsd'")
         if acceptance == "lossless":
             if tv_budget not in (None, 0):
                 raise GenerationConfigError(f"tv_budget={tv_budget} needs a relaxed rule (acceptance='lantern' or "
@@ -223,7 +280,8 @@ class SpeculativeImagePipeline:
                  lantern_delta: float | None = None, lantern_lambda: float | None = None, gsd_rank_window: int = 7,
                  gsd_prob_threshold: float = 0.15, gsd_embed_threshold: float = 0.5, tv_budget: float | None = None,
                  num_images_per_prompt: int = 1, generator=None, seed: int | None = None,
-                 num_tokens: int | None = None, output_type: str = "pil", progress: bool = False) -> ImagePipelineOutput:
+                 num_tokens: int | None = None, output_type: str = "pil", progress: bool = False,
+                 guidance_schedule: str | None = None, prefill_ratio: float | None = None) -> ImagePipelineOutput:
         """Generate images. Defaults are LlamaGen's c2i sampling defaults (CFG 4, temperature 1, top-k 2000);
         guidance_scale None keeps the target's (4.0 for a LlamaGen with a null class, else 1.0; an adapter's own).
 
@@ -232,7 +290,11 @@ class SpeculativeImagePipeline:
         acceptance: "lossless" | "lantern" (lantern_delta or lantern_lambda, lantern_k) | "gsd" (rank window,
         probability and embedding thresholds); tv_budget: per-position TV budget for the relaxed rules (0 = lossless).
         num_tokens: stop after this many tokens (partial images come back as tokens only). output_type: "pil" |
-        "tokens"."""
+        "tokens".
+
+        Continuous targets: temperature scales the diffusion noise (> 0); top_k / top_p do not apply; guidance is on
+        eps with guidance_schedule "constant" or MAR's "linear"; acceptance "cspd" (= "lossless"); prefill_ratio:
+        the fraction of each image's first tokens the target generates alone (CSpD's pre-filling)."""
         if output_type not in ("pil", "tokens"):
             raise InvalidInputError(f"output_type={output_type!r}: expected 'pil' or 'tokens'")
         kernel = self._kernel(acceptance, temperature, lantern_k, lantern_delta, lantern_lambda, gsd_rank_window,
@@ -244,15 +306,20 @@ class SpeculativeImagePipeline:
             raise InvalidInputError(f"num_tokens={num_tokens!r}: must be an int in [1, {total}]")
         if guidance_scale is not None:
             self.target.guidance_scale = guidance_scale
-        if output_type == "pil" and n_tok == total and self.vq is None and not hasattr(self.target, "decode"):
+        self._continuous_options(guidance_schedule, prefill_ratio, temperature, top_p)
+        if self.continuous and output_type == "pil" and n_tok == total and self.vae is None:
+            raise InvalidInputError("no VAE to decode continuous tokens with: pass vae= (an AutoencoderKL) to the "
+                                    "pipeline, or output_type='tokens'")
+        if not self.continuous and output_type == "pil" and n_tok == total and self.vq is None \
+                and not hasattr(self.target, "decode"):
             raise InvalidInputError("no VQ tokenizer to decode image tokens with: pass vq= to the pipeline, or "
                                     "output_type='tokens'")
         prompts = self.target.bind(cond, mask) if mask is not None else self.target.bind(cond)
         gens = self._generators(generator, seed, len(prompts))
         self.decoder.acceptance = kernel
         t0 = time.perf_counter()
-        stream = self.decoder.stream(prompts, max_new_tokens=n_tok, temperature=temperature, top_k=top_k or 0,
-                                     top_p=top_p, generator=gens)
+        stream = self.decoder.stream(prompts, max_new_tokens=n_tok, temperature=1.0 if self.continuous else temperature,
+                                     top_k=0 if self.continuous else top_k or 0, top_p=top_p, generator=gens)
         record = _Recorder(len(prompts), n_tok)
         bar = _progress(progress, len(prompts) * n_tok)
         for event in stream:
@@ -261,11 +328,32 @@ class SpeculativeImagePipeline:
                 bar.update(len(event.tokens))
         if bar is not None:
             bar.close()
-        tokens = torch.tensor(stream.output.sequences, dtype=torch.long)
-        stats = record.stats(self.target.grid, acceptance, kernel is None, total, stream.output.stats,
+        if self.continuous:
+            tokens = torch.stack([torch.stack(seq) for seq in stream.output.sequences]).cpu()
+        else:
+            tokens = torch.tensor(stream.output.sequences, dtype=torch.long)
+        stats = record.stats(self.target.grid, "cspd" if self.continuous else acceptance,
+                             kernel is None or getattr(kernel, "lossless", False), total, stream.output.stats,
                              time.perf_counter() - t0)
+        stats.residual_draws = getattr(kernel, "residual_draws", None)
         images = self.decode(tokens) if output_type == "pil" and n_tok == total else None
         return ImagePipelineOutput(images, tokens, stats)
+
+    def _continuous_options(self, schedule, prefill_ratio, temperature, top_p) -> None:
+        if not self.continuous:
+            if schedule is not None or prefill_ratio is not None:
+                raise GenerationConfigError("guidance_schedule / prefill_ratio apply to continuous-token targets")
+            return
+        if top_p != 1.0:
+            raise GenerationConfigError(f"top_p={top_p}: continuous tokens have no vocabulary to truncate")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature <= 0:
+            raise GenerationConfigError(f"temperature={temperature!r}: continuous tokens need temperature > 0 (it "
+                                        "scales the diffusion noise)")
+        self.target.temperature = float(temperature)
+        if schedule is not None:
+            self.target.guidance_schedule = schedule
+        if prefill_ratio is not None and isinstance(self._drafter, ContinuousDrafter):
+            self._drafter.prefill_ratio = check_prefill_ratio(prefill_ratio)
 
     def _generators(self, generator, seed, n) -> list[torch.Generator] | None:
         """One generator per image: the given list, or per-row generators seeded from draws of one generator, or
@@ -286,7 +374,13 @@ class SpeculativeImagePipeline:
         return None if seed is None else [torch.Generator(dev).manual_seed(seed + b) for b in range(n)]
 
     def decode(self, tokens: torch.Tensor) -> list:
-        """Image tokens (N, rows * cols) -> PIL images, through the VQ tokenizer (or the adapter's own decoder)."""
+        """Image tokens (N, rows * cols) -> PIL images, through the VQ tokenizer (or the adapter's own decoder);
+        continuous tokens (N, rows * cols, C) through the VAE."""
+        if self.continuous:
+            if self.vae is None:
+                raise InvalidInputError("no VAE to decode continuous tokens with: pass vae= (or output_type='tokens')")
+            with torch.no_grad():
+                return to_pil(decode_tokens(self.vae, tokens.to(self.vae.device, self.vae.dtype), self.target.grid))
         if hasattr(self.target, "decode") and self.vq is None:
             return self.target.decode(tokens)
         if self.vq is None:
@@ -336,3 +430,13 @@ def _progress(enabled: bool, total: int):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc="image tokens", unit="tok")
+
+
+def is_continuous_dir(path: Path) -> bool:
+    """A directory written by ContinuousAR.save_pretrained (its config.json names the kind)."""
+    import json
+
+    try:
+        return path.is_dir() and json.loads((path / "config.json").read_text()).get("kind") == CONTINUOUS_KIND
+    except (OSError, ValueError, AttributeError):
+        return False

@@ -41,9 +41,11 @@ class LlamaGenRunner:
     committed ones. Guided: cache rows [0, B) are cond, [B, 2B) uncond, sharing lengths.
     """
 
+    model_class = LlamaGen
+
     def __init__(self, model: LlamaGen, guidance_scale: float = 1.0):
-        if not isinstance(model, LlamaGen):
-            raise InvalidInputError(f"expected an image_ar LlamaGen, got {type(model).__name__}")
+        if not isinstance(model, self.model_class):
+            raise InvalidInputError(f"expected an image_ar {self.model_class.__name__}, got {type(model).__name__}")
         self.model = model.eval()
         self.config = model.config
         self.guidance_scale = check_guidance(model, guidance_scale)
@@ -99,7 +101,7 @@ class LlamaGenRunner:
         mask = None if cond_mask is None else prefix_mask(keys, n, n)
         out = self._forward(None, cond, None, mask)
         self.lengths = [n] * b
-        return self._combine(out.logits[:, -1], out.hidden[:, -1])
+        return self._combine(None if out.logits is None else out.logits[:, -1], out.hidden[:, -1])
 
     # --- blocks ---------------------------------------------------------------------------------------------------
     def block_mask(self, allowed: torch.Tensor | None, m: int) -> torch.Tensor:

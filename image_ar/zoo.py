@@ -10,6 +10,11 @@ image models are; drafters and relaxed rules then behave measurably (see `mmspec
 `zoo_llamagen("target")` / `zoo_llamagen("draft")` train on first use and cache under ``$MMSPEC_ZOO`` (default
 ``~/.cache/mmspec/zoo``) as ``save_pretrained`` directories; `zoo_vq()` is a random tiny VQ decoder for the codes
 (images show the layout, not photographs); `zoo_head()` trains an ImageHead for the zoo target.
+
+Continuous tokens (MAR-style, CSpD): `pattern_latents` turns the same grids into 4-channel "latents" (each code a
+fixed random vector, plus Gaussian noise, so every token has a continuous distribution around the pattern's
+cluster); `zoo_continuous("target" | "draft")` are ContinuousARs trained on them and `zoo_kl_vae()` a random tiny
+AutoencoderKL that decodes them.
 """
 from __future__ import annotations
 
@@ -23,12 +28,20 @@ import torch.nn.functional as F
 
 from mmspec.errors import InvalidInputError
 
+from .models.continuous_ar import ContinuousAR, ContinuousARConfig
 from .models.llamagen import LlamaGen, LlamaGenConfig
 
 GRID, VOCAB, CLASSES = 8, 128, 10
 RECIPES = {
     "target": dict(dim=128, n_layer=4, n_head=4, steps=700, lr=3e-3),
     "draft": dict(dim=64, n_layer=1, n_head=2, steps=500, lr=3e-3),
+}
+
+
+TOKEN_DIM = 4
+CONTINUOUS_RECIPES = {
+    "target": dict(dim=128, n_layer=4, n_head=4, head_width=128, head_depth=3, steps=1500, lr=2e-3),
+    "draft": dict(dim=64, n_layer=1, n_head=2, head_width=64, head_depth=2, steps=1000, lr=2e-3),
 }
 
 
@@ -128,3 +141,69 @@ def _fingerprint(model: torch.nn.Module) -> str:
         h.update(k.encode())
         h.update(v.detach().float().sum().item().hex().encode())
     return h.hexdigest()[:12]
+
+
+# --- continuous tokens ----------------------------------------------------------------------------------------------
+def pattern_latents(labels: torch.Tensor, generator: torch.Generator, grid: int = GRID, token_dim: int = TOKEN_DIM,
+                    noise: float = 0.1) -> torch.Tensor:
+    """(B,) labels -> (B, grid * grid, token_dim) continuous tokens: each pattern code's fixed random vector (a
+    table seeded independently of `generator`) plus N(0, noise^2) per channel."""
+    codes = pattern_grids(labels, generator, grid, VOCAB)
+    table = torch.randn(VOCAB, token_dim, generator=torch.Generator().manual_seed(1234))
+    return table[codes] + noise * torch.randn(*codes.shape, token_dim, generator=generator)
+
+
+def train_continuous(config: ContinuousARConfig, steps: int, lr: float, batch_size: int = 32, seed: int = 0,
+                     progress: bool = True) -> ContinuousAR:
+    """Teacher-forced diffusion loss on fresh pattern latents every step, with class dropout (CFG)."""
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(seed)
+    model = ContinuousAR(config).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    g = torch.Generator().manual_seed(seed)
+    bar = tqdm(range(steps), desc=f"zoo: training ContinuousAR dim {config.dim} x {config.n_layer}",
+               disable=not progress)
+    for _ in bar:
+        labels = torch.randint(0, config.num_classes, (batch_size,), generator=g)
+        loss = model.training_loss(pattern_latents(labels, g, config.grid_size, config.token_dim), labels, g)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return model.eval()
+
+
+def continuous_config(name: str, **overrides) -> ContinuousARConfig:
+    if name not in CONTINUOUS_RECIPES:
+        raise InvalidInputError(f"zoo model {name!r}: expected one of {sorted(CONTINUOUS_RECIPES)}")
+    r = CONTINUOUS_RECIPES[name]
+    kw = dict(token_dim=TOKEN_DIM, grid_size=GRID, dim=r["dim"], n_layer=r["n_layer"], n_head=r["n_head"],
+              num_classes=CLASSES, head_width=r["head_width"], head_depth=r["head_depth"], train_steps=1000,
+              sampling_steps=25, noise_schedule="linear")
+    kw.update(overrides)
+    return ContinuousARConfig(**kw)
+
+
+def zoo_continuous(name: str = "target", progress: bool = True) -> ContinuousAR:
+    """A trained zoo ContinuousAR ("target" or "draft"), from the cache or trained now (deterministic)."""
+    cfg = continuous_config(name)
+    recipe = dict(CONTINUOUS_RECIPES[name], **{k: v for k, v in vars(cfg).items()}, data="pattern-latents-v1")
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+    path = zoo_dir() / f"continuous-{name}-{digest}"
+    if (path / "model.safetensors").is_file():
+        return ContinuousAR.from_pretrained(path)
+    model = train_continuous(cfg, CONTINUOUS_RECIPES[name]["steps"], CONTINUOUS_RECIPES[name]["lr"],
+                             progress=progress)
+    model.save_pretrained(path)
+    return model
+
+
+def zoo_kl_vae():
+    """A random tiny AutoencoderKL with the zoo's token channels (8x8 latents -> 16x16 images)."""
+    from .models.kl_vae import tiny_kl_vae
+
+    return tiny_kl_vae(latent_channels=TOKEN_DIM)

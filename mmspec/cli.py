@@ -269,16 +269,26 @@ def cmd_train_drafter(args) -> int:
 
 
 def _add_image_parser(sub) -> None:
-    img = sub.add_parser("image", help="generate images with a visual AR model, speculatively (LlamaGen + VQ)")
-    img.add_argument("--target", required=True, help="LlamaGen directory (save_pretrained) or reference .pt file")
+    img = sub.add_parser("image", help="generate images with a visual AR model, speculatively (LlamaGen + VQ, or a "
+                         "continuous-token ContinuousAR + VAE with CSpD)")
+    img.add_argument("--target", required=True, help="LlamaGen directory (save_pretrained) or reference .pt file, "
+                     "or a ContinuousAR directory")
     img.add_argument("--grid-size", type=int, default=None,
                      help="tokens per side for reference .pt targets (16: 256 px, 24: 384 px); directories know it")
-    img.add_argument("--vq", required=True, help="VQ tokenizer directory or LlamaGen VQ reference checkpoint")
-    img.add_argument("--drafter", default="jacobi",
-                     help="'jacobi' (SJD, no model), 'none' (plain decoding), or a head / LlamaGen checkpoint path")
+    img.add_argument("--vq", "--vae", dest="vq", required=True,
+                     help="VQ tokenizer directory or LlamaGen VQ reference checkpoint; for continuous targets the VAE "
+                     "(diffusers AutoencoderKL directory, or an LDM/MAR KL .ckpt)")
+    img.add_argument("--drafter", default=None,
+                     help="'jacobi' (SJD, no model; the default for discrete targets), 'none' (plain decoding; the "
+                     "default for continuous targets), or a head / LlamaGen / ContinuousAR checkpoint path")
     img.add_argument("--class-label", type=int, nargs="+", required=True, help="one or more class labels")
     img.add_argument("--num-images", type=int, default=1, help="images per class label")
-    img.add_argument("--acceptance", choices=["lossless", "lantern", "gsd"], default="lossless")
+    img.add_argument("--acceptance", choices=["lossless", "lantern", "gsd", "cspd"], default="lossless",
+                     help="lossless (exact; CSpD on continuous targets), lantern / gsd (LOSSY), cspd (continuous)")
+    img.add_argument("--guidance-schedule", choices=["constant", "linear"], default=None,
+                     help="continuous targets: CFG scale per token, constant or MAR's linear ramp")
+    img.add_argument("--prefill-ratio", type=float, default=None,
+                     help="continuous targets: fraction of each image's first tokens made by the target alone (CSpD)")
     img.add_argument("--lantern-delta", type=float, default=None)
     img.add_argument("--lantern-lambda", type=float, default=None)
     img.add_argument("--lantern-k", type=int, default=None)

@@ -61,7 +61,7 @@ class NoDrafter:
 @dataclass
 class TokenEvent:
     request: int  # index of the request in the caller's batch
-    tokens: list[int]  # newly committed tokens
+    tokens: list[int]  # newly committed tokens (ids; vectors (C,) for continuous-token targets)
     finished: bool
     finish_reason: str | None = None  # "eos" | "length"
     accepted: int = 0  # how many of `tokens` (leading) are accepted draft tokens; the rest came from the target
@@ -245,7 +245,17 @@ class Stream:
             check_finite(logits)  # raises NonFiniteLogitsError with the count
         return top.tolist()  # (B, M)
 
+    @property
+    def _vector_rule(self):
+        """The acceptance rule of a continuous-token target (vector tokens; its 'logits' are the rule's inputs), or
+        None for categorical tokens."""
+        rule = self.dec.acceptance
+        return rule if getattr(rule, "continuous", False) else None
+
     def _first_tokens(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
+        rule = self._vector_rule
+        if rule is not None:
+            return [rule.first(logits[i].reshape(-1, logits.shape[-1])[-1], self.gens[i]) for i in range(len(rows))]
         out = []
         for i, row in enumerate(rows):
             p = self._probs(logits[i: i + 1], row.history, None)[0]
@@ -258,7 +268,7 @@ class Stream:
         kept = []
         for t in tokens[:room]:
             kept.append(t)
-            if t in self.eos:
+            if self.eos and t in self.eos:
                 row.finish = "eos"
                 return kept
         if len(row.generated) + len(kept) >= self.max_new:
@@ -325,17 +335,22 @@ class Stream:
         st.target_forwards += 1
         paths, updates, events = [], [], []
         top = self._batched_argmax(out.logits, drafts)
+        vector = self._vector_rule is not None
         for i, (row, d) in enumerate(zip(rows, drafts)):
             n = len(d)
             kernel = select_kernel(self.spec.greedy, d.q is not None, dec.acceptance)
             if n:
                 st.note_kernel(getattr(kernel, "name", "custom"), getattr(kernel, "lossless", False))
-            if kernel is accept_greedy and top is not None:
+            if vector:  # continuous tokens: the rule reads the target's rows as they are and returns the tokens
+                verdict = kernel(d, out.logits[i, : n + 1], generator=ctx.generators[i])
+                toks = verdict.tokens + [verdict.next_token]
+            elif kernel is accept_greedy and top is not None:
                 verdict = greedy_walk(d, top[i][: n + 1])
+                toks = [d.token_list[j] for j in verdict.path] + [verdict.next_token]
             else:
                 p = self._probs(out.logits[i, : n + 1], row.history, d, argmax_only=kernel is accept_greedy)
                 verdict = kernel(d, p, generator=ctx.generators[i])
-            toks = [d.token_list[j] for j in verdict.path] + [verdict.next_token]
+                toks = [d.token_list[j] for j in verdict.path] + [verdict.next_token]
             kept = self._cut(row, toks)
             st.record_step(d.depth, len(verdict.path), len(kept), n)
             row.history.extend(kept)

@@ -4,6 +4,7 @@
 ``accept(draft, p, *, generator=None, coin=None) -> RelaxedVerdict`` marked ``lossless = False``, usable by
 ``mmspec``'s decode loop as a plug-in acceptance rule. :mod:`.budget` measures the output drift of any rule and adds a
 per-position TV budget (``tv_budget=``); :mod:`.neighbours` builds LANTERN's latent neighbourhoods from a VQ codebook.
+:mod:`.cspd` is the exception: the *exact* rule for continuous tokens (CSpD), imported from its module.
 """
 from .budget import (
     RelaxedVerdict,

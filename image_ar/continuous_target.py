@@ -1,0 +1,144 @@
+"""A continuous-token AR model (:class:`~image_ar.models.continuous_ar.ContinuousAR`) as an engine target.
+
+The engine's loop drives it like any target; what differs is the token type: tokens are vectors (C,), and where a
+discrete target returns logits this one returns *head condition rows* (B, M, W + 1) = [z_cond | z_uncond | scale]
+(z alone without guidance): everything the target's diffusion head needs to define p(token) at each block position.
+The acceptance rule (:class:`~image_ar.acceptance.cspd.CSpD`) turns rows into tokens and verdicts.
+
+Cache bookkeeping is LlamaGen's (:class:`~image_ar.target.LlamaGenRunner`: [cond; uncond] rows, ragged per-row
+lengths, explicit 2-D-RoPE positions). Sequence position p >= 1 holds token p - 1 and its output conditions token p.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from mmspec.errors import DraftError, InvalidInputError
+from mmspec.target import BlockOutput
+from mmspec.tree import Draft
+
+from .acceptance.cspd import head_rows
+from .models.continuous_ar import CFG_SCHEDULES, ContinuousAR, guidance_scales
+from .target import PLACEHOLDER, LlamaGenRunner
+
+
+class ContinuousRunner(LlamaGenRunner):
+    """LlamaGenRunner over a ContinuousAR: blocks are (B, M, C) float tokens, outputs are conditions z."""
+
+    model_class = ContinuousAR
+
+    def _combine(self, logits, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = torch.cat(hidden.chunk(2), dim=-1) if self.guided else hidden  # (B, ..., 2D) = [cond | uncond]
+        return z, z
+
+
+def vector_block(pending: Sequence[torch.Tensor], drafts: Sequence[Draft]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[pending, nodes..., pad] per row for chains of vector tokens: tokens (B, M, C) and position offsets (B, M).
+    Causal attention serves every row: a pad only ever follows its row's real slots and is never kept; its offset
+    repeats the row's last one so that no pad reaches past the image."""
+    b, m = len(drafts), 1 + max((len(d) for d in drafts), default=0)
+    c = pending[0].shape[-1]
+    tokens = torch.zeros(b, m, c)
+    offsets = torch.zeros(b, m, dtype=torch.long)
+    for i, (tok, d) in enumerate(zip(pending, drafts)):
+        n = len(d)
+        if n and not d.is_chain:
+            raise DraftError("continuous drafts must be chains (parent = [-1, 0, 1, ...])")
+        tokens[i, 0] = tok.detach().float().cpu()
+        if n:
+            tokens[i, 1: n + 1] = d.tokens.detach().float().cpu()
+        offsets[i] = torch.arange(m).clamp(max=n)
+    return tokens, offsets
+
+
+class ContinuousARTarget:
+    """The engine's Target protocol for a ContinuousAR with CFG on eps (see the module docstring).
+
+    guidance_scale / guidance_schedule ("constant" | MAR's "linear") and temperature define the sampling
+    distribution; the acceptance rule and the drafter read them from here."""
+
+    vocab_size = 1  # the loop's placeholder prompts only
+    continuous = True
+
+    def __init__(self, model: ContinuousAR, guidance_scale: float = 1.0, guidance_schedule: str = "constant",
+                 temperature: float = 1.0):
+        self.runner = ContinuousRunner(model, guidance_scale)
+        self.model, cfg = model, model.config
+        self.num_image_tokens = cfg.num_image_tokens
+        self.grid = (cfg.grid_size, cfg.grid_size)
+        self.max_positions = cfg.num_image_tokens + 1
+        self.guidance_schedule = guidance_schedule
+        self.temperature = temperature
+        self._labels = None
+        self._block_start = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def head(self):
+        return self.model.diffloss
+
+    @property
+    def guidance_scale(self) -> float:
+        return self.runner.guidance_scale
+
+    @guidance_scale.setter
+    def guidance_scale(self, value) -> None:
+        from .target import check_guidance
+
+        self.runner.guidance_scale = check_guidance(self.model, value)
+
+    @property
+    def guidance_schedule(self) -> str:
+        return self._schedule
+
+    @guidance_schedule.setter
+    def guidance_schedule(self, value: str) -> None:
+        if value not in CFG_SCHEDULES:
+            raise InvalidInputError(f"guidance_schedule={value!r}: expected one of {CFG_SCHEDULES}")
+        self._schedule = value
+
+    @property
+    def forward_time(self) -> float:
+        return self.runner.forward_time
+
+    def scales(self, token_index: torch.Tensor) -> torch.Tensor:
+        """The CFG scale of the token(s) at these image indices."""
+        return guidance_scales(self.guidance_scale, self.guidance_schedule, token_index, self.num_image_tokens)
+
+    def rows(self, z: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
+        return head_rows(z, self.scales(token_index.to(z.device)))
+
+    def bind(self, labels) -> list[list[int]]:
+        """Condition the next generation on class labels (B,); returns one placeholder prompt per image."""
+        self._labels = self.model.check_class_labels(torch.as_tensor(labels).reshape(-1))
+        return [[PLACEHOLDER] for _ in range(len(self._labels))]
+
+    @property
+    def condition(self) -> tuple:
+        return self._labels, None
+
+    def prefill(self, prompts: Sequence[Sequence[int]], want_hidden: bool = False, reserve: int = 0) -> BlockOutput:
+        if self._labels is None or len(prompts) != len(self._labels):
+            raise InvalidInputError(f"{len(prompts)} prompt(s) but {0 if self._labels is None else len(self._labels)}"
+                                    " bound label(s): call bind(labels) before generating")
+        z, _ = self.runner.start(self._labels, None, capacity=reserve + 2)
+        rows = self.rows(z, torch.zeros(len(z), dtype=torch.long))
+        return BlockOutput(rows[:, None])
+
+    def verify(self, pending: Sequence[torch.Tensor], drafts: Sequence[Draft], want_hidden: bool = False):
+        tokens, offsets = vector_block(pending, drafts)
+        self._block_start = self.runner.cache.length
+        z, _ = self.runner.forward_block(tokens, offsets, None)  # (B, M, W)
+        index = torch.tensor(self.runner.lengths)[:, None] + offsets  # image index each slot's output conditions
+        return BlockOutput(self.rows(z, index))
+
+    def commit(self, paths: Sequence[Sequence[int] | None]) -> None:
+        keep = [[] if p is None else [0] + [1 + i for i in p] for p in paths]
+        self.runner.keep(keep, self._block_start)
+
+    def select_rows(self, rows: Sequence[int]) -> None:
+        self.runner.select_rows(rows)
