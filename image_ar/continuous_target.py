@@ -20,7 +20,7 @@ from mmspec.tree import Draft
 
 from .acceptance.cspd import head_rows
 from .models.continuous_ar import CFG_SCHEDULES, ContinuousAR, guidance_scales
-from .target import PLACEHOLDER, LlamaGenRunner
+from .target import PLACEHOLDER, LlamaGenRunner, RunnerTarget
 
 
 class ContinuousRunner(LlamaGenRunner):
@@ -52,7 +52,7 @@ def vector_block(pending: Sequence[torch.Tensor], drafts: Sequence[Draft]) -> tu
     return tokens, offsets
 
 
-class ContinuousARTarget:
+class ContinuousARTarget(RunnerTarget):
     """The engine's Target protocol for a ContinuousAR with CFG on eps (see the module docstring).
 
     guidance_scale / guidance_schedule ("constant" | MAR's "linear") and temperature define the sampling
@@ -70,26 +70,10 @@ class ContinuousARTarget:
         self.max_positions = cfg.num_image_tokens + 1
         self.guidance_schedule = guidance_schedule
         self.temperature = temperature
-        self._labels = None
-        self._block_start = 0
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.device
 
     @property
     def head(self):
         return self.model.diffloss
-
-    @property
-    def guidance_scale(self) -> float:
-        return self.runner.guidance_scale
-
-    @guidance_scale.setter
-    def guidance_scale(self, value) -> None:
-        from .target import check_guidance
-
-        self.runner.guidance_scale = check_guidance(self.model, value)
 
     @property
     def guidance_schedule(self) -> str:
@@ -101,10 +85,6 @@ class ContinuousARTarget:
             raise InvalidInputError(f"guidance_schedule={value!r}: expected one of {CFG_SCHEDULES}")
         self._schedule = value
 
-    @property
-    def forward_time(self) -> float:
-        return self.runner.forward_time
-
     def scales(self, token_index: torch.Tensor) -> torch.Tensor:
         """The CFG scale of the token(s) at these image indices."""
         return guidance_scales(self.guidance_scale, self.guidance_schedule, token_index, self.num_image_tokens)
@@ -114,20 +94,13 @@ class ContinuousARTarget:
 
     def bind(self, labels) -> list[list[int]]:
         """Condition the next generation on class labels (B,); returns one placeholder prompt per image."""
-        self._labels = self.model.check_class_labels(torch.as_tensor(labels).reshape(-1))
-        return [[PLACEHOLDER] for _ in range(len(self._labels))]
-
-    @property
-    def condition(self) -> tuple:
-        return self._labels, None
+        self._cond = self.model.check_class_labels(torch.as_tensor(labels).reshape(-1))
+        return [[PLACEHOLDER] for _ in range(len(self._cond))]
 
     def prefill(self, prompts: Sequence[Sequence[int]], want_hidden: bool = False, reserve: int = 0) -> BlockOutput:
-        if self._labels is None or len(prompts) != len(self._labels):
-            raise InvalidInputError(f"{len(prompts)} prompt(s) but {0 if self._labels is None else len(self._labels)}"
-                                    " bound label(s): call bind(labels) before generating")
-        z, _ = self.runner.start(self._labels, None, capacity=reserve + 2)
-        rows = self.rows(z, torch.zeros(len(z), dtype=torch.long))
-        return BlockOutput(rows[:, None])
+        self._check_bound(prompts)
+        z, _ = self.runner.start(self._cond, None, capacity=reserve + 2)
+        return BlockOutput(self.rows(z, torch.zeros(len(z), dtype=torch.long))[:, None])
 
     def verify(self, pending: Sequence[torch.Tensor], drafts: Sequence[Draft], want_hidden: bool = False):
         tokens, offsets = vector_block(pending, drafts)
@@ -135,10 +108,3 @@ class ContinuousARTarget:
         z, _ = self.runner.forward_block(tokens, offsets, None)  # (B, M, W)
         index = torch.tensor(self.runner.lengths)[:, None] + offsets  # image index each slot's output conditions
         return BlockOutput(self.rows(z, index))
-
-    def commit(self, paths: Sequence[Sequence[int] | None]) -> None:
-        keep = [[] if p is None else [0] + [1 + i for i in p] for p in paths]
-        self.runner.keep(keep, self._block_start)
-
-    def select_rows(self, rows: Sequence[int]) -> None:
-        self.runner.select_rows(rows)

@@ -39,7 +39,7 @@ from .drafters import ImageHead, ImageHeadDrafter, ImageModelDrafter, JacobiDraf
 from .drafters.continuous import ContinuousDrafter, check_prefill_ratio
 from .models.continuous_ar import KIND as CONTINUOUS_KIND, ContinuousAR
 from .models.kl_vae import decode_tokens, load_kl_vae
-from .models.llamagen import LlamaGen
+from .models.llamagen import LlamaGen, directory_kind
 from .models.vq import VQTokenizer, load_vq, to_pil
 from .target import LlamaGenTarget
 
@@ -121,8 +121,7 @@ class SpeculativeImagePipeline:
         self.cspd_max_candidates = cspd_max_candidates
         self.vae = None
         if self.continuous:
-            vae = vae if vae is not None else vq
-            self.vae, vq = (None if vae is None else load_kl_vae(vae) if isinstance(vae, (str, Path)) else vae), None
+            self.vae, vq = _as_vae(vae if vae is not None else vq), None
         elif vae is not None:
             raise InvalidInputError("vae= decodes continuous tokens; a discrete (VQ) target takes vq=")
         self.vq = None if vq is None else load_vq(vq)
@@ -173,7 +172,7 @@ class SpeculativeImagePipeline:
             drafter = self._load_drafter(Path(drafter))
         if isinstance(drafter, LlamaGen):
             return ImageModelDrafter(drafter.to(self.target.device), self.draft_tokens)
-        if all(hasattr(drafter, a) for a in ("begin", "propose", "commit", "select_rows", "check_target")):
+        if _is_drafter(drafter):
             return drafter
         raise InvalidInputError(f"drafter={drafter!r}: expected None, 'jacobi', a LlamaGen, a checkpoint path or a "
                                 "Drafter object")
@@ -185,7 +184,7 @@ class SpeculativeImagePipeline:
             drafter = ContinuousAR.from_pretrained(drafter, dtype=self.target.model.dtype)
         if isinstance(drafter, ContinuousAR):
             return ContinuousDrafter(drafter.to(self.target.device), self.draft_tokens)
-        if all(hasattr(drafter, a) for a in ("begin", "propose", "commit", "select_rows", "check_target")):
+        if _is_drafter(drafter):
             return drafter
         raise InvalidInputError(f"drafter={drafter!r}: a continuous-token target takes None, a ContinuousAR (or its "
                                 "directory) or a Drafter object; 'jacobi' and heads work on discrete tokens")
@@ -432,11 +431,21 @@ def _progress(enabled: bool, total: int):
     return tqdm(total=total, desc="image tokens", unit="tok")
 
 
+def _as_vae(vae):
+    """None, an AutoencoderKL-like decoder (``decode`` + ``config.scaling_factor``), or a path for load_kl_vae."""
+    if vae is None or (hasattr(vae, "decode") and hasattr(getattr(vae, "config", None), "scaling_factor")):
+        return vae
+    if isinstance(vae, (str, Path)):
+        return load_kl_vae(vae)
+    raise InvalidInputError(f"vae={type(vae).__name__}: expected a diffusers AutoencoderKL, a path to one (directory, "
+                            "safetensors, or an LDM/MAR .ckpt), or None (output_type='tokens')")
+
+
+def _is_drafter(obj) -> bool:
+    """Implements the engine's Drafter protocol."""
+    return all(hasattr(obj, a) for a in ("begin", "propose", "commit", "select_rows", "check_target"))
+
+
 def is_continuous_dir(path: Path) -> bool:
     """A directory written by ContinuousAR.save_pretrained (its config.json names the kind)."""
-    import json
-
-    try:
-        return path.is_dir() and json.loads((path / "config.json").read_text()).get("kind") == CONTINUOUS_KIND
-    except (OSError, ValueError, AttributeError):
-        return False
+    return directory_kind(path) == CONTINUOUS_KIND

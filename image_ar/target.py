@@ -162,18 +162,13 @@ class LlamaGenRunner:
         self.lengths = [self.lengths[r] for r in rows]
 
 
-class LlamaGenTarget:
-    """The engine's Target protocol for a LlamaGen with CFG (see the module docstring)."""
+class RunnerTarget:
+    """Engine-side bookkeeping shared by targets over a LlamaGenRunner-style runner: device, guidance scale, forward
+    time, the bound condition, commit (keep the pending slot + accepted path of the last block) and select_rows."""
 
-    def __init__(self, model: LlamaGen, guidance_scale: float = 1.0):
-        self.runner = LlamaGenRunner(model, guidance_scale)
-        self.model, cfg = model, model.config
-        self.vocab_size = cfg.vocab_size
-        self.num_image_tokens = cfg.num_image_tokens
-        self.grid = (cfg.grid_size, cfg.grid_size)
-        self.max_positions = cfg.num_image_tokens + 1  # the placeholder prompt + the image tokens
-        self._cond = self._cond_mask = None
-        self._block_start = 0
+    runner: LlamaGenRunner
+    _cond = _cond_mask = None
+    _block_start = 0
 
     @property
     def device(self) -> torch.device:
@@ -191,6 +186,35 @@ class LlamaGenTarget:
     def forward_time(self) -> float:
         return self.runner.forward_time
 
+    @property
+    def condition(self) -> tuple:
+        """The bound (cond, cond_mask): model drafters condition their own prefill on it."""
+        return self._cond, self._cond_mask
+
+    def _check_bound(self, prompts) -> None:
+        if self._cond is None or len(prompts) != len(self._cond):
+            raise InvalidInputError(f"{len(prompts)} prompt(s) but {0 if self._cond is None else len(self._cond)} "
+                                    "bound condition(s): call bind(...) before generating")
+
+    def commit(self, paths: Sequence[Sequence[int] | None]) -> None:
+        keep = [[] if p is None else [0] + [1 + i for i in p] for p in paths]
+        self.runner.keep(keep, self._block_start)
+
+    def select_rows(self, rows: Sequence[int]) -> None:
+        self.runner.select_rows(rows)
+
+
+class LlamaGenTarget(RunnerTarget):
+    """The engine's Target protocol for a LlamaGen with CFG (see the module docstring)."""
+
+    def __init__(self, model: LlamaGen, guidance_scale: float = 1.0):
+        self.runner = LlamaGenRunner(model, guidance_scale)
+        self.model, cfg = model, model.config
+        self.vocab_size = cfg.vocab_size
+        self.num_image_tokens = cfg.num_image_tokens
+        self.grid = (cfg.grid_size, cfg.grid_size)
+        self.max_positions = cfg.num_image_tokens + 1  # the placeholder prompt + the image tokens
+
     def bind(self, cond, cond_mask=None) -> list[list[int]]:
         """Condition the next generation: class labels (B,) or caption embeddings (B, L, C) with an optional (B, L)
         mask of real caption tokens. Returns the loop's prompts (one placeholder token per image)."""
@@ -203,15 +227,8 @@ class LlamaGenTarget:
         self._cond, self._cond_mask = cond, cond_mask
         return [[PLACEHOLDER] for _ in range(len(cond))]
 
-    @property
-    def condition(self) -> tuple:
-        """The bound (cond, cond_mask): model drafters condition their own prefill on it."""
-        return self._cond, self._cond_mask
-
     def prefill(self, prompts: Sequence[Sequence[int]], want_hidden: bool = False, reserve: int = 0) -> BlockOutput:
-        if self._cond is None or len(prompts) != len(self._cond):
-            raise InvalidInputError(f"{len(prompts)} prompt(s) but {0 if self._cond is None else len(self._cond)} "
-                                    "bound condition(s): call bind(cond) before generating")
+        self._check_bound(prompts)
         cfg = self.model.config
         logits, hidden = self.runner.start(self._cond, self._cond_mask, capacity=cfg.cls_token_num + reserve + 1)
         return BlockOutput(logits[:, None], hidden[:, None] if want_hidden else None)
@@ -221,10 +238,3 @@ class LlamaGenTarget:
         self._block_start = self.runner.cache.length
         logits, hidden = self.runner.forward_block(tokens, offsets.expand_as(tokens), allowed)
         return BlockOutput(logits, hidden if want_hidden else None)
-
-    def commit(self, paths: Sequence[Sequence[int] | None]) -> None:
-        keep = [[] if p is None else [0] + [1 + i for i in p] for p in paths]
-        self.runner.keep(keep, self._block_start)
-
-    def select_rows(self, rows: Sequence[int]) -> None:
-        self.runner.select_rows(rows)

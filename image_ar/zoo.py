@@ -67,23 +67,18 @@ def pattern_grids(labels: torch.Tensor, generator: torch.Generator, grid: int = 
     return torch.where(flip, (codes + 1) % vocab, codes)
 
 
-def train_llamagen(config: LlamaGenConfig, steps: int, lr: float, batch_size: int = 32, seed: int = 0,
-                   progress: bool = True) -> LlamaGen:
-    """Teacher-forced next-code cross-entropy on fresh pattern grids every step, with class dropout (CFG)."""
+def fit(model: torch.nn.Module, batch_loss, steps: int, lr: float, seed: int, desc: str,
+        progress: bool = True) -> torch.nn.Module:
+    """AdamW with a one-cycle schedule and gradient clipping; batch_loss(model, generator) -> loss of a fresh batch."""
     from tqdm.auto import tqdm
 
-    torch.manual_seed(seed)
-    model = LlamaGen(config).train()
+    model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     g = torch.Generator().manual_seed(seed)
-    bar = tqdm(range(steps), desc=f"zoo: training LlamaGen dim {config.dim} x {config.n_layer}", disable=not progress)
+    bar = tqdm(range(steps), desc=desc, disable=not progress)
     for _ in bar:
-        labels = torch.randint(0, config.num_classes, (batch_size,), generator=g)
-        codes = pattern_grids(labels, g, config.grid_size, config.vocab_size)
-        drop = model.sample_cond_drop(batch_size, g)
-        logits = model(codes[:, :-1], labels, cond_drop=drop).logits  # (B, N, V): prefix predicts the first code
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), codes.reshape(-1))
+        loss = batch_loss(model, g)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -91,6 +86,21 @@ def train_llamagen(config: LlamaGenConfig, steps: int, lr: float, batch_size: in
         sched.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
     return model.eval()
+
+
+def train_llamagen(config: LlamaGenConfig, steps: int, lr: float, batch_size: int = 32, seed: int = 0,
+                   progress: bool = True) -> LlamaGen:
+    """Teacher-forced next-code cross-entropy on fresh pattern grids every step, with class dropout (CFG)."""
+    def batch_loss(model, g):
+        labels = torch.randint(0, config.num_classes, (batch_size,), generator=g)
+        codes = pattern_grids(labels, g, config.grid_size, config.vocab_size)
+        drop = model.sample_cond_drop(batch_size, g)
+        logits = model(codes[:, :-1], labels, cond_drop=drop).logits  # (B, N, V): prefix predicts the first code
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), codes.reshape(-1))
+
+    torch.manual_seed(seed)
+    return fit(LlamaGen(config), batch_loss, steps, lr, seed,
+               f"zoo: training LlamaGen dim {config.dim} x {config.n_layer}", progress)
 
 
 def _recipe(name: str) -> dict:
@@ -156,25 +166,13 @@ def pattern_latents(labels: torch.Tensor, generator: torch.Generator, grid: int 
 def train_continuous(config: ContinuousARConfig, steps: int, lr: float, batch_size: int = 32, seed: int = 0,
                      progress: bool = True) -> ContinuousAR:
     """Teacher-forced diffusion loss on fresh pattern latents every step, with class dropout (CFG)."""
-    from tqdm.auto import tqdm
+    def batch_loss(model, g):
+        labels = torch.randint(0, config.num_classes, (batch_size,), generator=g)
+        return model.training_loss(pattern_latents(labels, g, config.grid_size, config.token_dim), labels, g)
 
     torch.manual_seed(seed)
-    model = ContinuousAR(config).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    g = torch.Generator().manual_seed(seed)
-    bar = tqdm(range(steps), desc=f"zoo: training ContinuousAR dim {config.dim} x {config.n_layer}",
-               disable=not progress)
-    for _ in bar:
-        labels = torch.randint(0, config.num_classes, (batch_size,), generator=g)
-        loss = model.training_loss(pattern_latents(labels, g, config.grid_size, config.token_dim), labels, g)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    return model.eval()
+    return fit(ContinuousAR(config), batch_loss, steps, lr, seed,
+               f"zoo: training ContinuousAR dim {config.dim} x {config.n_layer}", progress)
 
 
 def continuous_config(name: str, **overrides) -> ContinuousARConfig:
@@ -191,7 +189,7 @@ def continuous_config(name: str, **overrides) -> ContinuousARConfig:
 def zoo_continuous(name: str = "target", progress: bool = True) -> ContinuousAR:
     """A trained zoo ContinuousAR ("target" or "draft"), from the cache or trained now (deterministic)."""
     cfg = continuous_config(name)
-    recipe = dict(CONTINUOUS_RECIPES[name], **{k: v for k, v in vars(cfg).items()}, data="pattern-latents-v1")
+    recipe = dict(CONTINUOUS_RECIPES[name], **vars(cfg), data="pattern-latents-v1")
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
     path = zoo_dir() / f"continuous-{name}-{digest}"
     if (path / "model.safetensors").is_file():

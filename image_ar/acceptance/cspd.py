@@ -98,6 +98,10 @@ class CSpD:
         if not (isinstance(temperature, (int, float)) and temperature > 0):
             raise GenerationConfigError(f"temperature={temperature!r}: continuous tokens need temperature > 0 (it "
                                         "scales the diffusion noise)")
+        for name, v in (("candidates", candidates), ("max_candidates", max_candidates)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise GenerationConfigError(f"{name}={v!r}: must be an int >= 1 (chains the residual sampler draws "
+                                            "per round / in all)")
         self.head, self.temperature = head, float(temperature)
         self.candidates, self.max_candidates = candidates, max_candidates
         self.residual_draws = 0  # candidate chains drawn by the residual sampler (cost accounting)

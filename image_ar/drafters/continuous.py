@@ -14,15 +14,13 @@ from typing import Sequence
 
 import torch
 
-from mmspec.drafters.base import DraftContext, DrafterCounters, RowUpdate
-from mmspec.errors import GenerationConfigError, InvalidInputError, UnsupportedModelError
-from mmspec.target import BlockOutput
+from mmspec.errors import GenerationConfigError, UnsupportedModelError
 from mmspec.tree import Draft
 
 from ..acceptance.cspd import TrajectoryDraft, head_rows, sample_chains
 from ..continuous_target import ContinuousRunner
 from ..models.continuous_ar import ContinuousAR, draw_token_noise
-from .model import check_draft_depth
+from .model import ImageModelDrafter
 
 
 def check_prefill_ratio(ratio) -> float:
@@ -32,23 +30,15 @@ def check_prefill_ratio(ratio) -> float:
     return float(ratio)
 
 
-class ContinuousDrafter:
-    needs_hidden = False
-    trusted = True
+class ContinuousDrafter(ImageModelDrafter):
+    """ImageModelDrafter's cache bookkeeping (begin / feed / commit / select_rows) over a ContinuousAR; proposals
+    are TrajectoryDrafts."""
+
+    model_class, runner_class = ContinuousAR, ContinuousRunner
 
     def __init__(self, model: ContinuousAR, k: int = 4, prefill_ratio: float = 0.0):
-        if not isinstance(model, ContinuousAR):
-            raise InvalidInputError(f"drafter model must be an image_ar ContinuousAR, got {type(model).__name__}")
-        self.model, self.k = model.eval(), check_draft_depth(k)
+        super().__init__(model, k)
         self.prefill_ratio = check_prefill_ratio(prefill_ratio)
-        self.max_depth = self.max_nodes = k
-        self.counters = DrafterCounters()
-        self.runner: ContinuousRunner | None = None
-        self.target = None
-
-    @property
-    def forward_time(self) -> float:
-        return 0.0 if self.runner is None else self.runner.forward_time
 
     def check_target(self, target) -> None:
         if not getattr(target, "continuous", False) or not isinstance(getattr(target, "model", None), ContinuousAR):
@@ -65,33 +55,13 @@ class ContinuousDrafter:
                                         "so both need the same number (set_sampling_steps)")
         self.target = target
 
-    def begin(self, ctx: DraftContext, prefill: BlockOutput) -> None:
-        self.ctx = ctx
-        if self.runner is None:
-            self.runner = ContinuousRunner(self.model, self.target.guidance_scale)
-        else:
-            self.runner.guidance_scale = self.target.guidance_scale
-        labels, _ = self.target.condition
-        self.runner.start(labels, None, capacity=self.model.config.max_seq_len)
-        self.counters.forwards += 1
-        self.uncached = [[h[-1]] for h in ctx.history]
-        self.base = list(self.runner.lengths)
-        self.fed, self.carry, self.want = 0, [[] for _ in ctx.history], [0] * len(ctx.history)
-
-    def _feed(self, feed: list[list[torch.Tensor]]) -> torch.Tensor:
-        """Append each row's tokens (ragged; an empty row gets a zero dummy it does not keep), keep the real ones;
-        conditions z (B, W) at each row's last."""
-        b, m = len(feed), max(1, max(len(f) for f in feed))
-        tokens = torch.zeros(b, m, self.model.config.token_dim)
+    def _block(self, feed: list[list[torch.Tensor]], m: int) -> torch.Tensor:
+        """Each row's vector tokens, zero-padded to m: (B, m, C)."""
+        tokens = torch.zeros(len(feed), m, self.model.config.token_dim)
         for i, f in enumerate(feed):
             if f:
                 tokens[i, : len(f)] = torch.stack([t.detach().float().cpu() for t in f])
-        start = self.runner.cache.length
-        z, _ = self.runner.forward_block(tokens, torch.arange(m).expand(b, m), None)
-        self.runner.keep([list(range(len(f))) for f in feed], start)
-        self.counters.forwards += 1
-        last = torch.tensor([max(len(f) - 1, 0) for f in feed], device=z.device)
-        return z[torch.arange(b, device=z.device), last]
+        return tokens
 
     def _wants(self, budgets: Sequence[int]) -> list[int]:
         first = math.ceil(self.prefill_ratio * self.target.num_image_tokens)
@@ -99,14 +69,10 @@ class ContinuousDrafter:
 
     def propose(self, budgets: Sequence[int]) -> list[Draft]:
         want = self._wants(budgets)
-        depth = max(want, default=0)
-        if depth <= 0:
-            self.fed, self.carry, self.want = 0, self.uncached, want
-            self.base = list(self.runner.lengths)
+        z = self._begin_step(want)
+        if z is None:
             return [Draft.empty() for _ in budgets]
-        z = self._feed(self.uncached)
-        self.carry = [[] for _ in budgets]
-        self.base = list(self.runner.lengths)
+        depth = max(want)
         index = torch.tensor([len(h) - 1 for h in self.ctx.history])  # image index of each row's first draft node
         steps = []
         for step in range(depth):
@@ -132,19 +98,3 @@ class ContinuousDrafter:
         return TrajectoryDraft(states[:, -1], torch.arange(-1, n - 1), states=states,
                                log_q=torch.stack([ch.log_prob[b] for ch, _ in steps[:n]]),
                                cond_q=torch.stack([rows[b] for _, rows in steps[:n]]), head_q=self.model.diffloss)
-
-    def commit(self, updates: Sequence[RowUpdate], verify_out: BlockOutput | None) -> None:
-        lengths, uncached = [], []
-        for b, up in enumerate(updates):
-            cached = min(len(up.path), self.fed, max(self.want[b] - 1, 0))  # accepted drafts already in the cache
-            lengths.append(self.base[b] + cached)
-            uncached.append(self.carry[b] + list(up.tokens[cached:]))
-        self.runner.rollback(lengths)
-        self.uncached = uncached
-
-    def select_rows(self, rows: Sequence[int]) -> None:
-        self.runner.select_rows(rows)
-        self.uncached = [self.uncached[r] for r in rows]
-        self.base = [self.base[r] for r in rows]
-        self.carry = [self.carry[r] for r in rows]
-        self.want = [self.want[r] for r in rows]

@@ -46,10 +46,12 @@ def chains(toks: list[torch.Tensor], qs: list[torch.Tensor | None], lengths: Seq
 class ImageModelDrafter:
     needs_hidden = False
     trusted = True
+    model_class, runner_class = LlamaGen, LlamaGenRunner
 
     def __init__(self, model: LlamaGen, k: int = 4):
-        if not isinstance(model, LlamaGen):
-            raise InvalidInputError(f"drafter model must be an image_ar LlamaGen, got {type(model).__name__}")
+        if not isinstance(model, self.model_class):
+            raise InvalidInputError(f"drafter model must be an image_ar {self.model_class.__name__}, got "
+                                    f"{type(model).__name__}")
         self.model, self.k = model.eval(), check_draft_depth(k)
         self.max_depth = self.max_nodes = k
         self.counters = DrafterCounters()
@@ -78,7 +80,7 @@ class ImageModelDrafter:
     def begin(self, ctx: DraftContext, prefill: BlockOutput) -> None:
         self.ctx = ctx
         if self.runner is None:
-            self.runner = LlamaGenRunner(self.model, self.target.guidance_scale)
+            self.runner = self.runner_class(self.model, self.target.guidance_scale)
         else:
             self.runner.guidance_scale = self.target.guidance_scale
         cond, cond_mask = self.target.condition
@@ -88,11 +90,16 @@ class ImageModelDrafter:
         self.base = list(self.runner.lengths)
         self.fed, self.carry = 0, [[] for _ in ctx.history]
 
+    def _block(self, feed: list[list[int]], m: int) -> torch.Tensor:
+        """Each row's tokens right-padded to m: (B, m) ids."""
+        return torch.tensor([f + [0] * (m - len(f)) for f in feed], dtype=torch.long)
+
     def _feed(self, feed: list[list[int]]) -> torch.Tensor:
         """Append each row's tokens (ragged, right-padded; an empty row gets a dummy it does not keep), keep the real
-        ones; guided logits at each row's last (garbage for an empty row)."""
+        ones; the runner's output (guided logits, or a continuous model's conditions) at each row's last (garbage for
+        an empty row)."""
         m = max(1, max(len(f) for f in feed))
-        tokens = torch.tensor([f + [0] * (m - len(f)) for f in feed], dtype=torch.long)
+        tokens = self._block(feed, m)
         start = self.runner.cache.length
         logits, _ = self.runner.forward_block(tokens, torch.arange(m).expand(len(feed), m), None)
         self.runner.keep([list(range(len(f))) for f in feed], start)
@@ -100,17 +107,25 @@ class ImageModelDrafter:
         last = torch.tensor([max(len(f) - 1, 0) for f in feed], device=logits.device)
         return logits[torch.arange(len(feed), device=logits.device), last]  # (B, V)
 
+    def _begin_step(self, want: list[int]) -> torch.Tensor | None:
+        """Feed the committed tokens the cache lacks and return the output at each row's last; None (nothing fed:
+        they wait for the next step) when no row drafts. want[b]: nodes row b drafts this step."""
+        if max(want, default=0) <= 0:
+            self.fed, self.carry, self.want = 0, self.uncached, list(want)
+            self.base = list(self.runner.lengths)
+            return None
+        out = self._feed(self.uncached)
+        self.carry = [[] for _ in want]
+        self.base = list(self.runner.lengths)  # committed + pending: the drafts come after
+        return out
+
     def propose(self, budgets: Sequence[int]) -> list[Draft]:
         spec, gens = self.ctx.spec, self.ctx.generators
-        depth = min(self.k, max(budgets))
-        if depth <= 0:  # nothing to draft: the uncached tokens wait for the next step
-            self.fed, self.carry, self.want = 0, self.uncached, [0] * len(budgets)
-            self.base = list(self.runner.lengths)
+        want = [min(self.k, b) for b in budgets]  # rows near the image's end draft less (and feed nothing past it)
+        logits = self._begin_step(want)
+        if logits is None:
             return [Draft.empty() for _ in budgets]
-        logits = self._feed(self.uncached)
-        self.carry = [[] for _ in budgets]
-        self.base = list(self.runner.lengths)  # committed + pending: the drafts come after
-        want = [min(depth, b) for b in budgets]  # rows near the image's end draft less (and feed nothing past it)
+        depth = max(want)
         toks, qs = [], []
         for step in range(depth):
             tok, q = draw_step(spec, logits, gens)

@@ -19,7 +19,6 @@ token i the scale ``1 + (s - 1) (i + 1) / L``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,11 +30,10 @@ from mmspec.errors import CheckpointError, ContextOverflowError, InvalidInputErr
 
 from .diffusion import SCHEDULES
 from .diffusion_head import TokenDiffusion
-from .llamagen import (KVCache, LlamaGenConfig, RMSNorm, TransformerBlock, causal_mask, load_checked,
-                       read_state_dict, rope_2d)
+from .llamagen import (CONFIG_NAME, WEIGHTS_NAME, KVCache, LlamaGenConfig, RMSNorm, TransformerBlock, causal_mask,
+                       load_checked, read_config, read_state_dict, rope_2d, save_directory)
 
 KIND = "image_ar.continuous_ar"
-CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 CFG_SCHEDULES = ("constant", "linear")
 
 
@@ -215,13 +213,8 @@ class ContinuousAR(nn.Module):
 
     # --- checkpoints --------------------------------------------------------------------------------------------
     def save_pretrained(self, directory) -> Path:
-        from safetensors.torch import save_file
-
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(out / WEIGHTS_NAME))
-        (out / CONFIG_NAME).write_text(json.dumps({"kind": KIND, **dataclasses.asdict(self.config)}, indent=2))
-        return out
+        """Write `config.json` + `model.safetensors` to directory."""
+        return save_directory(self, directory, KIND)
 
     @classmethod
     def from_pretrained(cls, path, config: ContinuousARConfig | None = None, *, dtype=torch.float32,
@@ -231,7 +224,7 @@ class ContinuousAR(nn.Module):
         training checkpoints keep both; the EMA weights are preferred). A file needs `config` (or overrides)."""
         path = Path(path)
         if path.is_dir():
-            cfg = config or _read_config(path / CONFIG_NAME)
+            cfg = config or read_config(path / CONFIG_NAME, KIND, ContinuousARConfig, "ContinuousAR")
             state = read_state_dict(path / WEIGHTS_NAME)
         elif path.is_file():
             state = unwrap_mar_state(read_state_dict(path), path)
@@ -242,6 +235,9 @@ class ContinuousAR(nn.Module):
             raise CheckpointError(f"{str(path)!r} does not exist: expected a directory with {CONFIG_NAME} + "
                                   f"{WEIGHTS_NAME} or a checkpoint file")
         if overrides:
+            unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(ContinuousARConfig)})
+            if unknown:
+                raise InvalidInputError(f"unknown ContinuousARConfig field(s) {unknown}")
             cfg = dataclasses.replace(cfg, **overrides)
         if any(k.startswith(("encoder_blocks.", "decoder_blocks.")) for k in state):
             raise UnsupportedModelError(
@@ -282,21 +278,6 @@ def load_mar_diffusion_head(path, *, sampling_steps: int = 100, noise_schedule: 
                             noise_schedule)
     load_checked(module, head, path)
     return module.eval()
-
-
-def _read_config(path: Path) -> ContinuousARConfig:
-    if not path.is_file():
-        raise CheckpointError(f"{str(path)!r} is missing: expected a directory written by ContinuousAR.save_pretrained")
-    try:
-        raw = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{str(path)!r} is not valid JSON ({e})") from e
-    if not isinstance(raw, dict) or raw.pop("kind", None) != KIND:
-        raise CheckpointError(f"{str(path)!r} is not a {KIND} config")
-    unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(ContinuousARConfig)})
-    if unknown:
-        raise CheckpointError(f"{str(path)!r}: unknown config field(s) {unknown}")
-    return ContinuousARConfig(**raw)
 
 
 def guidance_scales(scale: float, schedule: str, positions: torch.Tensor, num_tokens: int) -> torch.Tensor:

@@ -171,8 +171,7 @@ class _Coefficients:
 
 def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """log N(x; mean, diag(std^2)) summed over the last dim; std broadcasts ((..., 1) for isotropic)."""
-    z = (x - mean) / std
-    return gaussian_log_prob_std(z, std.expand_as(x))
+    return gaussian_log_prob_std((x - mean) / std, std)
 
 
 def gaussian_log_prob_std(z: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

@@ -139,9 +139,10 @@ def _read_weights(path: Path) -> dict:
             raise
         raise CheckpointError(
             f"{str(path)!r} holds a non-tensor object ({found.group(1)}), and only tensors are loaded "
-            "(torch.load(weights_only=True)). If you trust the file, keep only its weights as safetensors: "
-            "sd = torch.load(path, weights_only=False)['model']; safetensors.torch.save_file(sd, 'kl16.safetensors'), "
-            "then load that file") from e.__cause__
+            "(torch.load(weights_only=True)). If you trust that class, allow it for this one read and keep only the "
+            "weights as safetensors: with torch.serialization.safe_globals([<the class>]): sd = torch.load(path, "
+            "weights_only=True)['model']; then safetensors.torch.save_file(sd, 'kl16.safetensors') and load that "
+            "file") from e.__cause__
 
 
 def _unwrap(obj: dict, path: Path) -> dict:

@@ -475,13 +475,7 @@ class LlamaGen(nn.Module):
     # --- checkpoints -------------------------------------------------------------------------------------------------
     def save_pretrained(self, directory) -> Path:
         """Write `config.json` + `model.safetensors` (the reference's parameter names) to directory."""
-        from safetensors.torch import save_file
-
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(out / WEIGHTS_NAME))
-        (out / CONFIG_NAME).write_text(json.dumps({"kind": KIND, **dataclasses.asdict(self.config)}, indent=2))
-        return out
+        return save_directory(self, directory, KIND)
 
     @classmethod
     def from_pretrained(cls, path, config: LlamaGenConfig | str | None = None, *, dtype=torch.float32,
@@ -500,7 +494,7 @@ class LlamaGen(nn.Module):
         """
         path = Path(path)
         if path.is_dir():
-            cfg = config if config is not None else _read_config(path / CONFIG_NAME)
+            cfg = config if config is not None else read_config(path / CONFIG_NAME, KIND, LlamaGenConfig, "LlamaGen")
             state = read_state_dict(path / WEIGHTS_NAME)
         elif path.is_file():
             state = reference_state_dict(read_state_dict(path), path)
@@ -618,21 +612,41 @@ def infer_config(state: dict, path, preset: str | None = None, **overrides) -> L
         raise CheckpointError(f"{str(path)!r}: the weights' shapes give no valid config ({e}); pass config=") from e
 
 
-def _read_config(path: Path) -> LlamaGenConfig:
+def save_directory(model: nn.Module, directory, kind: str) -> Path:
+    """`model.safetensors` (the state dict) + `config.json` ({"kind": kind, **config fields}) in directory."""
+    from safetensors.torch import save_file
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(out / WEIGHTS_NAME))
+    (out / CONFIG_NAME).write_text(json.dumps({"kind": kind, **dataclasses.asdict(model.config)}, indent=2))
+    return out
+
+
+def directory_kind(path) -> str | None:
+    """The "kind" a `save_directory` folder declares, or None for anything else."""
+    try:
+        raw = json.loads((Path(path) / CONFIG_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return raw.get("kind") if isinstance(raw, dict) else None
+
+
+def read_config(path: Path, kind: str, config_cls, owner: str):
+    """The config of a `save_directory` folder, with CheckpointErrors naming the file and what is wrong."""
     if not path.is_file():
-        raise CheckpointError(f"{str(path)!r} is missing: expected a directory written by LlamaGen.save_pretrained")
+        raise CheckpointError(f"{str(path)!r} is missing: expected a directory written by {owner}.save_pretrained")
     try:
         raw = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{str(path)!r} is not valid JSON ({e}); the checkpoint is corrupt") from e
-    if not isinstance(raw, dict) or raw.pop("kind", None) != KIND:
-        raise CheckpointError(f"{str(path)!r} is not a {KIND} config")
-    fields = {f.name for f in dataclasses.fields(LlamaGenConfig)}
-    unknown = sorted(set(raw) - fields)
+    if not isinstance(raw, dict) or raw.pop("kind", None) != kind:
+        raise CheckpointError(f"{str(path)!r} is not a {kind} config")
+    unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(config_cls)})
     if unknown:
         raise CheckpointError(f"{str(path)!r}: unknown config field(s) {unknown}")
     try:
-        return LlamaGenConfig(**raw)
+        return config_cls(**raw)
     except InvalidInputError as e:
         raise CheckpointError(f"{str(path)!r}: invalid config ({e})") from e
 
