@@ -172,6 +172,12 @@ def cmd_bench(args) -> int:
                           new_tokens=16 if args.quick else min(args.new_tokens, 64))
         return 0
     if args.what == "image":
+        if args.continuous:
+            from image_ar.bench_continuous import run_continuous_benchmark
+
+            run_continuous_benchmark(out_dir=args.out or "bench_out/image_continuous", quick=args.quick,
+                                     temperature=args.temperature)
+            return 0
         from image_ar.bench import run_image_benchmark
 
         run_image_benchmark(out_dir=args.out or "bench_out/image", quick=args.quick, temperature=args.temperature)
@@ -251,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     bench.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     bench.add_argument("--temperature", type=float, default=1.0, help="image: sampling temperature (0 = greedy)")
+    bench.add_argument("--continuous", action="store_true",
+                       help="image: the continuous-token AR (target-only vs CSpD) instead of LlamaGen")
     bench.add_argument("--hidden", type=int, default=None, help="hidden size of the benchmark pair (default 256)")
     bench.add_argument("--layers", type=int, default=None, help="target layers of the benchmark pair (default 4)")
     bench.set_defaults(func=cmd_bench)

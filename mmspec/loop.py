@@ -254,8 +254,8 @@ class Stream:
 
     def _first_tokens(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
         rule = self._vector_rule
-        if rule is not None:
-            return [rule.first(logits[i].reshape(-1, logits.shape[-1])[-1], self.gens[i]) for i in range(len(rows))]
+        if rule is not None:  # one batched draw for every request
+            return list(rule.first_rows(logits.reshape(len(rows), -1, logits.shape[-1])[:, -1], self.gens))
         out = []
         for i, row in enumerate(rows):
             p = self._probs(logits[i: i + 1], row.history, None)[0]
@@ -335,14 +335,17 @@ class Stream:
         st.target_forwards += 1
         paths, updates, events = [], [], []
         top = self._batched_argmax(out.logits, drafts)
-        vector = self._vector_rule is not None
+        vector = self._vector_rule
+        if vector is not None:  # continuous tokens: the rule reads the target's rows as they are, for the whole
+            vector = vector.verify_rows(drafts, [out.logits[i, : len(d) + 1] for i, d in enumerate(drafts)],
+                                        ctx.generators)  # batch at once, and returns the tokens
         for i, (row, d) in enumerate(zip(rows, drafts)):
             n = len(d)
             kernel = select_kernel(self.spec.greedy, d.q is not None, dec.acceptance)
             if n:
                 st.note_kernel(getattr(kernel, "name", "custom"), getattr(kernel, "lossless", False))
-            if vector:  # continuous tokens: the rule reads the target's rows as they are and returns the tokens
-                verdict = kernel(d, out.logits[i, : n + 1], generator=ctx.generators[i])
+            if vector is not None:
+                verdict = vector[i]
                 toks = verdict.tokens + [verdict.next_token]
             elif kernel is accept_greedy and top is not None:
                 verdict = greedy_walk(d, top[i][: n + 1])

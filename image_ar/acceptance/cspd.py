@@ -86,14 +86,19 @@ def accepted_prefix(log_ratio: torch.Tensor, coins: torch.Tensor) -> int:
 class CSpD:
     """The exact CSpD rule as an engine plug-in kernel for a continuous target (``ContinuousARTarget``).
 
-    ``rule(draft, rows, generator)`` -> Verdict, where rows (n + 1, W + 1) are the target's head conditions for the
-    draft's nodes and the bonus; ``rule.first(row, generator)`` samples a token from one condition row."""
+    The engine calls the batched forms: ``rule.verify_rows(drafts, rows, generators)`` -> one Verdict per request,
+    where rows[b] (n_b + 1, W + 1) are the target's head conditions for request b's draft nodes and its bonus, and
+    ``rule.first_rows(rows, generators)`` -> (B, C) tokens, one per condition row. Every request draws only from
+    its own generator, in the same order as one request alone (coins, then bonus noise or residual rounds), so a
+    batch gives each request exactly what it would get alone; the diffusion heads run once per round for the whole
+    batch. ``rule(draft, rows, generator)`` and ``rule.first(row, generator)`` are the one-request forms."""
 
     name = "cspd"
     lossless = True
     continuous = True
+    MAX_ROUND = 256  # residual chains one request draws per round at most (the round size doubles up to this)
 
-    def __init__(self, head: TokenDiffusion, temperature: float = 1.0, candidates: int = 16,
+    def __init__(self, head: TokenDiffusion, temperature: float = 1.0, candidates: int = 4,
                  max_candidates: int = 1 << 16):
         if not (isinstance(temperature, (int, float)) and temperature > 0):
             raise GenerationConfigError(f"temperature={temperature!r}: continuous tokens need temperature > 0 (it "
@@ -106,45 +111,98 @@ class CSpD:
         self.candidates, self.max_candidates = candidates, max_candidates
         self.residual_draws = 0  # candidate chains drawn by the residual sampler (cost accounting)
 
-    def _noise(self, n: int, generator, device) -> torch.Tensor:
+    def _noise(self, counts: list[int], generators, device) -> torch.Tensor:
+        """(sum(counts), S + 1, C): counts[b] tokens' x_T and step noise from generators[b], request by request."""
         s, c = self.head.num_steps, self.head.token_dim
-        return torch.stack([draw_token_noise(generator, s, c, device) for _ in range(n)])
+        return torch.stack([draw_token_noise(g, s, c, device) for g, n in zip(generators, counts) for _ in range(n)])
+
+    def first_rows(self, rows: torch.Tensor, generators) -> torch.Tensor:
+        """One token per condition row (B, W + 1), request b drawing from generators[b]: (B, C)."""
+        return torch.stack(self._draw(rows, [None] * len(rows), [None] * len(rows), generators))
 
     def first(self, row: torch.Tensor, generator=None) -> torch.Tensor:
-        noise = self._noise(1, generator, row.device)
-        return sample_chains(self.head, row[None], noise, self.temperature).tokens[0]
+        return self.first_rows(row[None], [generator])[0]
 
     def __call__(self, d: Draft, rows: torch.Tensor, generator=None) -> Verdict:
-        n = len(d)
-        if n == 0:
-            return Verdict([], [], None, self.first(rows[0], generator), bonus=True)
-        if not isinstance(d, TrajectoryDraft) or d.states is None:
-            raise GenerationConfigError("CSpD verifies TrajectoryDraft proposals (states, log_q, cond_q, head_q); "
-                                        f"got a {type(d).__name__}")
-        log_p = log_density(self.head, rows[:n], d.states.to(rows.device), self.temperature)
-        coins = torch.rand(n, generator=generator, device=rows.device)
-        a = accepted_prefix(log_p - d.log_q.to(log_p.device), coins)
-        tokens = list(d.tokens[:a])
-        if a == n:
-            return Verdict(list(range(n)), tokens, None, self.first(rows[n], generator), bonus=True)
-        nxt = self.residual(rows[a], d.cond_q[a], d.head_q, generator)
-        return Verdict(list(range(a)), tokens, None, nxt, bonus=False)
+        return self.verify_rows([d], [rows], [generator])[0]
+
+    def verify_rows(self, drafts: list[Draft], rows: list[torch.Tensor], generators) -> list[Verdict]:
+        """Accept or reject every request's draft (one batched density call), then draw every request's next token
+        (bonus or residual) in shared batched rounds."""
+        ns = [len(d) for d in drafts]
+        for d, n in zip(drafts, ns):
+            if n and (not isinstance(d, TrajectoryDraft) or d.states is None):
+                raise GenerationConfigError("CSpD verifies TrajectoryDraft proposals (states, log_q, cond_q, "
+                                            f"head_q); got a {type(d).__name__}")
+        drafted = [b for b, n in enumerate(ns) if n]
+        a = [0] * len(drafts)  # accepted nodes per request
+        if drafted:
+            dev = rows[drafted[0]].device
+            log_p = log_density(self.head, torch.cat([rows[b][: ns[b]] for b in drafted]),
+                                torch.cat([drafts[b].states.to(dev) for b in drafted]), self.temperature)
+            log_q = torch.cat([drafts[b].log_q.to(dev) for b in drafted])
+            for b, ratio in zip(drafted, (log_p - log_q).split([ns[b] for b in drafted])):
+                a[b] = accepted_prefix(ratio, torch.rand(ns[b], generator=generators[b], device=dev))
+        rejected = [a[b] < n for b, n in enumerate(ns)]
+        nxt = self._draw(torch.stack([r[k] for r, k in zip(rows, a)]),
+                         [d.cond_q[k] if rej else None for d, k, rej in zip(drafts, a, rejected)],
+                         [d.head_q if rej else None for d, rej in zip(drafts, rejected)], generators)
+        return [Verdict(list(range(k)), list(d.tokens[:k]) if k else [], None, t, bonus=not rej)
+                for d, k, t, rej in zip(drafts, a, nxt, rejected)]
 
     def residual(self, row_p: torch.Tensor, row_q: torch.Tensor, head_q: TokenDiffusion, generator=None):
         """A token from norm(max(0, p - q)) over chains, by acceptance-rejection with proposal p and bound 1."""
-        drawn = 0
-        while drawn < self.max_candidates:
-            r = min(self.candidates, self.max_candidates - drawn)
-            chains = sample_chains(self.head, row_p.expand(r, -1), self._noise(r, generator, row_p.device),
-                                   self.temperature)
-            log_q = log_density(head_q, row_q.expand(r, -1), chains.states, self.temperature)
-            keep = torch.rand(r, generator=generator, device=row_p.device) < -torch.expm1(log_q - chains.log_prob)
-            drawn += r
-            self.residual_draws += r
-            hit = keep.nonzero()
-            if len(hit):
-                return chains.tokens[int(hit[0])]
-        raise ResidualSamplingError(
-            f"the residual sampler drew {drawn} chains from the target's head without keeping one: draft and target "
-            "agree almost everywhere at this position, so the residual has almost no mass. Raise max_candidates "
-            "(SpeculativeImagePipeline(..., cspd_max_candidates=...)) to keep sampling; no token is made up")
+        return self._draw(row_p[None], [row_q], [head_q], [generator])[0]
+
+    def _draw(self, rows_p: torch.Tensor, rows_q: list, heads_q: list, generators) -> list[torch.Tensor]:
+        """One token per request: a plain draw from the target's head at rows_p[i] where rows_q[i] is None, else a
+        residual draw against the draft head heads_q[i] at rows_q[i].
+
+        Rounds: every request still waiting draws its chains from its own generator (a plain request 1, a residual
+        one `candidates` in the first round, twice as many each further round up to MAX_ROUND) and a residual request keeps its
+        first chain with coin < 1 - q/p; the chains of all waiting requests are sampled in one batched head call
+        and scored under each draft head in one call."""
+        out: list = [None] * len(rows_p)
+        waiting, drawn, r, dev = list(range(len(rows_p))), 0, self.candidates, rows_p.device
+        while waiting:
+            if drawn >= self.max_candidates:
+                raise ResidualSamplingError(
+                    f"the residual sampler drew {drawn} chains from the target's head without keeping one: draft "
+                    "and target agree almost everywhere at this position, so the residual has almost no mass. Raise "
+                    "max_candidates (SpeculativeImagePipeline(..., cspd_max_candidates=...)) to keep sampling; no "
+                    "token is made up")
+            r = min(r, self.max_candidates - drawn)
+            counts = [1 if rows_q[i] is None else r for i in waiting]
+            job = torch.tensor(waiting).repeat_interleave(torch.tensor(counts))  # request of every chain
+            chains = sample_chains(self.head, rows_p[job.to(dev)], self._noise(counts, [generators[i] for i in waiting],
+                                   dev), self.temperature)
+            keep_prob = self._keep_prob(chains, job.tolist(), rows_q, heads_q)
+            start, still = 0, []
+            for i, c in zip(waiting, counts):
+                if rows_q[i] is None:
+                    out[i] = chains.tokens[start]
+                else:
+                    hit = (torch.rand(c, generator=generators[i], device=dev) < keep_prob[start: start + c]).nonzero()
+                    if len(hit):
+                        out[i] = chains.tokens[start + int(hit[0])]
+                    else:
+                        still.append(i)
+                    self.residual_draws += c
+                start += c
+            if any(rows_q[i] is not None for i in waiting):
+                drawn, r = drawn + r, min(2 * r, self.MAX_ROUND)
+            waiting = still
+        return out
+
+    def _keep_prob(self, chains, job: list[int], rows_q: list, heads_q: list) -> torch.Tensor:
+        """max(0, 1 - q/p) of every chain drawn for a residual request (1 for plain draws), q under that request's
+        draft head; one density call per distinct draft head."""
+        keep = torch.ones(len(job), device=chains.log_prob.device)
+        heads = {id(heads_q[i]): heads_q[i] for i in set(job) if rows_q[i] is not None}
+        for key, head_q in heads.items():
+            pos = [k for k, i in enumerate(job) if rows_q[i] is not None and id(heads_q[i]) == key]
+            at = torch.tensor(pos, device=keep.device)
+            log_q = log_density(head_q, torch.stack([rows_q[job[k]] for k in pos]), chains.states[at],
+                                self.temperature)
+            keep[at] = -torch.expm1(log_q - chains.log_prob[at])  # 1 - q/p (<= 0 where q >= p: never kept)
+        return keep

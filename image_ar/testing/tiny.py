@@ -1,15 +1,18 @@
-"""Tiny random LlamaGen GPTs and VQ tokenizers, built offline, with weights widened so greedy outputs are diverse.
+"""Tiny random models built offline: LlamaGen GPTs and VQ tokenizers, and continuous-token ARs (MAR-style heads).
 
 Default initialisation makes tiny models repeat one token, which would let equality tests pass vacuously
 (ARCHITECTURE.md, Tests): every matrix of the GPT is redrawn from N(0, std).
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from mmspec.errors import InvalidInputError
 from mmspec.testing import widen_
 
+from ..models.continuous_ar import ContinuousAR, ContinuousARConfig
 from ..models.llamagen import LlamaGen, LlamaGenConfig
 from ..models.vq import VQTokenizer, llamagen_vq_config
 
@@ -57,3 +60,30 @@ def tiny_vq(kind: str = "llamagen", codebook_size: int = 64, embed_dim: int = 8,
         g = torch.Generator().manual_seed(seed)
         vq.quantize.embedding.weight.copy_(torch.randn(codebook_size, embed_dim, generator=g))
     return VQTokenizer(vq.eval(), l2_norm=kind == "llamagen")
+
+
+def tiny_continuous_config(**kw) -> ContinuousARConfig:
+    base = dict(token_dim=2, grid_size=2, dim=32, n_layer=2, n_head=2, num_classes=3, head_width=32, head_depth=2,
+                train_steps=100, sampling_steps=4, noise_schedule="linear")
+    base.update(kw)
+    return ContinuousARConfig(**base)
+
+
+def tiny_continuous(seed: int = 0, head_scale: float = 0.05, **kw) -> ContinuousAR:
+    """Random weights everywhere (the head's AdaLN-Zero init would output zeros: give it random weights too)."""
+    torch.manual_seed(seed)
+    model = ContinuousAR(tiny_continuous_config(**kw)).eval()
+    with torch.no_grad():
+        for p in model.diffloss.parameters():
+            p.normal_(0, head_scale)
+    return model
+
+
+def perturbed(model: ContinuousAR, sigma: float, seed: int = 1) -> ContinuousAR:
+    """A copy whose every weight moves by N(0, sigma^2): a drafter close to the target."""
+    out = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in out.parameters():
+            p.add_(sigma * torch.randn(p.shape, generator=g))
+    return out

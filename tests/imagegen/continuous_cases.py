@@ -1,37 +1,8 @@
 """Tiny continuous-token models for the CSpD tests: a random ContinuousAR target and perturbed copies as drafters,
 plus an energy-distance two-sample test."""
-import copy
-
 import torch
 
-from image_ar.models.continuous_ar import ContinuousAR, ContinuousARConfig
-
-
-def tiny_config(**kw) -> ContinuousARConfig:
-    base = dict(token_dim=2, grid_size=2, dim=32, n_layer=2, n_head=2, num_classes=3, head_width=32, head_depth=2,
-                train_steps=100, sampling_steps=4, noise_schedule="linear")
-    base.update(kw)
-    return ContinuousARConfig(**base)
-
-
-def tiny_continuous(seed: int = 0, head_scale: float = 0.05, **kw) -> ContinuousAR:
-    """Random weights everywhere (the head's AdaLN-Zero init would output zeros: give it random weights too)."""
-    torch.manual_seed(seed)
-    model = ContinuousAR(tiny_config(**kw)).eval()
-    with torch.no_grad():
-        for p in model.diffloss.parameters():
-            p.normal_(0, head_scale)
-    return model
-
-
-def perturbed(model: ContinuousAR, sigma: float, seed: int = 1) -> ContinuousAR:
-    """A copy whose every weight moves by N(0, sigma^2): a drafter close to the target."""
-    out = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in out.parameters():
-            p.add_(sigma * torch.randn(p.shape, generator=g))
-    return out
+from image_ar.testing.tiny import perturbed, tiny_continuous, tiny_continuous_config as tiny_config  # noqa: F401
 
 
 def energy_distance(x: torch.Tensor, y: torch.Tensor) -> float:

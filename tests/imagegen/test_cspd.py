@@ -101,6 +101,21 @@ def test_drafted_tokens_are_resampled_from_the_residual_when_rejected():
     assert sum(out.stats.target_forwards) > 2 * 20  # rejections cost forwards
 
 
+def test_a_batch_gives_each_image_what_it_gets_alone():
+    """The rule runs the whole batch at once (one head call per round) yet every image draws only from its own
+    generator in its own order: batch outputs equal one-image runs, through rejections and residual rounds."""
+    model = tiny_continuous(0, grid_size=3)
+    pipe = SpeculativeImagePipeline(model, drafter=perturbed(model, 0.01), draft_tokens=3)
+    labels, seeds = [0, 1, 2, 1], [5, 6, 7, 8]
+    kw = dict(guidance_scale=2.0, output_type="tokens", temperature=0.9)
+    out = pipe(class_labels=labels, generator=[torch.Generator().manual_seed(s) for s in seeds], **kw)
+    assert out.stats.residual_draws > 0 and 0 < float(out.stats.acceptance_grid.mean()) < 1
+    for i, (label, s) in enumerate(zip(labels, seeds)):
+        alone = pipe(class_labels=[label], generator=[torch.Generator().manual_seed(s)], **kw)
+        torch.testing.assert_close(alone.tokens[0], out.tokens[i], rtol=1e-4, atol=1e-5)
+        assert alone.stats.target_forwards[0] == out.stats.target_forwards[i]
+
+
 def test_residual_sampler_raises_instead_of_making_up_a_token():
     model = tiny_continuous(0)
     head = model.diffloss
@@ -115,10 +130,9 @@ class AlwaysAccept(CSpD):
 
     lossless = False
 
-    def __call__(self, d, rows, generator=None):
-        if len(d) == 0:
-            return super().__call__(d, rows, generator)
-        return Verdict(list(range(len(d))), list(d.tokens), None, self.first(rows[len(d)], generator), bonus=True)
+    def verify_rows(self, drafts, rows, generators):
+        return [Verdict(list(range(len(d))), list(d.tokens) if len(d) else [], None, self.first(r[len(d)], g),
+                        bonus=True) for d, r, g in zip(drafts, rows, generators)]
 
 
 @pytest.fixture(scope="module")
@@ -247,3 +261,22 @@ def test_cli_generates_with_cspd(tmp_path, capsys):
     assert stats["acceptance"] == "cspd" and stats["lossless"] and stats["images"] == 4
     assert stats["mean_target_forwards"] < 4  # a copy of the target drafts: fewer forwards than tokens
     assert "cspd" in capsys.readouterr().err
+
+
+def test_bench_image_continuous_quick(tmp_path, capsys):
+    import json
+
+    from mmspec.cli import main
+
+    assert main(["bench", "image", "--continuous", "--quick", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "result.json").read_text())
+    rows = {r["method"]: r for r in res["rows"]}
+    assert list(rows)[:2] == ["plain AR (generate_continuous)", "pipeline, no drafter"]
+    assert all(r["lossless"] for r in rows.values())
+    n = res["tokens_per_image"]
+    assert rows["pipeline, no drafter"]["forwards_per_image"] == n and rows["pipeline, no drafter"]["tau"] == 1.0
+    cspd = [r for m, r in rows.items() if m.startswith("CSpD")]
+    assert len(cspd) == 3 and all(r["forwards_per_image"] < n and r["tau"] > 1 for r in cspd)
+    assert all(0 < r["acceptance"] <= 1 and r["residual_per_image"] > 0 for r in cspd)
+    md = (tmp_path / "result.md").read_text()
+    assert md.count("| CSpD") == 3 and "speedup vs plain AR" in md and md in capsys.readouterr().out
