@@ -16,6 +16,7 @@ import torch
 from transformers import Cache, DynamicCache, StaticCache
 
 from .errors import UnsupportedModelError
+from .inference import inference
 
 
 def kv_layers(cache: Cache) -> list:
@@ -82,7 +83,7 @@ class RaggedCache:
         self.width += m
         self.peak_width = max(self.peak_width, self.width)
 
-    @torch.inference_mode()
+    @inference
     def compact(self, keep: Sequence[Sequence[int]]) -> None:
         """Keep, for each row b, the absolute slots `keep[b]` (ascending) at [length[b], length[b] + len(keep[b])).
 
@@ -132,7 +133,7 @@ class RaggedCache:
             self._plain = all(type(layer) is DynamicLayer for layer in layers)
         return self._plain
 
-    @torch.inference_mode()
+    @inference
     def select_rows(self, rows: Sequence[int]) -> None:
         """Keep only the given batch rows (finished requests leave the batch)."""
         idx = torch.as_tensor(list(rows), dtype=torch.long)

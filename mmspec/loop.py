@@ -296,7 +296,9 @@ class Stream:
             yield TokenEvent(row.index, list(row.generated), row.finish is not None, row.finish)
         rows = self._drop_finished(rows, ctx)
         while rows:
-            yield from self._step(rows, ctx)
+            with torch.inference_mode():  # one mode switch per step (the runners' own are then skipped); the
+                events = self._step(rows, ctx)  # events are yielded outside it, so the caller's code never
+            yield from events  # runs in inference mode
             rows = self._drop_finished(rows, ctx)
         st.drafter_forwards = drafter.counters.forwards - f0
         st.time_target_model, st.time_drafter_model = model_time(target) - tm0, model_time(drafter) - dm0
@@ -315,7 +317,7 @@ class Stream:
             ctx.generators[:] = [ctx.generators[i] for i in keep]
         return [rows[i] for i in keep]
 
-    def _step(self, rows: list[_Row], ctx: DraftContext) -> Iterator[TokenEvent]:
+    def _step(self, rows: list[_Row], ctx: DraftContext) -> list[TokenEvent]:
         dec, st = self.dec, self.stats
         budgets = [self.max_new - len(r.generated) - 1 for r in rows]
         t0 = self._sync()
@@ -371,4 +373,4 @@ class Stream:
         st.time_verify += t2 - t1
         st.time_accept += t3 - t2
         st.new_tokens += sum(len(e.tokens) for e in events)
-        yield from events
+        return events

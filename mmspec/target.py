@@ -21,6 +21,7 @@ from transformers import DynamicCache
 
 from .cache import RaggedCache
 from .errors import ContextOverflowError, EmptyPromptError, UnsupportedModelError
+from .inference import inference
 from .tree import Draft, ancestor_mask
 
 
@@ -190,7 +191,7 @@ class CausalLMRunner:
         """What the model's forward takes for absolute text positions (B, M). Overridden for M-RoPE (3 rows)."""
         return absolute
 
-    @torch.inference_mode()
+    @inference
     def forward_token(self, ids: torch.Tensor, absolute: torch.Tensor) -> torch.Tensor:
         """The lean path for one request's chain step: ids (1, 1) on the device (no host round trip), absolute
         position (1, 1); the token sees every slot written so far, so the model builds its own causal mask.
@@ -213,7 +214,7 @@ class CausalLMRunner:
         return logits
 
     # --- forwards -----------------------------------------------------------------------------------------------
-    @torch.inference_mode()
+    @inference
     def forward_block(self, tokens: torch.Tensor, offsets: torch.Tensor, block_allowed: torch.Tensor | None,
                       want_hidden: bool = False, existing: torch.Tensor | str | None = None,
                       full_mask: torch.Tensor | None = None, keep_last: int | None = None) -> BlockOutput:
@@ -244,7 +245,7 @@ class CausalLMRunner:
         logits = out.logits[:, -keep_last:] if keep_last and out.logits.shape[1] > keep_last else out.logits
         return BlockOutput(self._fit(logits), hidden)
 
-    @torch.inference_mode()
+    @inference
     def prefill(self, prompts: Sequence[Sequence[int]], want_hidden: bool = False,
                 reserve: int = 0) -> BlockOutput:
         """Run the prompts (right-padded, one forward). Returns logits (B, V) at each prompt's last token, and with
