@@ -87,8 +87,8 @@ class RaggedCache:
     def compact(self, keep: Sequence[Sequence[int]]) -> None:
         """Keep, for each row b, the absolute slots `keep[b]` (ascending) at [length[b], length[b] + len(keep[b])).
 
-        Rows whose kept slots are already in place are not touched; for the others each layer does one
-        index_select + index_copy_ of just the kept slots. Then every slot at or beyond max(new length) is dropped.
+        Rows whose kept slots are already in place are not touched; the others' kept slots are moved with one
+        gather and one scatter per layer tensor (for all moving rows at once): only the kept slots are copied. Then every slot at or beyond max(new length) is dropped.
         """
         moves = []  # (row, src slots, dst slots) for rows whose kept slots are not already in place
         new_len = list(self.lengths)
@@ -97,14 +97,21 @@ class RaggedCache:
             if list(slots) != list(range(start, start + len(slots))):
                 moves.append((b, list(slots), list(range(start, start + len(slots)))))
             new_len[b] = start + len(slots)
-        if moves:
+        if len(moves) == 1:  # one row: index_select + index_copy_ on its (H, T, D) view
+            b, src, dst = moves[0]
             layers = kv_layers(self.cache)
-            dev = layers[0].keys.device
-            idx = [(b, torch.tensor([s, d], device=dev)) for b, s, d in moves]
+            sd = torch.tensor([src, dst], device=layers[0].keys.device)
             for layer in layers:
-                for b, sd in idx:
-                    for t in (layer.keys[b], layer.values[b]):  # (H, T, D) views of row b
-                        t.index_copy_(1, sd[1], t.index_select(1, sd[0]))  # select copies first: overlap-safe
+                for t in (layer.keys[b], layer.values[b]):
+                    t.index_copy_(1, sd[1], t.index_select(1, sd[0]))  # select copies first: overlap-safe
+        elif moves:  # several rows: one gather and one scatter per layer tensor for all of them (the gather
+            layers = kv_layers(self.cache)  # copies first, so overlapping source and target slots are safe)
+            rows = [b for b, src, _ in moves for _ in src]
+            row, src, dst = torch.tensor([rows, [s for _, src, _ in moves for s in src],
+                                          [d for _, _, dst in moves for d in dst]], device=layers[0].keys.device)
+            for layer in layers:
+                for t in (layer.keys, layer.values):
+                    t[row, :, dst] = t[row, :, src]
         self.lengths = new_len
         self._truncate(max(new_len, default=0))
 

@@ -302,7 +302,8 @@ def draft_block(pending: Sequence[int], drafts: Sequence[Draft]) -> tuple[torch.
     """Block for verification: [pending, nodes..., pad] per row.
 
     Returns tokens (B, M), position offsets (B, M) = depth (0 for the pending token), visibility (B, M, M) (None
-    when causal). Padding slots see only themselves, so they never disturb real rows.
+    when causal: every row a chain). In tree blocks padding slots see only themselves; either way no real node ever
+    sees a pad.
     """
     b = len(drafts)
     m = 1 + max((len(d) for d in drafts), default=0)
@@ -315,6 +316,11 @@ def draft_block(pending: Sequence[int], drafts: Sequence[Draft]) -> tuple[torch.
         allowed = torch.ones(1, m, m, dtype=torch.bool).tril_()
         allowed[0, 1:, 1:] = ancestor_mask(d.parent_list)
         return tokens, offsets, allowed
+    if all(d.is_chain for d in drafts):  # chains (or nothing): causal attention inside the block serves every row,
+        # since a row's pads come after its real nodes, which therefore never see them (pads are never kept)
+        tokens = torch.tensor([[tok] + d.token_list + [0] * (m - 1 - len(d)) for tok, d in zip(pending, drafts)])
+        depth = torch.tensor([[len(d)] for d in drafts])  # pads repeat their row's last position: none reaches
+        return tokens, torch.minimum(_chain_offsets(m), depth), None  # past what the row itself uses
     tokens = torch.zeros(b, m, dtype=torch.long)
     offsets = torch.zeros(b, m, dtype=torch.long)
     allowed = torch.eye(m, dtype=torch.bool).repeat(b, 1, 1)

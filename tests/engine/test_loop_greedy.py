@@ -80,8 +80,9 @@ def test_eos_and_max_new_tokens_exact(target, drafters, prompts, reference):
         assert out.sequences == [r[:n] for r in reference[:4]]
 
 
-def test_static_cache_matches(target, drafters, prompts, reference):
-    dec = SpeculativeDecoder(target, drafters["noisy"], tree=StaticTree.full((2, 2, 1)), cache="static")
+@pytest.mark.parametrize("tree", [4, StaticTree.full((2, 2, 1))], ids=["chain4", "tree221"])
+def test_static_cache_matches(target, drafters, prompts, reference, tree):
+    dec = SpeculativeDecoder(target, drafters["noisy"], tree=tree, cache="static")
     out = dec.generate(prompts[:8], max_new_tokens=MAX_NEW)
     assert out.sequences == reference[:8]
 
