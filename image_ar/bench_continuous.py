@@ -11,11 +11,12 @@ AR is not a transformers model and has no vocabulary to verify against.
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 import torch
 
-from .bench import _median, _timed
+from .bench import _timed
 from .models.continuous_ar import generate_continuous
 from .pipeline import SpeculativeImagePipeline
 
@@ -51,7 +52,7 @@ def run_continuous_benchmark(out_dir="bench_out/image_continuous", images: int =
         gens = [torch.Generator().manual_seed(i) for i in range(images)]
         return generate_continuous(target, labels, generator=gens, **kw)
 
-    t_plain = _median([_timed(plain)[1] for _ in range(repeats)])
+    t_plain = statistics.median([_timed(plain)[1] for _ in range(repeats)])
     rows = [{"method": "plain AR (generate_continuous)", "lossless": True,
              "forwards_per_image": float(cfg.num_image_tokens), "tau": 1.0, "acceptance": 0.0,
              "residual_per_image": 0.0, "draft_s": 0.0, "target_s": None, "heads_s": None, "seconds": t_plain,
@@ -60,7 +61,7 @@ def run_continuous_benchmark(out_dir="bench_out/image_continuous", images: int =
         pipe = SpeculativeImagePipeline(target, drafter=None if k is None else draft, draft_tokens=k or 4)
         runs = [_timed(lambda: pipe(class_labels=labels, seed=0, output_type="tokens", **kw, **extra))
                 for _ in range(repeats)]
-        st, seconds = runs[0][0].stats, _median([t for _, t in runs])
+        st, seconds = runs[0][0].stats, statistics.median([t for _, t in runs])
         eng = st.engine
         rows.append({"method": name, "lossless": st.lossless, "forwards_per_image": sum(st.target_forwards) / images,
                      "tau": st.tau, "acceptance": float(st.acceptance_grid.mean()),

@@ -88,7 +88,8 @@ class RaggedCache:
         """Keep, for each row b, the absolute slots `keep[b]` (ascending) at [length[b], length[b] + len(keep[b])).
 
         Rows whose kept slots are already in place are not touched; the others' kept slots are moved with one
-        gather and one scatter per layer tensor (for all moving rows at once): only the kept slots are copied. Then every slot at or beyond max(new length) is dropped.
+        gather and one scatter per layer tensor (for all moving rows at once): only the kept slots are copied. Then
+        every slot at or beyond max(new length) is dropped.
         """
         moves = []  # (row, src slots, dst slots) for rows whose kept slots are not already in place
         new_len = list(self.lengths)

@@ -337,17 +337,17 @@ class Stream:
         st.target_forwards += 1
         paths, updates, events = [], [], []
         top = self._batched_argmax(out.logits, drafts)
-        vector = self._vector_rule
-        if vector is not None:  # continuous tokens: the rule reads the target's rows as they are, for the whole
-            vector = vector.verify_rows(drafts, [out.logits[i, : len(d) + 1] for i, d in enumerate(drafts)],
-                                        ctx.generators)  # batch at once, and returns the tokens
+        rule, verdicts = self._vector_rule, None
+        if rule is not None:  # continuous tokens: the rule reads the target's rows as they are, for the whole batch
+            verdicts = rule.verify_rows(drafts, [out.logits[i, : len(d) + 1] for i, d in enumerate(drafts)],
+                                        ctx.generators)  # at once, and returns the tokens
         for i, (row, d) in enumerate(zip(rows, drafts)):
             n = len(d)
             kernel = select_kernel(self.spec.greedy, d.q is not None, dec.acceptance)
             if n:
                 st.note_kernel(getattr(kernel, "name", "custom"), getattr(kernel, "lossless", False))
-            if vector is not None:
-                verdict = vector[i]
+            if verdicts is not None:
+                verdict = verdicts[i]
                 toks = verdict.tokens + [verdict.next_token]
             elif kernel is accept_greedy and top is not None:
                 verdict = greedy_walk(d, top[i][: n + 1])

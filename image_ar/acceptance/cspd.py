@@ -118,7 +118,8 @@ class CSpD:
 
     def first_rows(self, rows: torch.Tensor, generators) -> torch.Tensor:
         """One token per condition row (B, W + 1), request b drawing from generators[b]: (B, C)."""
-        return torch.stack(self._draw(rows, [None] * len(rows), [None] * len(rows), generators))
+        none = [None] * len(rows)  # no draft condition and head: plain draws
+        return torch.stack(self._draw(rows, none, none, generators))
 
     def first(self, row: torch.Tensor, generator=None) -> torch.Tensor:
         return self.first_rows(row[None], [generator])[0]
@@ -147,7 +148,7 @@ class CSpD:
         nxt = self._draw(torch.stack([r[k] for r, k in zip(rows, a)]),
                          [d.cond_q[k] if rej else None for d, k, rej in zip(drafts, a, rejected)],
                          [d.head_q if rej else None for d, rej in zip(drafts, rejected)], generators)
-        return [Verdict(list(range(k)), list(d.tokens[:k]) if k else [], None, t, bonus=not rej)
+        return [Verdict(list(range(k)), list(d.tokens[:k]), None, t, bonus=not rej)
                 for d, k, t, rej in zip(drafts, a, nxt, rejected)]
 
     def residual(self, row_p: torch.Tensor, row_q: torch.Tensor, head_q: TokenDiffusion, generator=None):
@@ -159,9 +160,9 @@ class CSpD:
         residual draw against the draft head heads_q[i] at rows_q[i].
 
         Rounds: every request still waiting draws its chains from its own generator (a plain request 1, a residual
-        one `candidates` in the first round, twice as many each further round up to MAX_ROUND) and a residual request keeps its
-        first chain with coin < 1 - q/p; the chains of all waiting requests are sampled in one batched head call
-        and scored under each draft head in one call."""
+        one `candidates` in the first round, twice as many each further round up to MAX_ROUND) and a residual
+        request keeps its first chain with coin < 1 - q/p; the chains of all waiting requests are sampled in one
+        batched head call and scored under each draft head in one call."""
         out: list = [None] * len(rows_p)
         waiting, drawn, r, dev = list(range(len(rows_p))), 0, self.candidates, rows_p.device
         while waiting:
@@ -174,15 +175,16 @@ class CSpD:
             r = min(r, self.max_candidates - drawn)
             counts = [1 if rows_q[i] is None else r for i in waiting]
             job = torch.tensor(waiting).repeat_interleave(torch.tensor(counts))  # request of every chain
-            chains = sample_chains(self.head, rows_p[job.to(dev)], self._noise(counts, [generators[i] for i in waiting],
-                                   dev), self.temperature)
+            noise = self._noise(counts, [generators[i] for i in waiting], dev)
+            chains = sample_chains(self.head, rows_p[job.to(dev)], noise, self.temperature)
             keep_prob = self._keep_prob(chains, job.tolist(), rows_q, heads_q)
             start, still = 0, []
             for i, c in zip(waiting, counts):
                 if rows_q[i] is None:
                     out[i] = chains.tokens[start]
                 else:
-                    hit = (torch.rand(c, generator=generators[i], device=dev) < keep_prob[start: start + c]).nonzero()
+                    coins = torch.rand(c, generator=generators[i], device=dev)
+                    hit = (coins < keep_prob[start: start + c]).nonzero()
                     if len(hit):
                         out[i] = chains.tokens[start + int(hit[0])]
                     else:

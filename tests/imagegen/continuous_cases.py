@@ -1,8 +1,5 @@
-"""Tiny continuous-token models for the CSpD tests: a random ContinuousAR target and perturbed copies as drafters,
-plus an energy-distance two-sample test."""
+"""An energy-distance two-sample test for the CSpD tests (the tiny models are image_ar.testing's)."""
 import torch
-
-from image_ar.testing.tiny import perturbed, tiny_continuous, tiny_continuous_config as tiny_config  # noqa: F401
 
 
 def energy_distance(x: torch.Tensor, y: torch.Tensor) -> float:

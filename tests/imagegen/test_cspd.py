@@ -7,12 +7,14 @@ import pytest
 import torch
 from torch.distributions import Normal
 
-from continuous_cases import energy_test, perturbed, tiny_config, tiny_continuous
+from continuous_cases import energy_test
 from image_ar import SpeculativeImagePipeline
 from image_ar.acceptance.cspd import CSpD, ResidualSamplingError, TrajectoryDraft, accepted_prefix, head_rows
 from image_ar.acceptance.cspd import log_density, sample_chains
 from image_ar.models.continuous_ar import ContinuousAR, generate_continuous, load_mar_diffusion_head
 from image_ar.models.kl_vae import tiny_kl_vae
+from image_ar.testing import perturbed, tiny_continuous
+from image_ar.testing import tiny_continuous_config as tiny_config
 from image_ar.zoo import train_continuous
 from mmspec.errors import CheckpointError, GenerationConfigError, InvalidInputError, UnsupportedModelError
 from mmspec.kernels import Verdict
@@ -131,8 +133,8 @@ class AlwaysAccept(CSpD):
     lossless = False
 
     def verify_rows(self, drafts, rows, generators):
-        return [Verdict(list(range(len(d))), list(d.tokens) if len(d) else [], None, self.first(r[len(d)], g),
-                        bonus=True) for d, r, g in zip(drafts, rows, generators)]
+        return [Verdict(list(range(len(d))), list(d.tokens), None, self.first(r[len(d)], g), bonus=True)
+                for d, r, g in zip(drafts, rows, generators)]
 
 
 @pytest.fixture(scope="module")
