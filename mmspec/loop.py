@@ -32,6 +32,9 @@ def model_time(component) -> float:
     return float(getattr(runner, "forward_time", 0.0))
 
 
+_EMPTY = Draft.empty()
+
+
 class NoDrafter:
     """Proposes nothing: the loop then is plain target-only decoding (the baseline)."""
 
@@ -49,7 +52,7 @@ class NoDrafter:
         return None
 
     def propose(self, budgets):
-        return [Draft.empty() for _ in budgets]
+        return [_EMPTY] * len(budgets)  # one shared empty draft (a Draft is never mutated)
 
     def commit(self, updates, verify_out) -> None:
         return None

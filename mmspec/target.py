@@ -112,6 +112,9 @@ class CausalLMRunner:
         self.forward_time = 0.0  # seconds spent inside the model's forward (engine overhead = the rest)
         self._takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.next_positions: list[int] = []  # per row: position id of the next token fed
+        self._arange: torch.Tensor | None = None  # (1, n) cached positions for `position_slice`
+        self._zeros: torch.Tensor | None = None  # cached additive zeros for `open_prefix`
+        self._zero: torch.Tensor | None = None  # 0-dim zero in the model's dtype, for `additive`
 
     def check_model(self, model: torch.nn.Module) -> None:
         """Refuse models this adapter cannot drive exactly. Subclasses that handle sliding windows override it."""
@@ -132,10 +135,27 @@ class CausalLMRunner:
 
     # --- masks and positions ------------------------------------------------------------------------------------
     def _float_mask(self, allowed: torch.Tensor) -> torch.Tensor:
-        """bool (B, M, K) -> additive float mask (B, 1, M, K) in the model's dtype."""
-        neg = torch.finfo(self.dtype).min
-        zero = torch.zeros((), dtype=self.dtype, device=self.device)
-        return torch.where(allowed.to(self.device), zero, neg).unsqueeze(1)
+        """bool (B, M, K) -> additive float mask (B, 1, M, K) in the model's dtype. A float mask is taken to be that
+        already (the hot paths build theirs from cached float templates) and passes through."""
+        if allowed.is_floating_point():
+            return allowed
+        return self.additive(allowed).unsqueeze(1)
+
+    def additive(self, allowed: torch.Tensor) -> torch.Tensor:
+        """bool visibility of any shape -> additive float mask of the same shape: 0 where visible, the dtype's
+        minimum elsewhere (one op)."""
+        if self._zero is None:
+            self._zero = torch.zeros((), dtype=self.dtype, device=self.device)
+        return torch.where(allowed.to(self.device), self._zero, torch.finfo(self.dtype).min)
+
+    def open_prefix(self, b: int, m: int, width: int) -> torch.Tensor:
+        """(B, 1, M, width) additive zeros (every slot visible), a view of a cached buffer: the hole-free prefix part
+        of a float mask, to be concatenated with the block's template (callers must not write to it)."""
+        buf = self._zeros
+        if buf is None or m > buf.shape[2] or width > buf.shape[3]:
+            shape = (1, 1, max(m, 32, 0 if buf is None else buf.shape[2]), max(256, 2 * width))
+            buf = self._zeros = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        return buf[:, :, :m, :width].expand(b, 1, m, width)
 
     def block_mask(self, block_allowed: torch.Tensor | None, existing: torch.Tensor | str | None = None,
                    m: int | None = None) -> torch.Tensor | None:
@@ -145,7 +165,8 @@ class CausalLMRunner:
         existing: (B, M, width) bool over the slots already written; None = each row's committed prefix;
           "all" = every written slot.
         Returns None when the result is the plain causal mask over a hole-free dynamic cache: the model then builds
-        its own, exactly as in plain decoding (and faster than an explicit 4-D mask).
+        its own, exactly as in plain decoding (and faster than an explicit 4-D mask). Over a hole-free dynamic cache
+        the result is already the additive float mask (B, 1, M, K) (`_float_mask` passes it through).
         """
         kv = self.kv
         if block_allowed is None and not kv.static and (
@@ -154,8 +175,9 @@ class CausalLMRunner:
         if block_allowed is None:
             block_allowed = torch.ones(m, m, dtype=torch.bool).tril_().expand(len(kv.lengths), m, m)
         b, m, _ = block_allowed.shape
-        if existing is None and not kv.static and min(kv.lengths) == kv.width:  # hole-free: the whole prefix
-            return torch.cat([torch.ones(b, m, kv.width, dtype=torch.bool), block_allowed], dim=-1)
+        if existing is None and not kv.static and min(kv.lengths) == kv.width:  # hole-free: the whole prefix, as
+            # an additive float mask straight away (open prefix + the block's part; see `_float_mask`)
+            return torch.cat([self.open_prefix(b, m, kv.width), self.additive(block_allowed).unsqueeze(1)], dim=-1)
         key_len = kv.key_len if kv.static else kv.width + m
         allowed = torch.zeros(b, m, key_len, dtype=torch.bool)
         if existing is None:
@@ -191,21 +213,31 @@ class CausalLMRunner:
         """What the model's forward takes for absolute text positions (B, M). Overridden for M-RoPE (3 rows)."""
         return absolute
 
+    def position_slice(self, start: int, m: int) -> torch.Tensor:
+        """Absolute positions start .. start + m - 1 as a (1, m) long tensor on the device: a view of a cached
+        arange, so the hot path allocates nothing (callers must not write to it)."""
+        buf = self._arange
+        if buf is None or start + m > buf.shape[1]:
+            n = max(256, 2 * (start + m))
+            buf = self._arange = torch.arange(n, device=self.device).view(1, n)
+        return buf[:, start: start + m]
+
     @inference
     def forward_token(self, ids: torch.Tensor, absolute: torch.Tensor) -> torch.Tensor:
         """The lean path for one request's chain step: ids (1, 1) on the device (no host round trip), absolute
         position (1, 1); the token sees every slot written so far, so the model builds its own causal mask.
-        Returns the logits (V,). Static caches take the general path."""
+        Returns the logits (1, 1, V) as the model gives them (their argmax(-1) is the next (1, 1) input). Static
+        caches take the general path."""
         kv = self.kv
         if kv.static:
-            return self.forward_block(ids, absolute - self.next_positions[0], None, existing="all").logits[0, -1]
+            return self.forward_block(ids, absolute - self.next_positions[0], None, existing="all").logits
         inputs = self.model_inputs(ids, None, self.position_ids(absolute))
         t0 = sync_time(self.device)
         out = self.model(**inputs, past_key_values=kv.cache, use_cache=True)
         self.forward_time += sync_time(self.device) - t0
         kv.appended(1)
         self.after_forward(out)
-        return self._fit(out.logits[0, -1])
+        return self._fit(out.logits)
 
     def _fit(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits over the target's vocabulary when this runner drafts for a target of another size."""
@@ -220,7 +252,7 @@ class CausalLMRunner:
                       full_mask: torch.Tensor | None = None, keep_last: int | None = None) -> BlockOutput:
         """Append a (B, M) block: tokens, position offsets (B, M), intra-block visibility (B, M, M) or None for
         causal, and which already-written slots each block token sees (see `block_mask`); or the whole visibility
-        at once as `full_mask` (B, M, K) bool (see `empty_mask`).
+        at once as `full_mask`: (B, M, K) bool (see `empty_mask`) or an additive float (B, 1, M, K) mask.
 
         keep_last: compute logits only for the last `keep_last` positions (transformers' `logits_to_keep`), so a
         long prompt never materialises a (T, V) logits tensor; the returned logits are (B, keep_last, V)."""
@@ -298,6 +330,20 @@ def _chain_offsets(m: int) -> torch.Tensor:
     return torch.arange(m).view(1, m)  # read-only by convention: callers only add to it
 
 
+@functools.lru_cache(maxsize=256)
+def _tree_block(parent: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Offsets (1, M) and visibility (1, M, M) of one request's block [pending, nodes...] for a tree of this shape.
+    Static trees repeat their shape every step, so each is built once (read-only by convention, like the memo of
+    `ancestor_mask`)."""
+    m = len(parent) + 1
+    depth = [0]
+    for p in parent:
+        depth.append(depth[p + 1] + 1)
+    allowed = torch.ones(1, m, m, dtype=torch.bool).tril_()
+    allowed[0, 1:, 1:] = ancestor_mask(parent)
+    return torch.tensor([depth], dtype=torch.long), allowed
+
+
 def draft_block(pending: Sequence[int], drafts: Sequence[Draft]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Block for verification: [pending, nodes..., pad] per row.
 
@@ -312,9 +358,7 @@ def draft_block(pending: Sequence[int], drafts: Sequence[Draft]) -> tuple[torch.
         tokens = torch.tensor([[pending[0]] + d.token_list], dtype=torch.long)
         if d.is_chain:
             return tokens, _chain_offsets(m), None
-        offsets = torch.tensor([[0] + d.depth], dtype=torch.long)
-        allowed = torch.ones(1, m, m, dtype=torch.bool).tril_()
-        allowed[0, 1:, 1:] = ancestor_mask(d.parent_list)
+        offsets, allowed = _tree_block(tuple(d.parent_list))
         return tokens, offsets, allowed
     if all(d.is_chain for d in drafts):  # chains (or nothing): causal attention inside the block serves every row,
         # since a row's pads come after its real nodes, which therefore never see them (pads are never kept)

@@ -94,6 +94,8 @@ class VLMRunner(CausalLMRunner):
     def model_inputs(self, ids, allowed, positions) -> dict:
         inputs = super().model_inputs(ids, allowed, positions)
         if self.window is not None and allowed is not None:
+            if allowed.is_floating_point():  # an additive (B, 1, M, K) mask from a hot path: visibility back
+                allowed = (allowed[:, 0] == 0).cpu()
             inputs["attention_mask"] = {"full_attention": inputs["attention_mask"],
                                         "sliding_attention": self._float_mask(self._windowed(allowed, positions))}
         return inputs

@@ -17,6 +17,7 @@ from ..errors import ContextOverflowError, DeviceMismatchError, VocabularyMismat
 from ..target import BlockOutput, CausalLMRunner
 from ..tree import Draft, DynamicTree, StaticTree, expand_dynamic
 from .base import DraftContext, DrafterCounters, RowUpdate
+from .tree_plan import TreePlan
 
 
 @dataclass
@@ -32,6 +33,7 @@ class _Round:
 class ModelDrafter:
     needs_hidden = False
     lean_chain = True  # greedy chains of one request may take `_greedy_chain` (no per-token host round trip)
+    lean_tree = True  # greedy static trees of one request may take the compiled `TreePlan` (`_propose_planned`)
     trusted = True  # its drafts are well-formed by construction: the loop skips re-validating them
 
     def __init__(self, model: torch.nn.Module | None = None, tree: StaticTree | DynamicTree | int = 4,
@@ -52,6 +54,8 @@ class ModelDrafter:
                 n_children[p + 1] += 1
                 ancestors.append([] if p < 0 else ancestors[p] + [p])
             self._shape = (parent, self.tree.rank, n_children, ancestors, self.tree.levels())
+        self._plan = TreePlan.build(self.tree) if isinstance(self.tree, StaticTree) else None
+        self._plan_masks: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (level, n_uncached) -> mask, offsets
         if (model is None) == (runner is None):
             raise TypeError("ModelDrafter takes exactly one of model= or runner=")
         self.runner = runner if runner is not None else CausalLMRunner(model, cache=cache)
@@ -111,7 +115,12 @@ class ModelDrafter:
         if isinstance(self.tree, DynamicTree):
             return self._propose_dynamic(root_logits, caps)
         if len(caps) == 1 and self.tree.is_chain:
+            if self.ctx.spec.greedy and self.lean_chain:
+                return [self._greedy_chain(root_logits, caps[0])]
             return [self._propose_chain(root_logits[0], caps[0])]
+        if (len(caps) == 1 and self._plan is not None and self.lean_tree and caps[0] >= self.tree.depth
+                and self.ctx.spec.greedy and not self.runner.kv.static and self.round.length[0] == self.round.start):
+            return [self._propose_planned(root_logits)]
         return self._propose_static(root_logits, caps)
 
     def commit(self, updates: Sequence[RowUpdate], verify_out: BlockOutput | None) -> None:
@@ -125,9 +134,13 @@ class ModelDrafter:
             slots = [rnd.start + j for j in range(rnd.n_uncached[b])]
             fed = 0
             for node in upd.path[: len(upd.tokens)]:
-                if node not in rnd.slot[b]:
+                slot = rnd.slot[b].get(node)
+                if slot is None or (slots and slot != slots[-1] + 1):
+                    # Not fed, or fed away from the previous kept slot (a tree's later level): from here on the
+                    # accepted tokens are fed again next round, in the uncached block, rather than their keys moved
+                    # (a block of a few tokens costs about one token's forward; a move costs ops on every layer).
                     break
-                slots.append(rnd.slot[b][node])
+                slots.append(slot)
                 fed += 1
             keep.append(slots)
             self.uncached[b] = list(upd.tokens[fed:])
@@ -147,11 +160,11 @@ class ModelDrafter:
         b, m = len(n), max(n)
         if b == 1 and m == 1 and not kv.static:  # the usual chain step: one pending token, the lean path
             self.round = _Round(kv.width, n, [dict()], kv.lengths)
-            pos = self.runner.next_positions[0]
-            logits = self.runner.forward_token(torch.tensor([self.uncached[0]], device=self.runner.device),
-                                               torch.tensor([[pos]], device=self.runner.device))
+            runner = self.runner
+            logits = runner.forward_token(torch.tensor([self.uncached[0]], device=runner.device),
+                                          runner.position_slice(runner.next_positions[0], 1))
             self.counters.forwards += 1
-            return logits.view(1, -1)
+            return logits[0]  # (1, V)
         tokens = torch.tensor([u + [0] * (m - len(u)) for u in self.uncached], dtype=torch.long)
         allowed = None  # one request: plain causal block over a hole-free cache
         if b > 1:
@@ -212,26 +225,27 @@ class ModelDrafter:
 
     def _feed_nodes_one(self, row: list[tuple[int, int, list[int]]], start: int) -> list[torch.Tensor]:
         """`_feed_nodes` for one request over a hole-free cache: every node sees all slots before this round's
-        drafted ones; the part over the drafted slots depends only on the tree's shape, so it is built once per
-        shape and reused (a mask template)."""
+        drafted ones; the part over the drafted slots and the position offsets depend only on the tree's shape, so
+        they are built once per shape (an additive float template on the device) and reused."""
         rnd, runner = self.round, self.runner
-        visible = rnd.start + rnd.n_uncached[0]  # committed prefix + this round's uncached block
+        nu = rnd.n_uncached[0]
+        visible = rnd.start + nu  # committed prefix + this round's uncached block
         rel = tuple(tuple(rnd.slot[0][a] - visible for a in anc) + (start - visible + j,)
                     for j, (_, _, anc) in enumerate(row))
-        key = (start - visible + len(row), rel)
+        key = (start - visible + len(row), nu, rel)
         templates = self._templates
-        if key not in templates:
+        entry = templates.get(key)
+        if entry is None:
             if len(templates) >= 512:  # dynamic trees make many shapes: keep the cache bounded
                 templates.clear()
-            t = torch.zeros(len(row), key[0], dtype=torch.bool)
+            t = torch.zeros(1, len(row), key[0], dtype=torch.bool)
             for j, slots in enumerate(rel):
-                t[j, list(slots)] = True
-            templates[key] = t
+                t[0, j, list(slots)] = True
+            offsets = torch.tensor([[nu + len(anc) for _, _, anc in row]])
+            entry = templates[key] = (runner.additive(t).unsqueeze(1), offsets)
         m = len(row)
-        allowed = torch.cat([torch.ones(1, m, visible, dtype=torch.bool), templates[key][None]], dim=-1)
-        tokens = torch.tensor([[tok for _, tok, _ in row]])
-        offsets = torch.tensor([[rnd.n_uncached[0] + len(anc) for _, _, anc in row]])
-        out = runner.forward_block(tokens, offsets, None, full_mask=allowed)
+        allowed = torch.cat([runner.open_prefix(1, m, visible), entry[0]], dim=-1)  # (1, 1, M, K) additive
+        out = runner.forward_block(torch.tensor([[tok for _, tok, _ in row]]), entry[1], None, full_mask=allowed)
         self.counters.forwards += 1
         for j, (node, _, _) in enumerate(row):
             rnd.slot[0][node] = start + j
@@ -252,8 +266,6 @@ class ModelDrafter:
     def _propose_chain(self, logits: torch.Tensor, cap: int) -> Draft:
         """One request, chain draft: the lean path (no masks, no per-level bookkeeping), k - 1 single-token feeds."""
         spec, rnd, runner = self.ctx.spec, self.round, self.runner
-        if spec.greedy and self.lean_chain:
-            return self._greedy_chain(logits, cap)
         toks, qs = [], []
         for depth in range(1, cap + 1):
             if spec.greedy:
@@ -276,26 +288,59 @@ class ModelDrafter:
         return out.logits[0, 0]
 
     def _greedy_chain(self, logits: torch.Tensor, cap: int) -> Draft:
-        """Greedy chain of one request with no host round trip per token: each argmax stays on the device and is fed
-        as the next input; the tokens come back in one transfer at the end."""
+        """Greedy chain of one request from its root logits (1, V), with no host round trip per token: each argmax
+        stays on the device and is fed as the next (1, 1) input; the tokens come back in one transfer at the end.
+        Every tensor op counts here (each costs several microseconds after a model forward), so there are few."""
         rnd, runner = self.round, self.runner
         base = runner.kv.width
         first = runner.next_positions[0] + rnd.n_uncached[0]  # absolute position of the depth-1 node
-        positions = torch.arange(first, first + cap, device=runner.device).view(1, cap)
-        toks = [logits.argmax(-1).view(1, 1)]
+        toks = [logits.argmax(-1, keepdim=True)]  # (1, 1)
         for depth in range(1, cap):
             rnd.slot[0][depth - 1] = base + depth - 1
-            logits = runner.forward_token(toks[-1], positions[:, depth - 1: depth])
+            out = runner.forward_token(toks[-1], runner.position_slice(first + depth - 1, 1))  # (1, 1, V)
             self.counters.forwards += 1
-            toks.append(logits.argmax(-1).view(1, 1))
-        tokens = torch.cat(toks).view(-1) if cap > 1 else toks[0].view(-1)
-        return Draft.chain_of(tokens.cpu(), self._chain_parent(cap))
+            toks.append(out.argmax(-1))
+        tokens = torch.cat(toks, dim=1)[0] if cap > 1 else toks[0][0]
+        if tokens.device.type != "cpu":
+            tokens = tokens.cpu()
+        return Draft.chain_of(tokens, self._chain_parent(cap))
 
     def _chain_parent(self, n: int) -> torch.Tensor:
         cache = self._parents
         if n not in cache:
             cache[n] = torch.arange(-1, n - 1)
         return cache[n]
+
+    def _propose_planned(self, root_logits: torch.Tensor) -> Draft:
+        """The whole static tree for one request, greedily, over a hole-free cache: `_propose_static`'s result with
+        the shape's bookkeeping precompiled (see `TreePlan`). Siblings are the parent's top ranks, as there."""
+        plan, rnd, runner = self._plan, self.round, self.runner
+        nu = rnd.n_uncached[0]
+        visible = rnd.start + nu  # committed prefix + this round's uncached block
+        logits, level_tokens = root_logits, []  # logits: (P, V) of the level's parents, in order
+        for li, level in enumerate(plan.levels):
+            cands = logits.topk(level.width, dim=-1).indices.view(-1)
+            tokens = cands if level.pick is None else cands[level.pick.to(cands.device)]
+            level_tokens.append(tokens)
+            if not level.n_fed:
+                break
+            fed = tokens if level.fed is None else tokens[level.fed.to(tokens.device)]
+            mask, offsets = self._plan_mask(li, level, nu)
+            allowed = torch.cat([runner.open_prefix(1, level.n_fed, visible), mask], dim=-1)
+            out = runner.forward_block(fed.view(1, -1), offsets, None, full_mask=allowed)
+            self.counters.forwards += 1
+            logits = out.logits[0]
+        start = visible
+        rnd.slot[0] = {node: start + rel for node, rel in plan.slot.items()}
+        return plan.draft(level_tokens)
+
+    def _plan_mask(self, li: int, level, nu: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Additive mask over the drafted slots (1, 1, F, K) and position offsets (1, F) of a plan level's feed."""
+        key = (li, nu)
+        got = self._plan_masks.get(key)
+        if got is None:
+            got = self._plan_masks[key] = (self.runner.additive(level.visible).unsqueeze(1), level.depth_before + nu)
+        return got
 
     def _propose_static(self, root_logits: torch.Tensor, caps: list[int]) -> list[Draft]:
         parent, rank, n_children, ancestors, levels = self._shape

@@ -161,10 +161,11 @@ def test_static_chain():
 def test_static_full():
     t = StaticTree.full((2, 2, 1))
     assert len(t) == 2 + 4 + 4 and t.depth == 3 and not t.is_chain
-    assert t.choices[:6] == ((0,), (1,), (0, 0), (0, 1), (1, 0), (1, 1))
-    assert t.parent == [-1, -1, 0, 0, 1, 1, 2, 3, 4, 5]
-    assert t.rank == [0, 1, 0, 1, 0, 1, 0, 0, 0, 0]
-    assert t.levels() == [[0, 1], [2, 3, 4, 5], [6, 7, 8, 9]]
+    # Depth-first preorder: the all-top-rank path is nodes 0, 1, 2 (contiguous slots when greedy accepts it).
+    assert t.choices[:6] == ((0,), (0, 0), (0, 0, 0), (0, 1), (0, 1, 0), (1,))
+    assert t.parent == [-1, 0, 1, 0, 3, -1, 5, 6, 5, 8]
+    assert t.rank == [0, 0, 0, 1, 0, 1, 0, 0, 1, 0]
+    assert t.levels() == [[0, 5], [1, 3, 6, 8], [2, 4, 7, 9]]
     # Every node's path of ranks is its parent's path plus its own rank.
     for i, c in enumerate(t.choices):
         p = t.parent[i]
@@ -174,8 +175,8 @@ def test_static_full():
 
 def test_static_choices_sorted_and_deduplicated():
     t = StaticTree([[1, 0], [0], [1], [0, 0], [0]])
-    assert t.choices == ((0,), (1,), (0, 0), (1, 0))
-    assert t.parent == [-1, -1, 0, 1]
+    assert t.choices == ((0,), (0, 0), (1,), (1, 0))
+    assert t.parent == [-1, 0, -1, 2] and t.depth == 2
     assert t.truncated(1) == StaticTree([[0], [1]])
     assert t.truncated(5) == t
     assert t.truncated(0) is None

@@ -232,6 +232,7 @@ class EagleDrafter(ModelDrafter):
 
     needs_hidden = True
     lean_chain = False  # every chain step needs its parent's feature: the generic loop with `_chain_feed`
+    lean_tree = False  # likewise every tree level (`_feed_nodes` carries the features)
 
     def __init__(self, head: EagleHead, tree=4, compressor=None, image_token_id: int | None = None):
         """compressor: a vision.compressors module that shortens the drafter's view of each image (None: the
