@@ -4,7 +4,9 @@ The drafter keeps its own KV cache over the same ragged layout as the target. Ea
 committed since its last step (at least the pending correction/bonus token), then drafts level by level: a chain
 (k forwards for k tokens), a static tree of child ranks (one forward per level; siblings are the top ranks, or
 draws without replacement when sampling), or an EAGLE-2 dynamic tree (Li et al. 2024). Only nodes that get
-children are fed. After verification the accepted nodes' slots are compacted in place like the target's.
+children are fed. After verification the accepted nodes whose slots already follow the committed ones are kept;
+any later accepted tokens are fed again with the next round's uncached block (no keys are moved). Greedy static
+trees of one request run a precompiled plan (`tree_plan.TreePlan`).
 """
 from __future__ import annotations
 
