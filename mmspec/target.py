@@ -153,7 +153,8 @@ class CausalLMRunner:
         of a float mask, to be concatenated with the block's template (callers must not write to it)."""
         buf = self._zeros
         if buf is None or m > buf.shape[2] or width > buf.shape[3]:
-            shape = (1, 1, max(m, 32, 0 if buf is None else buf.shape[2]), max(256, 2 * width))
+            old = (0, 0) if buf is None else buf.shape[2:]
+            shape = (1, 1, max(32, m, old[0]), max(256, 2 * width, old[1]))
             buf = self._zeros = torch.zeros(shape, dtype=self.dtype, device=self.device)
         return buf[:, :, :m, :width].expand(b, 1, m, width)
 

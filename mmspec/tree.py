@@ -214,6 +214,16 @@ class StaticTree:
     def __len__(self) -> int:
         return len(self.choices)
 
+    def topology(self) -> tuple[list[int], list[list[int]]]:
+        """(n_children, ancestors): n_children[0] for the root, n_children[i + 1] for node i; ancestors[i] the node
+        ids above node i, root side first."""
+        n_children = [0] * (len(self) + 1)
+        ancestors: list[list[int]] = []
+        for p in self.parent:
+            n_children[p + 1] += 1
+            ancestors.append([] if p < 0 else ancestors[p] + [p])
+        return n_children, ancestors
+
     def levels(self) -> list[list[int]]:
         """Node indices grouped by depth (level d holds nodes of depth d + 1)."""
         out: list[list[int]] = [[] for _ in range(self.depth)]

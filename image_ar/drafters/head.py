@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from mmspec.drafters.base import DraftContext, DrafterCounters, RowUpdate
+from mmspec.checkpoint import read_kind_config, read_safetensors
 from mmspec.errors import (CheckpointError, IncompatibleModelsError, InvalidInputError, UnsupportedModelError,
                            VocabularyMismatchError)
 from mmspec.target import BlockOutput, sync_time
@@ -120,7 +121,7 @@ class ImageHead(nn.Module):
         """Load a head written by `save_pretrained` onto `target_model` (same dim, vocabulary, grid and prefix;
         IncompatibleModelsError / VocabularyMismatchError otherwise, CheckpointError for missing or corrupt files)."""
         directory = Path(directory)
-        raw = _read_config(directory)
+        raw = read_kind_config(directory / CONFIG_NAME, KIND, "ImageHead")
         fields = {f.name for f in dataclasses.fields(LlamaGenConfig)}
         cfg = raw.get("config")
         if not isinstance(cfg, dict) or set(cfg) - fields:
@@ -134,7 +135,7 @@ class ImageHead(nn.Module):
             raise UnsupportedModelError(f"target_model must be an image_ar LlamaGen; got {type(target_model).__name__}")
         check_identity(config, target_model.config, f"head checkpoint {str(directory)!r}")
         head = cls(target_model, config=config)
-        state = _read_weights(directory / WEIGHTS_NAME)
+        state = read_safetensors(directory / WEIGHTS_NAME, "head checkpoint")
         own = head.state_dict()
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         bad = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
@@ -163,34 +164,6 @@ def is_head_checkpoint(path) -> bool:
         return cfg.is_file() and json.loads(cfg.read_text()).get("kind") == KIND
     except (ValueError, UnicodeDecodeError, AttributeError, OSError):
         return False
-
-
-def _read_config(directory: Path) -> dict:
-    path = directory / CONFIG_NAME
-    if not path.is_file():
-        raise CheckpointError(f"{str(directory)!r} has no {CONFIG_NAME}: expected a directory written by "
-                              "ImageHead.save_pretrained")
-    try:
-        raw = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{str(path)!r} is not valid JSON ({e}); the checkpoint is corrupt") from e
-    if not isinstance(raw, dict) or raw.get("kind") != KIND:
-        raise CheckpointError(f"{str(path)!r} is not an {KIND} config (kind="
-                              f"{raw.get('kind') if isinstance(raw, dict) else None!r})")
-    return raw
-
-
-def _read_weights(path: Path) -> dict:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise CheckpointError(f"{str(path)!r} is missing: the head checkpoint has no weights")
-    try:
-        return load_file(str(path))  # safetensors: nothing is unpickled or executed
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({e}); the checkpoint is corrupt "
-                              "or truncated") from e
 
 
 # --- the drafter ------------------------------------------------------------------------------------------------------

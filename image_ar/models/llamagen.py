@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmspec.checkpoint import read_kind_config
 from mmspec.errors import CheckpointError, ContextOverflowError, InvalidInputError, UnsupportedModelError
 from mmspec.sampling import SamplingSpec, make_generators, sample_from
 
@@ -634,14 +635,8 @@ def directory_kind(path) -> str | None:
 
 def read_config(path: Path, kind: str, config_cls, owner: str):
     """The config of a `save_directory` folder, with CheckpointErrors naming the file and what is wrong."""
-    if not path.is_file():
-        raise CheckpointError(f"{str(path)!r} is missing: expected a directory written by {owner}.save_pretrained")
-    try:
-        raw = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{str(path)!r} is not valid JSON ({e}); the checkpoint is corrupt") from e
-    if not isinstance(raw, dict) or raw.pop("kind", None) != kind:
-        raise CheckpointError(f"{str(path)!r} is not a {kind} config")
+    raw = dict(read_kind_config(path, kind, owner))
+    raw.pop("kind")
     unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(config_cls)})
     if unknown:
         raise CheckpointError(f"{str(path)!r}: unknown config field(s) {unknown}")

@@ -49,18 +49,12 @@ class ModelDrafter:
         with -inf to the target's size. Without it a size difference is a VocabularyMismatchError."""
         self.tree = StaticTree.chain(tree) if isinstance(tree, int) else tree
         if isinstance(self.tree, StaticTree):  # the shape is fixed: derive its structure once
-            parent = self.tree.parent
-            n_children = [0] * (len(parent) + 1)
-            ancestors: list[list[int]] = []
-            for i, p in enumerate(parent):
-                n_children[p + 1] += 1
-                ancestors.append([] if p < 0 else ancestors[p] + [p])
-            self._shape = (parent, self.tree.rank, n_children, ancestors, self.tree.levels())
-        self._plan = TreePlan.build(self.tree) if isinstance(self.tree, StaticTree) else None
-        self._plan_masks: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (level, n_uncached) -> mask, offsets
+            self._shape = (self.tree.parent, self.tree.rank, *self.tree.topology(), self.tree.levels())
         if (model is None) == (runner is None):
             raise TypeError("ModelDrafter takes exactly one of model= or runner=")
         self.runner = runner if runner is not None else CausalLMRunner(model, cache=cache)
+        self._plan = TreePlan.build(self.tree, self.runner.device) if isinstance(self.tree, StaticTree) else None
+        self._plan_masks: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (level, n_uncached) -> mask, offsets
         self.prompt_view, self.shared_tokenizer = prompt_view, shared_tokenizer
         self.counters = DrafterCounters()
         self._parents: dict[int, torch.Tensor] = {}  # chain length -> parent tensor
@@ -322,18 +316,17 @@ class ModelDrafter:
         logits, level_tokens = root_logits, []  # logits: (P, V) of the level's parents, in order
         for li, level in enumerate(plan.levels):
             cands = logits.topk(level.width, dim=-1).indices.view(-1)
-            tokens = cands if level.pick is None else cands[level.pick.to(cands.device)]
+            tokens = cands if level.pick is None else cands[level.pick]
             level_tokens.append(tokens)
             if not level.n_fed:
                 break
-            fed = tokens if level.fed is None else tokens[level.fed.to(tokens.device)]
+            fed = tokens if level.fed is None else tokens[level.fed]
             mask, offsets = self._plan_mask(li, level, nu)
             allowed = torch.cat([runner.open_prefix(1, level.n_fed, visible), mask], dim=-1)
             out = runner.forward_block(fed.view(1, -1), offsets, None, full_mask=allowed)
             self.counters.forwards += 1
             logits = out.logits[0]
-        start = visible
-        rnd.slot[0] = {node: start + rel for node, rel in plan.slot.items()}
+        rnd.slot[0] = {node: visible + rel for node, rel in plan.slot.items()}
         return plan.draft(level_tokens)
 
     def _plan_mask(self, li: int, level, nu: int) -> tuple[torch.Tensor, torch.Tensor]:

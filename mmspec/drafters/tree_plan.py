@@ -34,7 +34,7 @@ class PlanLevel:
 @dataclass
 class TreePlan:
     levels: list[PlanLevel]
-    order: torch.Tensor  # node id of each token in the concatenation of the levels -> its place in the draft
+    order: torch.Tensor  # on the device: position in the levels' concatenation of each node id
     parent: torch.Tensor  # (N,) the draft's parents (node ids in depth-first preorder, see StaticTree)
     parent_list: list[int]
     depth: list[int]
@@ -42,16 +42,13 @@ class TreePlan:
     slot: dict[int, int]  # fed node -> its slot relative to the round's first drafted slot
 
     @staticmethod
-    def build(tree: StaticTree) -> "TreePlan | None":
-        """The plan of a static tree, or None for a chain (chains have their own lean path)."""
+    def build(tree: StaticTree, device="cpu") -> "TreePlan | None":
+        """The plan of a static tree, or None for a chain (chains have their own lean path). The index tensors the
+        steps use live on `device` (the drafter's)."""
         if tree.is_chain:
             return None
         parent, rank, levels = tree.parent, tree.rank, tree.levels()
-        n_children = [0] * (len(parent) + 1)
-        ancestors: list[list[int]] = []
-        for i, p in enumerate(parent):
-            n_children[p + 1] += 1
-            ancestors.append([] if p < 0 else ancestors[p] + [p])
+        n_children, ancestors = tree.topology()
         plan_levels, slot, prev_fed = [], {}, [-1]
         for nodes in levels:
             parents = list(dict.fromkeys(parent[n] for n in nodes))
@@ -70,18 +67,19 @@ class TreePlan:
                     visible[0, j2, [slot[a] for a in ancestors[nodes[j]]] + [slot[nodes[j]]]] = True
                 depth_before = torch.tensor([[len(ancestors[nodes[j]]) for j in fed]])
             plan_levels.append(PlanLevel(
-                width, None if flat == list(range(len(parents) * width)) else torch.tensor(flat),
-                None if len(fed) == len(nodes) else torch.tensor(fed), len(fed), visible, depth_before))
+                width, None if flat == list(range(len(parents) * width)) else torch.tensor(flat, device=device),
+                None if len(fed) == len(nodes) else torch.tensor(fed, device=device), len(fed), visible, depth_before))
             prev_fed = [nodes[j] for j in fed]
         concat = [n for nodes in levels for n in nodes]
         order = torch.empty(len(concat), dtype=torch.long)
         order[torch.tensor(concat)] = torch.arange(len(concat))
         probe = Draft(torch.zeros(len(parent), dtype=torch.long), torch.tensor(parent))
-        return TreePlan(plan_levels, order, probe.parent, probe.parent_list, probe.depth, probe.children, slot)
+        return TreePlan(plan_levels, order.to(device), probe.parent, probe.parent_list, probe.depth, probe.children,
+                        slot)
 
     def draft(self, level_tokens: list[torch.Tensor]) -> Draft:
         """The finished draft from each level's tokens (1-D, on any device), with its structure filled in."""
-        tokens = torch.cat(level_tokens)[self.order.to(level_tokens[0].device)]
+        tokens = torch.cat(level_tokens)[self.order]
         if tokens.device.type != "cpu":
             tokens = tokens.cpu()
         d = Draft(tokens, self.parent, None, siblings="without_replacement")

@@ -23,6 +23,7 @@ from transformers import LlamaConfig, LlamaModel
 
 from mmspec.cache import RaggedCache
 from mmspec.drafters.model import ModelDrafter
+from mmspec.checkpoint import read_kind_config, read_safetensors
 from mmspec.errors import CheckpointError, IncompatibleModelsError, UnsupportedModelError
 from mmspec.target import BlockOutput, CausalLMRunner, text_config
 
@@ -87,7 +88,7 @@ class EagleHead(nn.Module):
     @classmethod
     def from_pretrained(cls, directory, target: nn.Module) -> "EagleHead":
         """Load a head saved by `save_pretrained` for `target` (a head made for another target is refused)."""
-        cfg = _read_config(Path(directory), cls)
+        cfg = read_kind_config(Path(directory) / cls.CONFIG_NAME, cls.KIND, cls.__name__)
         want, have = cfg.get("target", {}), target_identity(target)
         diff = {k: (want.get(k), have[k]) for k in have if want.get(k) != have[k]}
         if diff:
@@ -102,7 +103,7 @@ class EagleHead(nn.Module):
             compressor = build_compressor(cfg["compressor"])
         head = cls(target, layers=int(cfg.get("layers", 1)), taps=cfg.get("taps"),
                    image_token_id=cfg.get("image_token_id"), compressor=compressor)
-        weights = _read_weights(Path(directory) / cls.WEIGHTS_NAME)
+        weights = read_safetensors(Path(directory) / cls.WEIGHTS_NAME, "drafter checkpoint")
         missing, unexpected = head.load_state_dict(weights, strict=False)
         missing = [k for k in missing if not k.startswith("body.embed_tokens")]
         if missing or unexpected:
@@ -150,34 +151,6 @@ def target_identity(target: nn.Module) -> dict:
     tc = text_config(target)
     return {"architecture": type(target).__name__, "hidden_size": int(tc.hidden_size),
             "vocab_size": int(target.get_output_embeddings().weight.shape[0])}
-
-
-def _read_config(directory: Path, cls) -> dict:
-    path = directory / cls.CONFIG_NAME
-    if not path.is_file():
-        raise CheckpointError(f"{str(directory)!r} has no {cls.CONFIG_NAME}; expected a directory written by "
-                              f"{cls.__name__}.save_pretrained")
-    try:
-        cfg = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{str(path)!r} is not valid JSON ({e}); the checkpoint is corrupt") from e
-    if not isinstance(cfg, dict) or cfg.get("kind") != cls.KIND:
-        raise CheckpointError(f"{str(path)!r} is not an {cls.KIND} drafter config (kind="
-                              f"{cfg.get('kind') if isinstance(cfg, dict) else None!r})")
-    return cfg
-
-
-def _read_weights(path: Path) -> dict:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise CheckpointError(f"{str(path)!r} is missing: the drafter checkpoint has no weights")
-    try:
-        return load_file(str(path))  # safetensors: no pickle, nothing executed
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({e}); the checkpoint is "
-                              "corrupt or truncated") from e
 
 
 def compressed_view(tokens: list[int], feats: torch.Tensor, compressor, image_token_id: int,

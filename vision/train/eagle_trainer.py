@@ -30,6 +30,7 @@ from typing import Sequence
 
 import torch
 
+from mmspec.checkpoint import read_kind_config, read_safetensors
 from mmspec.errors import CheckpointError, InvalidInputError, UnsupportedModelError
 
 from .data import Record
@@ -321,19 +322,14 @@ def _load_latest(out_dir: Path, head, target, opt, config) -> dict | None:
     if not found:
         return None
     step, path = found[-1]
-    try:
-        state = json.loads((path / STATE_FILE).read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{str(path / STATE_FILE)!r} is not valid JSON ({e}); the checkpoint is corrupt") from e
-    if state.get("kind") != STATE_KIND:
-        raise CheckpointError(f"{str(path / STATE_FILE)!r} is not a {STATE_KIND} state file")
+    state = read_kind_config(path / STATE_FILE, STATE_KIND, "the EAGLE trainer")
     diff = {k: (state["config"].get(k), config[k]) for k in RESUMABLE if state["config"].get(k) != config[k]}
     if diff:
         raise CheckpointError(f"cannot resume from {str(path)!r}: it was trained with different settings (" + ", ".join(
             f"{k}={a!r} there, {b!r} now" for k, (a, b) in diff.items()) + "); resume with the same settings or "
             "start a new out_dir")
     head.load_state_dict(type(head).from_pretrained(path, target).state_dict())
-    opt.load_state_dict(optimizer_from_tensors(_read_tensors(path / OPTIMIZER_FILE), state["param_groups"]))
+    opt.load_state_dict(optimizer_from_tensors(read_safetensors(path / OPTIMIZER_FILE, "optimizer state"), state["param_groups"]))
     return {"step": step, "losses": state["losses"], "agreement": [tuple(a) for a in state["agreement"]]}
 
 
@@ -352,17 +348,6 @@ def optimizer_from_tensors(tensors: dict, groups: list) -> dict:
         state.setdefault(int(i), {})[key] = value
     groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in groups]
     return {"state": state, "param_groups": groups}
-
-
-def _read_tensors(path: Path) -> dict:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({e}); the checkpoint is corrupt") \
-            from e
 
 
 # --------------------------------------------------------------------------------------------------- evaluation
