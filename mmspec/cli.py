@@ -161,9 +161,19 @@ def cmd_bench(args) -> int:
 
         from .bench import run_engine_benchmark
 
-        pair = {k: v for k, v in (("hidden", args.hidden), ("layers", args.layers)) if v is not None}
+        if args.layers is not None and len(args.layers) > 1:
+            raise SystemExit(f"--layers {' '.join(map(str, args.layers))}: `bench engine` runs one pair (give one "
+                             "value); `mmspec bench overhead --layers ...` sweeps several")
+        layers = args.layers[0] if args.layers else None
+        pair = {k: v for k, v in (("hidden", args.hidden), ("layers", layers)) if v is not None}
         run_engine_benchmark(out_dir=args.out or "bench_out/engine", new_tokens=args.new_tokens, quick=args.quick,
                              device=args.device, dtype=getattr(torch, args.dtype), pair=pair)
+        return 0
+    if args.what == "overhead":
+        from .bench_overhead import run_overhead_sweep
+
+        run_overhead_sweep(out_dir=args.out or "bench_out/overhead", layers=tuple(args.layers or (4, 8, 12)),
+                           hidden=args.hidden or 256, new_tokens=args.new_tokens, quick=args.quick)
         return 0
     if args.what == "vlm":
         from vision.bench import run_vlm_benchmark
@@ -249,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_img.set_defaults(func=cmd_train_image_head)
 
     bench = sub.add_parser("bench", help="benchmarks that print and save tables (JSON + Markdown)")
-    bench.add_argument("what", choices=["engine", "vlm", "compress", "image"])
+    bench.add_argument("what", choices=["engine", "overhead", "vlm", "compress", "image"])
     bench.add_argument("--out", default=None, help="output folder (default bench_out/<what>)")
     bench.add_argument("--family", default="llava", help="vlm: the tiny VLM family to run (see vision.testing)")
     bench.add_argument("--new-tokens", type=int, default=128)
@@ -260,7 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--continuous", action="store_true",
                        help="image: the continuous-token AR (target-only vs CSpD) instead of LlamaGen")
     bench.add_argument("--hidden", type=int, default=None, help="hidden size of the benchmark pair (default 256)")
-    bench.add_argument("--layers", type=int, default=None, help="target layers of the benchmark pair (default 4)")
+    bench.add_argument("--layers", type=int, nargs="+", default=None,
+                       help="target layers of the benchmark pair (engine: one value, default 4; overhead: the depths "
+                            "to sweep, default 4 8 12)")
     bench.set_defaults(func=cmd_bench)
     return p
 

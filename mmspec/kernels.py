@@ -301,11 +301,13 @@ def greedy_walk(draft: Draft, top: list[int]) -> Verdict:
     path, node = [], -1
     while True:
         want = top[node + 1]
-        nxt = next((c for c in children[node + 1] if toks[c] == want), None)
-        if nxt is None:
+        for c in children[node + 1]:
+            if toks[c] == want:
+                path.append(c)
+                node = c
+                break
+        else:
             break
-        path.append(nxt)
-        node = nxt
     verdict = _verdict(draft, path, None, bonus=not children[node + 1])
     verdict.next_token = top[node + 1]
     return verdict

@@ -165,8 +165,9 @@ class SpeculativeDecoder:
 
     def generate(self, input_ids, **kwargs) -> GenerationOutput:
         stream = self.stream(input_ids, **kwargs)
-        for _ in stream:
-            pass
+        with torch.inference_mode():  # nothing runs between the steps here: one mode switch for the whole decode
+            for _ in stream:
+                pass
         return stream.output
 
     def stream(self, input_ids, *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
@@ -243,8 +244,9 @@ class Stream:
         """Greedy without history-dependent processors: one argmax and one host transfer for the whole batch."""
         if not self.spec.greedy or self.spec.uses_history or self.dec.acceptance is not None:
             return None
-        values, top = logits.max(-1)  # a NaN row's max is NaN and a +inf logit is its row's max: one check covers
-        if not all(math.isfinite(v) for row in values.tolist() for v in row):  # every value
+        values, top = logits.max(-1)  # a NaN row's max is NaN and a +inf logit is its row's max, so the sum of the
+        total = sum(map(sum, values.tolist()))  # maxima (in float64: no overflow) is NaN or +inf when any logit is
+        if total != total or total == math.inf:
             check_finite(logits)  # raises NonFiniteLogitsError with the count
         return top.tolist()  # (B, M)
 
@@ -299,9 +301,12 @@ class Stream:
             yield TokenEvent(row.index, list(row.generated), row.finish is not None, row.finish)
         rows = self._drop_finished(rows, ctx)
         while rows:
-            with torch.inference_mode():  # one mode switch per step (the runners' own are then skipped); the
-                events = self._step(rows, ctx)  # events are yielded outside it, so the caller's code never
-            yield from events  # runs in inference mode
+            if torch.is_inference_mode_enabled():  # generate(): already on for the whole decode
+                events = self._step(rows, ctx)
+            else:
+                with torch.inference_mode():  # one mode switch per step (the runners' own are then skipped); the
+                    events = self._step(rows, ctx)  # events are yielded outside it, so a streaming caller's code
+            yield from events  # never runs in inference mode
             rows = self._drop_finished(rows, ctx)
         st.drafter_forwards = drafter.counters.forwards - f0
         st.time_target_model, st.time_drafter_model = model_time(target) - tm0, model_time(drafter) - dm0
@@ -330,11 +335,11 @@ class Stream:
         if len(drafts) != len(rows):
             raise DraftError(f"drafter returned {len(drafts)} draft(s) for {len(rows)} request(s)")
         trusted = getattr(dec.drafter, "trusted", False)  # built-in drafters make well-formed drafts by construction
-        for d, budget in zip(drafts, budgets):
-            if not trusted:
+        if not trusted:  # built-in drafters also respect the budgets by construction
+            for d, budget in zip(drafts, budgets):
                 d.validate(vocab)
-            if d.max_depth() > budget:
-                raise DraftError(f"drafter proposed depth {d.max_depth()} with only {budget} token(s) left")
+                if d.max_depth() > budget:
+                    raise DraftError(f"drafter proposed depth {d.max_depth()} with only {budget} token(s) left")
         out = dec.target.verify([r.history[-1] for r in rows], drafts, want_hidden=dec.drafter.needs_hidden)
         t2 = self._sync()
         st.target_forwards += 1

@@ -64,9 +64,10 @@ class GenerationStats:
 
     def note_kernel(self, name: str, lossless: bool) -> None:
         """Record which acceptance rule verified a non-empty draft ("a+b" when several were used)."""
-        names = [n for n in self.acceptance.split("+") if n]
-        if name not in names:
-            self.acceptance = "+".join(names + [name])
+        if name != self.acceptance:
+            names = [n for n in self.acceptance.split("+") if n]
+            if name not in names:
+                self.acceptance = "+".join(names + [name])
         self.lossless = self.lossless and lossless
 
     def record_step(self, draft_depths: list[int], accepted_depth: int, committed: int, n_draft: int) -> None:

@@ -327,8 +327,9 @@ class CausalLMRunner:
 
 
 @functools.lru_cache(maxsize=64)
-def _chain_offsets(m: int) -> torch.Tensor:
-    return torch.arange(m).view(1, m)  # read-only by convention: callers only add to it
+def chain_offsets(m: int) -> torch.Tensor:
+    """Offsets 0 .. m - 1 as a cached (1, m) tensor (read-only by convention: callers only add to it)."""
+    return torch.arange(m).view(1, m)
 
 
 @functools.lru_cache(maxsize=256)
@@ -358,14 +359,14 @@ def draft_block(pending: Sequence[int], drafts: Sequence[Draft]) -> tuple[torch.
         d = drafts[0]
         tokens = torch.tensor([[pending[0]] + d.token_list], dtype=torch.long)
         if d.is_chain:
-            return tokens, _chain_offsets(m), None
+            return tokens, chain_offsets(m), None
         offsets, allowed = _tree_block(tuple(d.parent_list))
         return tokens, offsets, allowed
     if all(d.is_chain for d in drafts):  # chains (or nothing): causal attention inside the block serves every row,
         # since a row's pads come after its real nodes, which therefore never see them (pads are never kept)
         tokens = torch.tensor([[tok] + d.token_list + [0] * (m - 1 - len(d)) for tok, d in zip(pending, drafts)])
         depth = torch.tensor([[len(d)] for d in drafts])  # pads repeat their row's last position: none reaches
-        return tokens, torch.minimum(_chain_offsets(m), depth), None  # past what the row itself uses
+        return tokens, torch.minimum(chain_offsets(m), depth), None  # past what the row itself uses
     tokens = torch.zeros(b, m, dtype=torch.long)
     offsets = torch.zeros(b, m, dtype=torch.long)
     allowed = torch.eye(m, dtype=torch.bool).repeat(b, 1, 1)
@@ -401,8 +402,25 @@ class CausalLMTarget(CausalLMRunner):
     def verify(self, pending: Sequence[int], drafts: Sequence[Draft], want_hidden: bool = False) -> BlockOutput:
         """One forward over [pending, draft nodes] for every row. logits[:, 0] is p for the root's children."""
         tokens, offsets, allowed = draft_block(pending, drafts)
-        self._block_start = self.kv.width
+        kv = self.kv
+        self._block_start = kv.width
+        if allowed is not None and len(drafts) == 1 and not kv.static and kv.lengths[0] == kv.width:
+            # One request's tree over a hole-free cache: `allowed` is its shape's cached visibility, so its additive
+            # form is cached too and the mask is one concatenation with the open prefix.
+            mask = torch.cat([self.open_prefix(1, tokens.shape[1], kv.width), self._tree_template(allowed)], dim=-1)
+            return self.forward_block(tokens, offsets, None, want_hidden, full_mask=mask)
         return self.forward_block(tokens, offsets, allowed, want_hidden)
+
+    def _tree_template(self, allowed: torch.Tensor) -> torch.Tensor:
+        """Additive (1, 1, M, M) form of a tree shape's visibility from `_tree_block`, made once per shape. Keyed by
+        the tensor's identity; the entry holds the tensor, so the id cannot be reused while it is cached."""
+        memo = self.__dict__.setdefault("_templates", {})
+        got = memo.get(id(allowed))
+        if got is None or got[0] is not allowed:
+            if len(memo) >= 256:
+                memo.clear()
+            got = memo[id(allowed)] = (allowed, self.additive(allowed).unsqueeze(1))
+        return got[1]
 
     def commit(self, paths: Sequence[Sequence[int] | None]) -> None:
         """paths[b]: accepted node indices of row b's draft (None: row keeps nothing, e.g. it just finished)."""

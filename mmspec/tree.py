@@ -11,7 +11,7 @@ expansion (Li et al. 2024, "EAGLE-2: Faster Inference of Language Models with Dy
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Callable, Sequence
 
 import torch
@@ -203,11 +203,11 @@ class StaticTree:
     def rank(self) -> list[int]:
         return [c[-1] for c in self.choices]
 
-    @property
+    @cached_property  # a StaticTree is frozen: derived values are computed once (read every step by drafters)
     def depth(self) -> int:
         return max(len(c) for c in self.choices)
 
-    @property
+    @cached_property
     def is_chain(self) -> bool:
         return all(c == (0,) * len(c) for c in self.choices)
 

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..errors import ContextOverflowError, DeviceMismatchError, VocabularyMismatchError
-from ..target import BlockOutput, CausalLMRunner
+from ..target import BlockOutput, CausalLMRunner, chain_offsets
 from ..tree import Draft, DynamicTree, StaticTree, expand_dynamic
 from .base import DraftContext, DrafterCounters, RowUpdate
 from .tree_plan import TreePlan
@@ -36,7 +36,7 @@ class ModelDrafter:
     needs_hidden = False
     lean_chain = True  # greedy chains of one request may take `_greedy_chain` (no per-token host round trip)
     lean_tree = True  # greedy static trees of one request may take the compiled `TreePlan` (`_propose_planned`)
-    trusted = True  # its drafts are well-formed by construction: the loop skips re-validating them
+    trusted = True  # its drafts are well-formed and within the budgets by construction: the loop skips checking them
 
     def __init__(self, model: torch.nn.Module | None = None, tree: StaticTree | DynamicTree | int = 4,
                  cache: str = "dynamic", *, runner: CausalLMRunner | None = None,
@@ -170,7 +170,8 @@ class ModelDrafter:
             allowed = causal & ((k_idx.unsqueeze(0) < lens[:, None, None]) | (q_idx == k_idx).unsqueeze(0))
         self.round = _Round(kv.width, n, [dict() for _ in range(b)], kv.lengths)
         keep = m - min(n) + 1  # logits only at each row's last uncached token
-        out = self.runner.forward_block(tokens, torch.arange(m).expand(b, m), allowed, keep_last=keep)
+        offsets = chain_offsets(m) if b == 1 else torch.arange(m).expand(b, m)
+        out = self.runner.forward_block(tokens, offsets, allowed, keep_last=keep)
         self.counters.forwards += 1
         if b == 1:
             return out.logits[:, -1]  # (1, V)

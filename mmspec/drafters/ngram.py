@@ -19,7 +19,7 @@ from .base import DraftContext, DrafterCounters, RowUpdate
 
 class NGramDrafter:
     needs_hidden = False
-    trusted = True  # its drafts are well-formed by construction: the loop skips re-validating them
+    trusted = True  # its drafts are well-formed and within the budgets by construction: the loop skips checking them
 
     def __init__(self, k: int = 4, max_ngram: int = 3, min_ngram: int = 1, branches: int = 1):
         ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (k, max_ngram, min_ngram, branches))
