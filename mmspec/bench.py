@@ -586,14 +586,23 @@ def to_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _maybe_chart(result: dict, path: Path) -> None:
-    """Bar chart of speedups vs HF greedy, only if matplotlib happens to be installed (not a dependency)."""
+def pyplot():
+    """matplotlib.pyplot with a file-only backend, or None: plots are drawn only where matplotlib happens to be
+    installed (it is not a dependency)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except Exception:
+        return None
+    return plt
+
+
+def _maybe_chart(result: dict, path: Path) -> None:
+    """Bar chart of speedups vs HF greedy (only if matplotlib is installed)."""
+    plt = pyplot()
+    if plt is None:
         return
     rows = result["rows"]
     labels = [f"{r['method']}\nbs={r['batch']}" for r in rows]

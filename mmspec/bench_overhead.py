@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from .bench import CHAIN_K, DYNAMIC_TREE, STATIC_TREE, _hf_version, _load, _mm_run, _per_step, _PHASES, make_prompts
+from .bench import (CHAIN_K, DYNAMIC_TREE, STATIC_TREE, _hf_version, _load, _mm_run, _per_step, _PHASES, make_prompts,
+                    pyplot)
 from .loop import SpeculativeDecoder
 from .testing.pairs import layer_pair
 
@@ -153,12 +154,8 @@ def overhead_markdown(result: dict) -> str:
 
 def _maybe_plot(result: dict, path: Path) -> None:
     """Overhead share vs t_fwd(1) per method, with the threshold line (only if matplotlib is installed)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception:
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in dict.fromkeys(r["method"] for r in result["rows"]):
