@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from conftest import hf_greedy
 from mmspec import SpeculativeDecoder
@@ -92,9 +93,14 @@ def test_streaming_yields_the_same_tokens(target, drafters, prompts, reference):
     stream = dec.stream(prompts[:3], max_new_tokens=MAX_NEW)
     got = [[], [], []]
     for event in stream:
+        # The caller's code between events runs outside inference mode (generate() alone keeps it on throughout).
+        assert not torch.is_inference_mode_enabled()
         got[event.request].extend(event.tokens)
     assert got == reference[:3]
     assert stream.output.sequences == reference[:3]
+    assert not torch.is_inference_mode_enabled()
+    assert dec.generate(prompts[:3], max_new_tokens=MAX_NEW).sequences == reference[:3]
+    assert not torch.is_inference_mode_enabled()  # generate() leaves the mode as it found it
 
 
 @pytest.mark.parametrize("shape", ["chain4", "tree221"])
