@@ -39,7 +39,7 @@ SWEEP_METHODS = {
 def _measure_size(layers: int, hidden: int, prompts, new_tokens: int, repeats: int, bar) -> list[dict]:
     """Every method on one pair size: rows of per-step overhead, its phases and the model times."""
     target, drafter = layer_pair(layers=layers, hidden=hidden)
-    decoders = {name: SpeculativeDecoder(target, drafter if tree is not None else None, tree=tree or CHAIN_K)
+    decoders = {name: SpeculativeDecoder(target) if tree is None else SpeculativeDecoder(target, drafter, tree=tree)
                 for name, tree in SWEEP_METHODS.items()}
     reps = {name: [] for name in decoders}
     for rep in range(-1, repeats):

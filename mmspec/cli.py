@@ -172,8 +172,9 @@ def cmd_bench(args) -> int:
     if args.what == "overhead":
         from .bench_overhead import run_overhead_sweep
 
-        run_overhead_sweep(out_dir=args.out or "bench_out/overhead", layers=tuple(args.layers or (4, 8, 12)),
-                           hidden=args.hidden or 256, new_tokens=args.new_tokens, quick=args.quick)
+        given = {k: v for k, v in (("layers", args.layers), ("hidden", args.hidden)) if v is not None}
+        run_overhead_sweep(out_dir=args.out or "bench_out/overhead", new_tokens=args.new_tokens, quick=args.quick,
+                           **given)
         return 0
     if args.what == "vlm":
         from vision.bench import run_vlm_benchmark

@@ -17,6 +17,7 @@ from typing import Iterator
 import torch
 
 from .drafters.base import DraftContext, DrafterCounters, RowUpdate
+from .inference import inference
 from .errors import (DeviceMismatchError, DraftError, EmptyPromptError, GenerationConfigError, InvalidInputError,
                      ContextOverflowError)
 from .kernels import accept_greedy, greedy_walk, select_kernel
@@ -301,12 +302,8 @@ class Stream:
             yield TokenEvent(row.index, list(row.generated), row.finish is not None, row.finish)
         rows = self._drop_finished(rows, ctx)
         while rows:
-            if torch.is_inference_mode_enabled():  # generate(): already on for the whole decode
-                events = self._step(rows, ctx)
-            else:
-                with torch.inference_mode():  # one mode switch per step (the runners' own are then skipped); the
-                    events = self._step(rows, ctx)  # events are yielded outside it, so a streaming caller's code
-            yield from events  # never runs in inference mode
+            events = self._step(rows, ctx)  # in inference mode; the events are yielded outside it, so a streaming
+            yield from events  # caller's code never runs in inference mode
             rows = self._drop_finished(rows, ctx)
         st.drafter_forwards = drafter.counters.forwards - f0
         st.time_target_model, st.time_drafter_model = model_time(target) - tm0, model_time(drafter) - dm0
@@ -325,7 +322,8 @@ class Stream:
             ctx.generators[:] = [ctx.generators[i] for i in keep]
         return [rows[i] for i in keep]
 
-    def _step(self, rows: list[_Row], ctx: DraftContext) -> list[TokenEvent]:
+    @inference  # one mode switch per step (the runners' own are then skipped); none under generate(), which keeps
+    def _step(self, rows: list[_Row], ctx: DraftContext) -> list[TokenEvent]:  # the mode on for the whole decode
         dec, st = self.dec, self.stats
         budgets = [self.max_new - len(r.generated) - 1 for r in rows]
         t0 = self._sync()
@@ -334,8 +332,7 @@ class Stream:
         vocab = dec.target.vocab_size
         if len(drafts) != len(rows):
             raise DraftError(f"drafter returned {len(drafts)} draft(s) for {len(rows)} request(s)")
-        trusted = getattr(dec.drafter, "trusted", False)  # built-in drafters make well-formed drafts by construction
-        if not trusted:  # built-in drafters also respect the budgets by construction
+        if not getattr(dec.drafter, "trusted", False):  # built-in drafters draft well-formed and within budgets
             for d, budget in zip(drafts, budgets):
                 d.validate(vocab)
                 if d.max_depth() > budget:

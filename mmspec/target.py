@@ -115,6 +115,7 @@ class CausalLMRunner:
         self._arange: torch.Tensor | None = None  # (1, n) cached positions for `position_slice`
         self._zeros: torch.Tensor | None = None  # cached additive zeros for `open_prefix`
         self._zero: torch.Tensor | None = None  # 0-dim zero in the model's dtype, for `additive`
+        self._tree_templates: dict[int, tuple] = {}  # id(tree visibility) -> (it, its additive form), see verify
 
     def check_model(self, model: torch.nn.Module) -> None:
         """Refuse models this adapter cannot drive exactly. Subclasses that handle sliding windows override it."""
@@ -414,7 +415,7 @@ class CausalLMTarget(CausalLMRunner):
     def _tree_template(self, allowed: torch.Tensor) -> torch.Tensor:
         """Additive (1, 1, M, M) form of a tree shape's visibility from `_tree_block`, made once per shape. Keyed by
         the tensor's identity; the entry holds the tensor, so the id cannot be reused while it is cached."""
-        memo = self.__dict__.setdefault("_templates", {})
+        memo = self._tree_templates
         got = memo.get(id(allowed))
         if got is None or got[0] is not allowed:
             if len(memo) >= 256:

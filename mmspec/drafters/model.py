@@ -170,8 +170,7 @@ class ModelDrafter:
             allowed = causal & ((k_idx.unsqueeze(0) < lens[:, None, None]) | (q_idx == k_idx).unsqueeze(0))
         self.round = _Round(kv.width, n, [dict() for _ in range(b)], kv.lengths)
         keep = m - min(n) + 1  # logits only at each row's last uncached token
-        offsets = chain_offsets(m) if b == 1 else torch.arange(m).expand(b, m)
-        out = self.runner.forward_block(tokens, offsets, allowed, keep_last=keep)
+        out = self.runner.forward_block(tokens, chain_offsets(m).expand(b, m), allowed, keep_last=keep)
         self.counters.forwards += 1
         if b == 1:
             return out.logits[:, -1]  # (1, V)
