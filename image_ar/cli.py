@@ -3,6 +3,9 @@
     mmspec image --target llamagen_dir --vq vq_dir --drafter jacobi --class-label 3 --out out.png
     mmspec image --target ... --vq ... --class-label 1 2 3 --num-images 4 --acceptance lantern --out grid.png
     mmspec image --target continuous_dir --vae vae_dir --drafter draft_dir --acceptance cspd --class-label 3
+    mmspec image --target zoo:llamagen --vq zoo:vq --drafter zoo:llamagen-head --class-label 0 4 7
+
+Paths may name zoo models (`image_ar.zoo`): zoo:NAME, or zoo:NAME@quick for the quick variant.
 
 One label and one image writes that image; several are laid out in a grid (a row per label). Next to the image
 ``<out>.json`` holds the stats, and ``<out>.acceptance.png`` the per-position acceptance map (and, for lossy rules,
@@ -20,10 +23,13 @@ from .pipeline import SpeculativeImagePipeline, is_continuous_dir
 
 
 def run_image(args) -> int:
-    continuous = is_continuous_dir(Path(args.target))
+    from .zoo import resolve
+
+    target = resolve(args.target)  # every path may be zoo:NAME (or zoo:NAME@quick)
+    continuous = is_continuous_dir(Path(target))
     drafter = args.drafter or ("none" if continuous else "jacobi")
     pipe = SpeculativeImagePipeline.from_pretrained(
-        args.target, vq=args.vq, drafter=None if drafter == "none" else drafter, device=args.device,
+        target, vq=resolve(args.vq), drafter=None if drafter == "none" else resolve(drafter), device=args.device,
         draft_tokens=args.draft_tokens, window=args.window,
         target_config=None if args.grid_size is None else {"grid_size": args.grid_size})
     out = pipe(class_labels=args.class_label, num_images_per_prompt=args.num_images,

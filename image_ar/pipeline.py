@@ -141,7 +141,16 @@ class SpeculativeImagePipeline:
         """target: a LlamaGen directory (``save_pretrained``) or reference checkpoint file, or a model; vq: a VQ
         directory / reference file; drafter: None, "jacobi", or a head / LlamaGen checkpoint path. target_config: for
         reference files, a preset name ("GPT-L"), a LlamaGenConfig, or a dict of fields the weights do not hold
-        (e.g. {"grid_size": 24} for the 384 px models; LlamaGen.from_pretrained documents the rest)."""
+        (e.g. {"grid_size": 24} for the 384 px models; LlamaGen.from_pretrained documents the rest).
+
+        Every path may name a model of the image zoo instead (`image_ar.zoo`, trained on first use):
+        ``from_pretrained("zoo:llamagen", vq="zoo:vq", drafter="zoo:llamagen-head")``; "zoo:NAME@quick" is its
+        quick variant."""
+        from .zoo import resolve
+
+        target, vq, drafter = resolve(target), resolve(vq), resolve(drafter)
+        if "vae" in kwargs:
+            kwargs["vae"] = resolve(kwargs["vae"])
         if isinstance(target, (str, Path)):
             over = target_config if isinstance(target_config, dict) else {}
             cfg = None if isinstance(target_config, dict) else target_config

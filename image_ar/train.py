@@ -44,6 +44,48 @@ def sample_grids(target_model: LlamaGen, cond: torch.Tensor, *, guidance_scale: 
 
 
 @torch.no_grad()
+def sample_teacher(target_model: LlamaGen, cond: torch.Tensor, *, guidance_scale: float, batch_size: int,
+                   generator: torch.Generator, progress: bool = False):
+    """Grids sampled from the target (temperature 1, no truncation) together with what `teacher` would compute on
+    them, collected while sampling instead of by a second forward: grids (S, N), features (R, N, D) (R = 2S when
+    guided: all cond rows, then all uncond rows, as `teacher` orders a batch) and the guided probabilities
+    (S, N - 1, V) of tokens 1 .. N-1. On the KV cache the features equal the teacher-forced ones up to float
+    rounding."""
+    from tqdm.auto import tqdm
+
+    grids, feats_c, feats_u, probs = [], [], [], []
+    for i in tqdm(range(0, len(cond), batch_size), desc="sampling grids", disable=not progress, leave=False):
+        g, f, p = _sample_batch(target_model, cond[i:i + batch_size], guidance_scale, generator)
+        grids.append(g)
+        feats_c.append(f[: len(g)])
+        feats_u.append(f[len(g):])
+        probs.append(p)
+    return torch.cat(grids), torch.cat(feats_c + feats_u), torch.cat(probs)
+
+
+def _sample_batch(model: LlamaGen, cond: torch.Tensor, guidance_scale: float, generator: torch.Generator):
+    n, b = model.config.num_image_tokens, len(cond)
+    guided = guidance_scale != 1.0
+    rows = torch.cat([cond, model.null_cond(b).to(cond.dtype)]) if guided else cond
+    cache = model.new_cache()
+    out = model(None, rows.to(model.device), cache=cache)
+    toks, feats, probs = [], [], []
+    for i in range(n):
+        feats.append(out.hidden[:, -1].cpu())  # (R, D): predicts token i
+        logits = out.logits[:, -1]
+        p = (cfg_logits(logits, guidance_scale) if guided else logits).softmax(-1)  # (B, V)
+        if i:
+            probs.append(p.cpu())
+        tok = torch.multinomial(p.cpu(), 1, generator=generator).view(-1)  # (B,)
+        toks.append(tok)
+        if i < n - 1:
+            x = (torch.cat([tok, tok]) if guided else tok).to(model.device)
+            out = model(x[:, None], input_pos=torch.full((len(x), 1), model.config.cls_token_num + i,
+                                                         device=model.device), cache=cache)
+    return torch.stack(toks, 1), torch.stack(feats, 1), torch.stack(probs, 1)
+
+
+@torch.no_grad()
 def teacher(target_model: LlamaGen, cond: torch.Tensor, tokens: torch.Tensor, guidance_scale: float):
     """Teacher-forced target for a batch of grids tokens (B, N).
 

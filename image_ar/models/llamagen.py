@@ -270,9 +270,9 @@ class Attention(nn.Module):
     def forward(self, x, rope, mask, cache: KVCache | None = None, layer: int = 0):
         b, t, _ = x.shape
         kv = self.n_kv_head * self.head_dim
-        q, k, v = self.wqkv(x).split([self.dim, kv, kv], dim=-1)
-        q = apply_rope(q.view(b, t, self.n_head, self.head_dim), rope).transpose(1, 2)  # (B, H, T, Dh)
-        k = apply_rope(k.view(b, t, self.n_kv_head, self.head_dim), rope).transpose(1, 2)  # (B, Hkv, T, Dh)
+        qk, v = self.wqkv(x).split([self.dim + kv, kv], dim=-1)
+        qk = apply_rope(qk.view(b, t, self.n_head + self.n_kv_head, self.head_dim), rope)  # q and k in one call
+        q, k = qk.transpose(1, 2).split([self.n_head, self.n_kv_head], dim=1)  # (B, H, T, Dh), (B, Hkv, T, Dh)
         v = v.view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, Hkv, S, Dh)
