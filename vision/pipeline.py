@@ -14,6 +14,7 @@ only the text is drafted); the n-gram drafter; or any object implementing `mmspe
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -106,27 +107,21 @@ class SpeculativeVLM:
         """Load the target (AutoModelForImageTextToText + AutoProcessor) and a drafter given as a path/id: a feature
         drafter saved by `mmspec train-drafter` / `save_pretrained` (EAGLE, EAGLE-3, MSD, DREAM; checked to be made
         for this target), a VLM (with its processor) or a causal LM (with its tokenizer), checked to share the
-        target's tokenizer."""
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, \
-            AutoTokenizer
+        target's tokenizer.
 
+        Either may name a model of the VLM zoo (`vision.zoo`, trained on first use): ``from_pretrained("zoo:vlm",
+        drafter="zoo:vlm-eagle")``; "zoo:NAME@quick" is its quick variant."""
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        from .zoo import resolve
+
+        target = resolve(target)
         kw = dict(trust_remote_code=trust_remote_code)
         mkw = dict(kw, dtype=torch_dtype, device_map=device_map, **model_kwargs)
         model = _load(AutoModelForImageTextToText, target, "target", **mkw).eval()
         processor = _load(AutoProcessor, target, "target", **kw)
-        extra = {}
-        from .drafters import feature_drafter_kind, load_feature_drafter
-
-        if isinstance(drafter, str) and drafter != "ngram" and feature_drafter_kind(drafter):
-            drafter = load_feature_drafter(drafter, model, tree)
-        elif isinstance(drafter, str) and drafter != "ngram":
-            cfg = _load(AutoConfig, drafter, "drafter", **kw)
-            if hasattr(cfg, "vision_config"):
-                extra["drafter_processor"] = _load(AutoProcessor, drafter, "drafter", **kw)
-                drafter = _load(AutoModelForImageTextToText, drafter, "drafter", **mkw).eval()
-            else:
-                extra["drafter_tokenizer"] = _load(AutoTokenizer, drafter, "drafter", **kw)
-                drafter = _load(AutoModelForCausalLM, drafter, "drafter", **mkw).eval()
+        drafter, extra = load_drafter(drafter, model, tree=tree, trust_remote_code=trust_remote_code,
+                                      torch_dtype=torch_dtype, device_map=device_map, **model_kwargs)
         return cls(model, processor, drafter, tree=tree, acceptance=acceptance, **extra)
 
     # --- generation ---------------------------------------------------------------------------------------------
@@ -239,6 +234,35 @@ class ChatSession:
         for _ in self.stream(text, images, **kwargs):
             pass
         return self.last_output
+
+
+def load_drafter(drafter, target, *, tree=4, trust_remote_code: bool = False, torch_dtype=None, device_map=None,
+                 **model_kwargs) -> tuple[object, dict]:
+    """A drafter given as a path / id / "zoo:NAME" loaded for `target`: (drafter, SpeculativeVLM keyword arguments).
+
+    A feature-drafter checkpoint (EAGLE, EAGLE-3, MSD, DREAM) becomes its Drafter; a VLM comes with its processor
+    (``drafter_processor``), a causal LM with its tokenizer (``drafter_tokenizer``). Anything else (None, "ngram", a
+    model, a Drafter) is returned as it is."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, \
+        AutoTokenizer
+
+    from .drafters import feature_drafter_kind, load_feature_drafter
+    from .zoo import resolve
+
+    drafter = resolve(drafter)
+    if not isinstance(drafter, (str, Path)) or drafter == "ngram":
+        return drafter, {}
+    drafter = str(drafter)
+    if feature_drafter_kind(drafter):
+        return load_feature_drafter(drafter, target, tree), {}
+    kw = dict(trust_remote_code=trust_remote_code)
+    mkw = dict(kw, dtype=torch_dtype, device_map=device_map, **model_kwargs)
+    cfg = _load(AutoConfig, drafter, "drafter", **kw)
+    if hasattr(cfg, "vision_config"):
+        return (_load(AutoModelForImageTextToText, drafter, "drafter", **mkw).eval(),
+                {"drafter_processor": _load(AutoProcessor, drafter, "drafter", **kw)})
+    return (_load(AutoModelForCausalLM, drafter, "drafter", **mkw).eval(),
+            {"drafter_tokenizer": _load(AutoTokenizer, drafter, "drafter", **kw)})
 
 
 def _load(loader, path: str, what: str, **kw):

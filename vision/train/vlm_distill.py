@@ -174,7 +174,8 @@ def distill_draft_vlm(draft_model, target, processor, records: Sequence[Record],
                 total, hits, n = 0.0, 0, 0
                 for i in batch_indices(step, len(examples), batch_size, seed):
                     loss, (h, m) = draft_loss(draft_model, examples[i])
-                    (loss / batch_size).backward()
+                    if loss.requires_grad:  # a text-only example does not reach the projector
+                        (loss / batch_size).backward()
                     total, hits, n = total + loss.item() / batch_size, hits + h, n + m
                 if grad_clip:
                     torch.nn.utils.clip_grad_norm_(params, grad_clip)
