@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .errors import CheckpointError, MMSpecError
 
@@ -29,45 +30,60 @@ def _tree_arg(text: str):
     raise argparse.ArgumentTypeError(f"--tree {text!r}: expected K, full:B1,B2,... or dynamic:TOPK,DEPTH,TOTAL")
 
 
+def all_zoo():
+    """Every zoo model of both pipelines (vision.zoo and image_ar.zoo) in one `mmspec.zoo.Zoo`."""
+    from image_ar.zoo import MODELS as IMAGE_MODELS  # the CLI is the one place above the pipelines
+    from vision.zoo import MODELS as VLM_MODELS
+
+    from .zoo import Zoo
+
+    return Zoo(list(VLM_MODELS) + list(IMAGE_MODELS))
+
+
+def cmd_zoo(args) -> int:
+    """`mmspec zoo list` / `mmspec zoo build [--only NAME ...] [--quick] [--force]`."""
+    from .errors import InvalidInputError
+
+    zoo = all_zoo()
+    if args.action == "list":
+        print(f"zoo directory: {zoo.root}  (set $MMSPEC_ZOO to move it)\n")
+        print(f"{'name':18s} {'built':6s} {'quick':6s} summary")
+        for name in zoo.names():
+            m = zoo.model(name)
+            print(f"{name:18s} {'yes' if zoo.is_built(name) else '-':6s} "
+                  f"{'yes' if zoo.is_built(name, quick=True) else '-':6s} {m.summary}")
+        return 0
+    unknown = [n for n in args.only or [] if n not in zoo.names()]
+    if unknown:
+        raise InvalidInputError(f"--only {' '.join(unknown)}: not zoo models; valid names: {', '.join(zoo.names())}")
+    names = zoo.order(args.only) if args.only else zoo.names()
+    cards = zoo.build(names, quick=args.quick, progress=not args.quiet, force=args.force)
+    print(f"\n{'name':18s} {'seconds':>8s}  held-out")
+    for c in cards:
+        held = ", ".join(f"{k} {v}" for k, v in (c.get("held_out") or {}).items() if k != "example")
+        print(f"{c['name']:18s} {c.get('training_seconds', 0):8.0f}  {held[:150]}")
+    print(f"\nmodel cards: {zoo.root}/<name>/README.md")
+    return 0
+
+
 def cmd_demo(args) -> int:
-    """Run the engine on a tiny offline target/drafter pair and print what each method did."""
-    import torch
+    """Both pipelines on the zoo: a VLM answers about a bundled image; a LlamaGen draws a grid of classes."""
+    from image_ar.demo import run_image_demo, summary_text  # the CLI is the one place above the pipelines (ARCHITECTURE.md)
+    from vision.demo import print_summary, run_vlm_demo
 
-    from .loop import SpeculativeDecoder
-    from .testing.pairs import layer_pair
-    from .tree import DynamicTree, StaticTree
+    from .zoo import zoo_dir
 
-    torch.manual_seed(0)
-    dtype = getattr(torch, args.dtype)
-    target, drafter = (m.to(device=args.device, dtype=dtype) for m in layer_pair())
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, target.config.vocab_size, (n,), generator=g).tolist() for n in (12, 20, 7, 16)]
-    prompts[0] = (prompts[0][:5] * 4)[:16]  # a repetitive prompt for the n-gram drafter
-    print("mmspec demo: tiny random LLaMA target (4 layers) and a layer-truncated drafter, built offline, "
-          f"{args.dtype} on {args.device}, greedy, {args.new_tokens} new tokens for {len(prompts)} prompts\n")
-    rows = [("plain (target only)", None, 1), ("chain k=4", drafter, 4),
-            ("static tree (2,2,1)", drafter, StaticTree.full((2, 2, 1))),
-            ("EAGLE-2 dynamic tree", drafter, DynamicTree(topk=4, depth=4, total=16)), ("n-gram k=4", "ngram", 4)]
-    base, base_time, summaries = None, None, {}
-    print(f"{'method':24s} {'tok/s':>8s} {'speedup':>8s} {'tau':>5s} {'equal':>6s}  acceptance")
-    for name, d, tree in rows:
-        dec = SpeculativeDecoder(target, d, tree=tree)
-        dec.generate(prompts[:1], max_new_tokens=8)  # warm-up
-        out = dec.generate(prompts, max_new_tokens=args.new_tokens, temperature=args.temperature, seed=0)
-        s = out.stats
-        if base is None:
-            base, base_time = out.sequences, s.time_total
-        equal = "yes" if out.sequences == base else ("n/a" if args.temperature > 0 else "NO")
-        kind = "lossless" if s.lossless else "LOSSY"
-        print(f"{name:24s} {s.tokens_per_second:8.0f} {base_time / s.time_total:7.2f}x {s.tau:5.2f} {equal:>6s}  "
-              f"{s.acceptance or '-'} ({kind})")
-        summaries[name] = s.summary()
-    print("\nOne timed run each on random tiny models: speedups are noisy and say little about real models; "
-          "`mmspec bench engine` reports medians side by side with transformers' generate and assisted generation.")
-    print("\nEAGLE-2 dynamic tree:", summaries["EAGLE-2 dynamic tree"])
-    from vision.demo import run_vlm_demo  # the CLI is the one place above the pipelines (ARCHITECTURE.md)
-
-    run_vlm_demo(new_tokens=min(args.new_tokens, 32))
+    tier = "quick zoo (tiny models: the numbers mean nothing)" if args.quick else "zoo"
+    print(f"mmspec demo on the {tier}; models are trained on first use and cached in {zoo_dir()}\n")
+    out = Path(args.out)
+    if args.only in (None, "vlm"):
+        vlm = run_vlm_demo(out / "vlm", quick=args.quick, progress=not args.quiet)
+        print_summary(vlm)
+    if args.only in (None, "image"):
+        img = run_image_demo(out / "image", quick=args.quick, progress=not args.quiet)
+        if args.quiet:  # with progress on, the image demo prints its own summary
+            print(summary_text(img))
+    print(f"\nOutputs in {out}/. `mmspec bench vlm|image` compares every method with transformers.")
     return 0
 
 
@@ -179,19 +195,25 @@ def cmd_bench(args) -> int:
     if args.what == "vlm":
         from vision.bench import run_vlm_benchmark
 
-        run_vlm_benchmark(out_dir=args.out or "bench_out/vlm", family=args.family,
-                          new_tokens=16 if args.quick else min(args.new_tokens, 64))
+        temps = tuple(args.temperatures) if args.temperatures else (0.0, 1.0)
+        run_vlm_benchmark(out_dir=args.out or "bench_out/vlm", target=args.target or "zoo:vlm",
+                          drafters=args.drafter, prompts=args.prompts, new_tokens=min(args.new_tokens, 256),
+                          temperatures=temps, repeats=args.repeats, k=args.k, quick=args.quick,
+                          n_prompts=args.num_prompts)
         return 0
-    if args.what == "image":
-        if args.continuous:
+    if args.what in ("image", "continuous"):
+        if args.continuous or args.what == "continuous":
             from image_ar.bench_continuous import run_continuous_benchmark
 
             run_continuous_benchmark(out_dir=args.out or "bench_out/image_continuous", quick=args.quick,
-                                     temperature=args.temperature)
+                                     temperature=args.temperature, target=args.target,
+                                     drafter=(args.drafter or [None])[0], labels=args.labels, repeats=args.repeats)
             return 0
         from image_ar.bench import run_image_benchmark
 
-        run_image_benchmark(out_dir=args.out or "bench_out/image", quick=args.quick, temperature=args.temperature)
+        run_image_benchmark(out_dir=args.out or "bench_out/image", quick=args.quick, temperature=args.temperature,
+                            target=args.target, vq=args.vq, drafter=(args.drafter or [None])[0], labels=args.labels,
+                            repeats=args.repeats)
         return 0
     if args.what == "compress":
         from vision.bench import run_compression_benchmark
@@ -207,13 +229,23 @@ def build_parser() -> argparse.ArgumentParser:
                                 "image generators.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="run the engine on built-in tiny offline models and print the stats")
-    demo.add_argument("--new-tokens", type=int, default=64)
-    demo.add_argument("--temperature", type=float, default=0.0)
-    demo.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    demo.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                      help="greedy equality with plain decoding is only expected in float32")
+    demo = sub.add_parser("demo", help="both pipelines on the zoo: a VLM answers about a bundled image, a LlamaGen "
+                          "draws a grid; speedup, tau and losslessness of each (trains the zoo on first use)")
+    demo.add_argument("--quick", action="store_true", help="the quick zoo (tiny models, a minute; numbers mean "
+                      "nothing)")
+    demo.add_argument("--only", choices=["vlm", "image"], default=None, help="run one pipeline's part")
+    demo.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=cmd_demo)
+
+    zoo = sub.add_parser("zoo", help="the model zoo: trained offline on first use, cached under $MMSPEC_ZOO "
+                         "(default ~/.cache/mmspec/zoo)")
+    zoo.add_argument("action", choices=["list", "build"])
+    zoo.add_argument("--only", nargs="+", metavar="NAME", help="build these models (and what they need)")
+    zoo.add_argument("--quick", action="store_true", help="the quick variants (tiny, seconds; for tests)")
+    zoo.add_argument("--force", action="store_true", help="rebuild even if cached")
+    zoo.add_argument("--quiet", action="store_true", help="no progress bars")
+    zoo.set_defaults(func=cmd_zoo)
 
     gen = sub.add_parser("generate", help="speculative text generation with a causal LM (path or id)")
     gen.add_argument("--target", required=True, help="model path or id (AutoModelForCausalLM)")
@@ -260,9 +292,20 @@ def build_parser() -> argparse.ArgumentParser:
     train_img.set_defaults(func=cmd_train_image_head)
 
     bench = sub.add_parser("bench", help="benchmarks that print and save tables (JSON + Markdown)")
-    bench.add_argument("what", choices=["engine", "overhead", "vlm", "compress", "image"])
+    bench.add_argument("what", choices=["engine", "overhead", "vlm", "compress", "image", "continuous"])
     bench.add_argument("--out", default=None, help="output folder (default bench_out/<what>)")
-    bench.add_argument("--family", default="llava", help="vlm: the tiny VLM family to run (see vision.testing)")
+    bench.add_argument("--target", default=None, help="vlm / image / continuous: a model path or zoo:NAME (default: "
+                       "the zoo's)")
+    bench.add_argument("--drafter", action="append", default=None, help="vlm: a drafter path, zoo:NAME or ngram "
+                       "(repeat for several; default: every zoo drafter); image / continuous: one drafter")
+    bench.add_argument("--vq", default=None, help="image: the VQ tokenizer path or zoo:NAME (default zoo:vq)")
+    bench.add_argument("--prompts", default=None, help="vlm: a JSONL file of {\"prompt\", \"images\"} lines or a "
+                       "dataset directory (default: held-out zoo questions)")
+    bench.add_argument("--labels", default=None, help="image / continuous: a file with one class label per line")
+    bench.add_argument("--num-prompts", type=int, default=8, help="vlm: zoo prompts to run (default 8)")
+    bench.add_argument("--temperatures", type=float, nargs="+", default=None, help="vlm: default 0 1")
+    bench.add_argument("--repeats", type=int, default=3, help="timed repeats per method (median; default 3)")
+    bench.add_argument("-k", type=int, default=4, help="vlm: drafted tokens per step (chain; default 4)")
     bench.add_argument("--new-tokens", type=int, default=128)
     bench.add_argument("--quick", action="store_true", help="a small run (for smoke tests)")
     bench.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")

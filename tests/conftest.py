@@ -57,3 +57,35 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int, eos_token_id=None) 
 def reference(target, prompts):
     """Target-only greedy continuations from transformers' own `generate` (an independent implementation)."""
     return [hf_greedy(target, p, 24) for p in prompts]
+
+
+# --- the zoo: every fast-tier test sees $MMSPEC_ZOO pointing at one fresh directory of the session, so quick zoo
+# models (`zoo:NAME@quick`, trained in seconds) are built once and never land in the user's cache. Slow-tier tests
+# keep the user's zoo directory: the full zoo is many minutes of training, built once and reused.
+@pytest.fixture(scope="session")
+def quick_zoo_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("zoo")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_zoo(request, quick_zoo_root, monkeypatch):
+    if request.node.get_closest_marker("slow") is None:
+        monkeypatch.setenv("MMSPEC_ZOO", str(quick_zoo_root))
+
+
+@pytest.fixture(scope="session")
+def quick_zoo(quick_zoo_root):
+    """Every quick image recipe built once into the session's zoo directory: (root, {name: card})."""
+    from image_ar.zoo import zoo
+
+    cards = zoo(quick_zoo_root).build(quick=True, progress=False)
+    return quick_zoo_root, {c["name"]: c for c in cards}
+
+
+@pytest.fixture(scope="session")
+def quick_vlm_zoo(quick_zoo_root):
+    """Every quick VLM recipe built once into the session's zoo directory: (root, {name: card})."""
+    from vision.zoo import zoo
+
+    cards = zoo(quick_zoo_root).build(quick=True, progress=False)
+    return quick_zoo_root, {c["name"]: c for c in cards}

@@ -67,17 +67,6 @@ def test_readme_python_example_runs(saved_pair):
     assert sum(len(p) for p in pieces) == 16
 
 
-def test_demo_runs_offline_and_every_method_matches_plain(capsys):
-    assert main(["demo", "--new-tokens", "8"]) == 0
-    out = capsys.readouterr().out
-    rows = [line for line in out.splitlines() if "(lossless)" in line and "x " in line]
-    assert len(rows) == 5
-    assert all(" yes " in row for row in rows), out
-    vlm = out[out.index("VLM chat"):].splitlines()
-    drafters = [line for line in vlm if line.startswith(("target only", "draft VLM", "text-only", "n-gram"))]
-    assert len(drafters) == 4 and all(line.rstrip().endswith("yes") for line in drafters), out
-
-
 def test_generate_with_a_missing_model_path_is_a_typed_error(tmp_path, capsys):
     missing = str(tmp_path / "no-such-model")
     assert main(["generate", "--target", missing, "w5"]) == 2

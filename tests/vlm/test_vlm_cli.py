@@ -58,17 +58,27 @@ def test_unloadable_target_is_a_checkpoint_error(tmp_path, capsys):
     assert "CheckpointError" in capsys.readouterr().err
 
 
-def test_bench_vlm_quick(tmp_path, capsys):
-    assert main(["bench", "vlm", "--quick", "--out", str(tmp_path)]) == 0
+def test_bench_vlm_on_given_models_and_prompts(tmp_path, capsys):
+    """`bench vlm --target --drafter --prompts`: the user's models (here quick zoo paths) and prompt file."""
     import json
 
-    res = json.loads((tmp_path / "result.json").read_text())
-    rows = {r["method"].split(" (")[0].split(",")[0]: r for r in res["rows"]}
-    assert all(r["equal_to_hf_greedy"] for r in res["rows"] if "error" not in r)
-    # Our draft VLM sees the image; the same drafter inside transformers' assisted generation does not.
-    assert rows["mmspec draft VLM"]["target_forwards_per_token"] < 0.7
-    assert rows["hf-assisted"]["target_forwards_per_token"] > rows["mmspec draft VLM"]["target_forwards_per_token"]
-    assert "| method |" in (tmp_path / "result.md").read_text()
+    from vision import scenes
+
+    scenes.render(scenes.random_scene(__import__("random").Random(3)), 20).save(tmp_path / "a.png")
+    (tmp_path / "p.jsonl").write_text('{"prompt": "Describe the image.", "images": ["a.png"]}\n'
+                                      '{"prompt": "Tell me about lists."}\n')
+    out = tmp_path / "out"
+    assert main(["bench", "vlm", "--target", "zoo:vlm@quick", "--drafter", "zoo:vlm-draft@quick", "--drafter",
+                 "ngram", "--prompts", str(tmp_path / "p.jsonl"), "--temperatures", "0", "--repeats", "1",
+                 "--new-tokens", "8", "--out", str(out)]) == 0
+    res = json.loads((out / "result.json").read_text())
+    assert res["config"]["prompts"] == 2 and res["config"]["drafters"] == ["zoo:vlm-draft@quick", "ngram"]
+    rows = res["tables"][0]["rows"]
+    names = [r["method"] for r in rows]
+    assert names[0] == "plain decoding (mmspec)" and any(n.startswith("assisted generation") for n in names)
+    assert [n for n in names if "chain" in n] == ["zoo:vlm-draft@quick (mmspec, chain 4)", "ngram (mmspec, chain 4)"]
+    assert all(r["lossless"] == "yes (identical)" for r in rows if "error" not in r)
+    assert "| method |" in capsys.readouterr().out
 
 
 def test_readme_vlm_example_runs(checkpoints, tmp_path, capsys):
