@@ -55,7 +55,7 @@ def run_vlm_demo(out_dir="demo_out/vlm", quick: bool = False, progress: bool = T
                      "tokens": len(p.token_ids), "identical": p.token_ids == s.token_ids, "tau": s.stats.tau,
                      "plain_s": statistics.median(times["plain"]), "speculative_s": statistics.median(times["spec"])})
     plain_s, spec_s = sum(r["plain_s"] for r in rows), sum(r["speculative_s"] for r in rows)
-    summary = {"target": "zoo:vlm" + ("@quick" if quick else ""), "drafter": f"zoo:{drafter}", "image": str(
+    summary = {"target": "zoo:vlm" + ("@quick" if quick else ""), "drafter": f"zoo:{drafter}" + ("@quick" if quick else ""), "image": str(
         out / "image.png"), "rows": rows, "speedup": plain_s / spec_s,
         "tau": statistics.mean(r["tau"] for r in rows), "identical": all(r["identical"] for r in rows)}
     (out / "vlm_demo.json").write_text(json.dumps(summary, indent=2))
