@@ -1,6 +1,6 @@
 """`mmspec bench continuous`: CSpD side by side with target-only sampling on continuous-token (MAR-style) models.
 
-Default models: the zoo's (`image_ar.zoo`: a 192-wide, 6-layer ContinuousAR with its diffusion head on 4-channel KL
+Default models: the zoo's (`image_ar.zoo`: a 256-wide, 10-layer ContinuousAR with its diffusion head on 4-channel KL
 latents, and a 1-layer ContinuousAR drafter); `target=` / `drafter=` take paths or ``zoo:NAME`` instead. Rows: the
 plain sampler (`generate_continuous`, the reference), the pipeline without a drafter, and CSpD (Wang et al. 2024,
 arXiv:2411.11925) at k = 2 and 4 draft tokens and with 15% target-only pre-filling. Every row is lossless: CSpD's rule
