@@ -141,8 +141,6 @@ class LlamaGenRunner:
         width = max(len(ix) for ix in index)
         if width == 0:
             self.cache.crop(start)
-        elif all(ix == list(range(start, start + width)) for ix in index):  # already in place (one row, or rows
-            self.cache.crop(start + width)  # in step, that kept a prefix of their block): nothing to move
         else:
             padded = [ix + [ix[-1] if ix else 0] * (width - len(ix)) for ix in index]  # pads are never visible
             self.cache.compact(start, self._rows(torch.tensor(padded, dtype=torch.long)))

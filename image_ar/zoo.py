@@ -26,14 +26,13 @@ same weights) and has a quick variant (tiny sizes, a few steps, seconds) for the
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from mmspec.zoo import BuildContext, Zoo, ZooModel
+from mmspec.zoo import BuildContext, Zoo, ZooModel, parameter_count, seeded
 
 from . import shapes
 
@@ -41,14 +40,6 @@ DATA = "shapes-v1"  # bump when image_ar.shapes draws different images
 
 
 # --- the shared training loop ---------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def seeded(seed: int):
-    """Initialise weights from `seed` without touching the caller's global RNG."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
 def fit(module: torch.nn.Module, batch_loss, *, steps: int, lr: float, seed: int, desc: str, progress: bool,
         params=None, weight_decay: float = 0.0, every=None) -> list[float]:
     """AdamW with a one-cycle (warm-up, cosine) schedule and gradient clipping at 1.
@@ -86,10 +77,6 @@ def _autocast(enabled: bool):
 
 def _tail(losses: list[float], n: int = 20) -> float:
     return round(sum(losses[-n:]) / len(losses[-n:]), 5)
-
-
-def _params(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def _data(r: dict) -> str:
@@ -184,7 +171,7 @@ def build_vq(ctx: BuildContext) -> dict:
     tok = VQTokenizer(vq.eval(), l2_norm=True)
     held = _vq_held_out(tok, r)
     tok.save_pretrained(ctx.out)
-    return {"data": _data(r), "parameters": _params(vq), "final_loss": _tail(losses), "held_out": held,
+    return {"data": _data(r), "parameters": parameter_count(vq), "final_loss": _tail(losses), "held_out": held,
             "notes": f"{r['image_size']}x{r['image_size']} images -> {tok.grid_size}x{tok.grid_size} codes of a "
                      f"{r['codebook_size']}-code codebook (dimension {r['embed_dim']}, l2-normalised lookup)."}
 
@@ -240,7 +227,7 @@ def build_llamagen(ctx: BuildContext) -> dict:
         held.update(_drafter_held_out(target, vq, model, r))
     model.save_pretrained(ctx.out)
     cfg = model.config
-    return {"data": _data({**r, "image_size": vq.image_size}) + " encoded by zoo:vq", "parameters": _params(model),
+    return {"data": _data({**r, "image_size": vq.image_size}) + " encoded by zoo:vq", "parameters": parameter_count(model),
             "final_loss": _tail(losses), "held_out": held,
             "notes": f"c2i LlamaGen, {cfg.dim} wide x {cfg.n_layer} layers, {cfg.vocab_size} codes on a "
                      f"{cfg.grid_size}x{cfg.grid_size} grid, {cfg.num_classes} classes + the CFG null class."}
@@ -309,7 +296,7 @@ def build_head(ctx: BuildContext) -> dict:
     held = _drafter_held_out(target, vq, head, r)
     head.save_pretrained(ctx.out)
     return {"data": f"{r['samples']} grids sampled from zoo:llamagen (CFG {r['guidance_scale']}, temperature 1; "
-                    f"{sampling:.0f} s), balanced classes", "parameters": _params(head),
+                    f"{sampling:.0f} s), balanced classes", "parameters": parameter_count(head),
             "final_loss": _tail(losses), "held_out": held,
             "notes": f"EAGLE head: fc + {r['n_layer']} LlamaGen block(s) on the target's features; embedding and "
                      "output layer are the target's (not stored here). Load it with its target."}
@@ -334,7 +321,7 @@ def build_classifier(ctx: BuildContext) -> dict:
     with torch.no_grad():
         acc = float((model(x).argmax(-1) == labels).float().mean())
     model.save_pretrained(ctx.out)
-    return {"data": _data(r), "parameters": _params(model), "final_loss": _tail(losses),
+    return {"data": _data(r), "parameters": parameter_count(model), "final_loss": _tail(losses),
             "held_out": {"accuracy": round(acc, 4), "images": len(x)},
             "notes": f"Its {model.feature_dim} penultimate features give the Fréchet distance (image_ar.frechet)."}
 
@@ -378,7 +365,7 @@ def build_kl_vae(ctx: BuildContext) -> dict:
         vae.register_to_config(scaling_factor=1.0 / std, shift_factor=float(z.mean()))
         mse = float(F.mse_loss(vae.decode(z).sample.clamp(-1, 1), x))
     vae.save_pretrained(str(ctx.out), safe_serialization=True)
-    return {"data": _data(r), "parameters": _params(vae), "final_loss": _tail(losses),
+    return {"data": _data(r), "parameters": parameter_count(vae), "final_loss": _tail(losses),
             "held_out": {"reconstruction MSE ([-1, 1] pixels)": round(mse, 5), "latent std": round(std, 4),
                          "images": len(x)},
             "notes": f"{r['image_size']}x{r['image_size']} images -> {r['latent_channels']}-channel latents at "
@@ -438,7 +425,7 @@ def build_continuous(ctx: BuildContext) -> dict:
     model.save_pretrained(ctx.out)
     cfg = model.config
     return {"data": _data({**r, "image_size": vae.config.sample_size}) + " encoded by zoo:kl-vae",
-            "parameters": _params(model), "final_loss": _tail(losses), "held_out": held,
+            "parameters": parameter_count(model), "final_loss": _tail(losses), "held_out": held,
             "notes": f"causal ContinuousAR, {cfg.dim} wide x {cfg.n_layer} layers; diffusion head {cfg.head_width} "
                      f"wide x {cfg.head_depth} blocks, {cfg.sampling_steps} {cfg.noise_schedule} sampling steps; "
                      f"{cfg.grid_size}x{cfg.grid_size} tokens of {cfg.token_dim} channels."}

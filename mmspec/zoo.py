@@ -22,6 +22,7 @@ Every recipe has a ``quick`` variant (tiny sizes, a few steps) that trains in se
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -33,12 +34,26 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterable
 
+import torch
+
 from .errors import CheckpointError, InvalidInputError
 
 PREFIX = "zoo:"
 QUICK_TAG = "@quick"
 CARD_JSON, CARD_MD = "card.json", "README.md"
 FORMAT = 1  # bump when the on-disk layout of every zoo model changes
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Initialise weights from `seed` without touching the caller's global RNG (zoo recipes are deterministic)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def parameter_count(module) -> int:
+    return sum(p.numel() for p in module.parameters())
 
 
 def zoo_dir() -> Path:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import transformers
 
 from mmspec.errors import InvalidInputError
 
@@ -201,16 +202,10 @@ def run_vlm_benchmark(out_dir="bench_out/vlm", target: str = "zoo:vlm", drafters
                          "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
                          "device": str(model.device), "threads": torch.get_num_threads(),
                          "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-                         "transformers": _version("transformers"), "date": time.strftime("%Y-%m-%d")},
+                         "transformers": transformers.__version__, "date": time.strftime("%Y-%m-%d")},
               "tables": tables}
     _write(result, Path(out_dir))
     return result
-
-
-def _version(pkg: str) -> str:
-    from importlib.metadata import version
-
-    return version(pkg)
 
 
 def _run_temperature(methods: list[Method], model, rows: list[dict], temperature: float, repeats: int,
@@ -220,8 +215,7 @@ def _run_temperature(methods: list[Method], model, rows: list[dict], temperature
     from tqdm.auto import tqdm
 
     for m in methods:
-        m.times, m.seqs, m.stats, m.forwards, m.error = [], [], [], 0, None
-        m.tokens = []
+        m.times, m.seqs, m.stats, m.tokens, m.forwards, m.error = [], [], [], [], 0, None
         try:
             m.run(rows[0], temperature, 12345)  # warm-up, untimed
         except Exception as e:  # a method transformers refuses for this model: reported, never hidden
@@ -336,11 +330,9 @@ def _write(result: dict, out: Path) -> None:
 
 def plot(result: dict, path: Path) -> None:
     """Speedup against tau, one panel per temperature (our drafters and transformers' rows)."""
-    import matplotlib
+    from mmspec.bench import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(result["tables"]), figsize=(6 * len(result["tables"]), 4.5), squeeze=False)
     for ax, t in zip(axes[0], result["tables"]):
         for r in t["rows"]:

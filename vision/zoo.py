@@ -26,15 +26,14 @@ module holds the recipes (`MODELS`). Every recipe has a quick variant (tiny size
 """
 from __future__ import annotations
 
-import contextlib
+import functools
 import random
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from mmspec.zoo import BuildContext, Zoo, ZooModel
+from mmspec.zoo import BuildContext, Zoo, ZooModel, parameter_count, seeded
 
 from . import scenes
 
@@ -69,25 +68,9 @@ def conversation(i: int, seed: int, image_size: int, text_fraction: float = 0.2,
     return [image], messages
 
 
-_PASSAGES: list | None = None
-
-
-def _passages():
-    global _PASSAGES
-    if _PASSAGES is None:
-        _PASSAGES = scenes.passages()
-    return _PASSAGES
-
-
-@contextlib.contextmanager
-def seeded(seed: int):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
-def _params(module) -> int:
-    return sum(p.numel() for p in module.parameters())
+@functools.cache
+def _passages() -> list:
+    return scenes.passages()
 
 
 # --- vlm-data -----------------------------------------------------------------------------------------------------
@@ -207,7 +190,6 @@ def build_vlm(ctx: BuildContext) -> dict:
                         vision_layers=r["vision_layers"], hidden=r["hidden"], layers=r["layers"], heads=r["heads"],
                         kv_heads=r["kv_heads"], intermediate=r["intermediate"], seed=r["seed"])
     tower = model.model.vision_tower
-    t0 = time.perf_counter()
     facts = pretrain_tower(tower, processor.image_processor, steps=r["tower_steps"], batch_size=r["tower_batch"],
                            lr=r["tower_lr"], seed=r["seed"], image_size=r["image_size"], progress=ctx.progress)
     tower.requires_grad_(False)
@@ -223,7 +205,7 @@ def build_vlm(ctx: BuildContext) -> dict:
     tc = model.config.text_config
     return {"data": f"{DATA}: fresh vision.scenes conversations every step ({r['steps'] * r['batch_size']} in all; "
                     f"{r['text_fraction']:.0%} natural text without an image, {r['two_turn']:.0%} two-turn)",
-            "parameters": _params(model), "final_loss": round(report["loss"], 4),
+            "parameters": parameter_count(model), "final_loss": round(report["loss"], 4),
             "held_out": {**facts, **held},
             "notes": f"LlavaForConditionalGeneration: CLIP tower {r['vision_hidden']} x {r['vision_layers']} on "
                      f"{r['image_size']} px ({(r['image_size'] // r['patch']) ** 2} image tokens), LLaMA "
@@ -273,7 +255,7 @@ def build_text(ctx: BuildContext) -> dict:
                                  warmup=r["warmup"], progress=ctx.progress, desc="zoo vlm-text")
     model.save_pretrained(ctx.out)
     tok.save_pretrained(ctx.out)
-    return {"data": f"{DATA}: the conversations with their images removed", "parameters": _params(model),
+    return {"data": f"{DATA}: the conversations with their images removed", "parameters": parameter_count(model),
             "final_loss": round(report["loss"], 4),
             "held_out": _tau(ctx, lambda target, proc: _text_drafter(target, proc, ctx.out)),
             "notes": f"LlamaForCausalLM {r['hidden']} x {r['layers']}, the target's tokenizer."}
@@ -316,8 +298,8 @@ def build_draft_vlm(ctx: BuildContext) -> dict:
     draft.save_pretrained(ctx.out)
     processor.save_pretrained(ctx.out)
     return {"data": f"{len(records)} vlm-data conversations, the target's top-{reports[-1]['topk']} distributions",
-            "parameters": _params(draft), "final_loss": round(reports[-1]["loss"], 4),
-            "held_out": _tau(ctx, lambda t, p: _vlm_drafter(t, p, ctx.out)),
+            "parameters": parameter_count(draft), "final_loss": round(reports[-1]["loss"], 4),
+            "held_out": _tau(ctx, lambda t, p: _vlm_drafter(t, p, ctx.out), target, processor),
             "notes": f"LLaVA {lc.hidden_size} x {lc.num_hidden_layers} with the target's tower; top-1 agreement "
                      f"on training answers {reports[-1]['acceptance']:.3f}."}
 
@@ -360,7 +342,7 @@ def build_head(ctx: BuildContext) -> dict:
     return {"data": f"{len(records)} vlm-data conversations, the target's features and top-8 distributions",
             "parameters": sum(p.numel() for p in head.trainable_parameters()),
             "final_loss": round(report["loss"], 4),
-            "held_out": _tau(ctx, lambda t, p: _head_drafter(t, p, ctx.out)),
+            "held_out": _tau(ctx, lambda t, p: _head_drafter(t, p, ctx.out), target, processor),
             "notes": f"{type(head).__name__} ({r['layers']} layers{', taps ' + str(taps) if taps else ''}"
                      f"{', compressor ' + r['compressor'] if compressor is not None else ''}); top-1 agreement on "
                      f"training answers {report['acceptance']:.3f}."}
@@ -380,9 +362,11 @@ def _head_drafter(target, processor, path):
 
 
 @torch.no_grad()
-def _tau(ctx: BuildContext, make) -> dict:
-    """Greedy chain-4 speculative decoding of the held-out prompts: tau (tokens per target forward)."""
-    target, processor = load_target(ctx.deps["vlm"])
+def _tau(ctx: BuildContext, make, target=None, processor=None) -> dict:
+    """Greedy chain-4 speculative decoding of the held-out prompts: tau (tokens per target forward). The target
+    is loaded unless the build already holds it."""
+    if target is None:
+        target, processor = load_target(ctx.deps["vlm"])
     svlm = make(target, processor)
     records = load_records(ctx.deps["vlm-data"], "held_out")[: ctx.recipe["eval_records"]]
     taus = []

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 
-import torch
+from mmspec.zoo import seeded
 
 from .scenes import passages, scene_example, text_conversation
 
@@ -81,8 +81,7 @@ def llava_model(tok, *, image_size: int, patch: int, vision_hidden: int, vision_
                          vision_feature_layer=-1)
     config._attn_implementation = "sdpa"
     config.text_config._attn_implementation = config.vision_config._attn_implementation = "sdpa"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         model = LlavaForConditionalGeneration(config)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
@@ -100,7 +99,6 @@ def text_lm(tok, *, hidden: int, layers: int, heads: int, kv_heads: int, interme
                          max_position_embeddings=max_positions, bos_token_id=tok.bos_token_id,
                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
     config._attn_implementation = "sdpa"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         model = LlamaForCausalLM(config)
     return model.float().eval()

@@ -301,9 +301,6 @@ class ImageHeadDrafter:
         low = min(self.lengths)
         index = [list(range(low, c)) + list(range(start, start + k)) for c, k in zip(self.lengths, n)]
         width = max(len(ix) for ix in index)
-        if all(ix == list(range(low, low + width)) for ix in index):  # already in place: nothing to move
-            self.cache.crop(low + width)
-        else:
-            padded = [ix + [ix[-1]] * (width - len(ix)) for ix in index]  # pads are past the row's length: unseen
-            self.cache.compact(low, self._rows(torch.tensor(padded, dtype=torch.long)))
+        padded = [ix + [ix[-1]] * (width - len(ix)) for ix in index]  # pads are past the row's length: never seen
+        self.cache.compact(low, self._rows(torch.tensor(padded, dtype=torch.long)))
         self.lengths = [c + k for c, k in zip(self.lengths, n)]

@@ -197,6 +197,9 @@ class KVCache:
         if not 0 <= start <= self.length:
             raise InvalidInputError(f"KVCache.compact start={start}: must be in [0, {self.length}]")
         n = index.shape[-1]
+        if torch.equal(index, torch.arange(start, start + n, device=index.device).expand_as(index)):
+            self.length = start + n  # the kept slots are already in place (a row that accepted a prefix)
+            return
         for bufs in (self.keys, self.values):
             for layer, buf in enumerate(bufs):
                 if buf is None:

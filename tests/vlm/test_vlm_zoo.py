@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from mmspec.errors import InvalidInputError
 from vision import scenes
