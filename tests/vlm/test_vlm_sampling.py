@@ -91,3 +91,25 @@ def test_feature_drafter_with_attention_pruned_image_samples_the_target():
     assert outside == 0
     assert stat < threshold, (stat, threshold)
     assert 0 < accepted < drafted
+
+
+def test_dream_drafter_samples_the_target():
+    """The DREAM drafter (gated cross-attention head, as in the zoo's vlm-dream) under sampling: the continuations
+    follow the target's exact joint distribution (its drafts are verified by the point-mass rule)."""
+    from vision.drafters import DreamDrafter, DreamHead
+    from vision.testing import tiny_vlm
+
+    t = tiny_vlm("llava", text_layers=1)
+    t.model.to(DEVICE)
+    img = image(7, "llava")
+    joint = exact_joint("llava", img, t)
+    torch.manual_seed(0)
+    svlm = SpeculativeVLM(t.model, t.processor, DreamDrafter(DreamHead(t.model).to(DEVICE), 2))
+    samples, drafted = [], 0
+    for start in range(0, N, 250):
+        out = svlm.generate(prompt=[PROMPT] * 250, images=[[img]] * 250, max_new_tokens=LENGTH, seed=start, **SPEC)
+        samples.extend(tuple(s) for s in out.sequences)
+        drafted += out.stats.draft_tokens
+    stat, threshold, outside = chi_square(samples, joint)
+    assert outside == 0 and drafted > 0
+    assert stat < threshold, (stat, threshold)
