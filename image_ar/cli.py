@@ -29,7 +29,7 @@ def run_image(args) -> int:
     continuous = is_continuous_dir(Path(target))
     drafter = args.drafter or ("none" if continuous else "jacobi")
     pipe = SpeculativeImagePipeline.from_pretrained(
-        target, vq=resolve(args.vq), drafter=None if drafter == "none" else resolve(drafter), device=args.device,
+        target, vq=resolve(args.vq), drafter=None if drafter == "none" else resolve(drafter), device_map=args.device,
         draft_tokens=args.draft_tokens, window=args.window,
         target_config=None if args.grid_size is None else {"grid_size": args.grid_size})
     out = pipe(class_labels=args.class_label, num_images_per_prompt=args.num_images,

@@ -21,6 +21,7 @@ small ContinuousARs, and ``acceptance="cspd"`` (or "lossless", the same rule) is
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ from .continuous_target import ContinuousARTarget
 from .drafters import ImageHead, ImageHeadDrafter, ImageModelDrafter, JacobiDrafter, is_head_checkpoint
 from .drafters.continuous import ContinuousDrafter, check_prefill_ratio
 from .models.continuous_ar import KIND as CONTINUOUS_KIND, ContinuousAR
+from .models.guided import check_guidance_scale
 from .models.kl_vae import decode_tokens, load_kl_vae
 from .models.llamagen import LlamaGen, directory_kind
 from .models.vq import VQTokenizer, load_vq, to_pil
@@ -70,8 +72,15 @@ class ImageStats:
     engine: GenerationStats = field(repr=False)
     residual_draws: int | None = None  # CSpD: chains the residual sampler drew from the target's head (all images)
 
+    @property
+    def mean_acceptance_length(self) -> float:
+        """vLLM's mean acceptance length over the decoding steps (1 + accepted drafts per verification, prefill
+        excluded); `tau` above counts tokens per target forward with the prefill."""
+        return self.engine.mean_acceptance_length
+
     def as_dict(self) -> dict:
         return {"acceptance": self.acceptance, "lossless": self.lossless, "images": self.images,
+                "mean_acceptance_length": self.mean_acceptance_length,
                 "tokens_per_image": self.tokens_per_image, "target_forwards": self.target_forwards,
                 "mean_target_forwards": sum(self.target_forwards) / max(1, len(self.target_forwards)),
                 "tau": self.tau, "mean_acceptance": float(self.acceptance_grid.mean()),
@@ -136,8 +145,8 @@ class SpeculativeImagePipeline:
         self.decoder = SpeculativeDecoder(self.target, self._drafter)
 
     @classmethod
-    def from_pretrained(cls, target, vq=None, drafter=None, *, dtype=torch.float32, device=None,
-                        target_config=None, **kwargs):
+    def from_pretrained(cls, target, vq=None, drafter=None, *, dtype=torch.float32, device_map=None,
+                        target_config=None, device=None, **kwargs):
         """target: a LlamaGen directory (``save_pretrained``) or reference checkpoint file, or a model; vq: a VQ
         directory / reference file; drafter: None, "jacobi", or a head / LlamaGen checkpoint path. target_config: for
         reference files, a preset name ("GPT-L"), a LlamaGenConfig, or a dict of fields the weights do not hold
@@ -145,9 +154,13 @@ class SpeculativeImagePipeline:
 
         Every path may name a model of the image zoo instead (`image_ar.zoo`, trained on first use):
         ``from_pretrained("zoo:llamagen", vq="zoo:vq", drafter="zoo:llamagen-head")``; "zoo:NAME@quick" is its
-        quick variant."""
+        quick variant. dtype / device_map name the weights' dtype and device as in transformers 5 (device_map is
+        one device here; ``device`` is its old spelling, still accepted)."""
+        from mmspec.compat import renamed
+
         from .zoo import resolve
 
+        device = renamed("device_map", device_map, "device", device)
         target, vq, drafter = resolve(target), resolve(vq), resolve(drafter)
         if "vae" in kwargs:
             kwargs["vae"] = resolve(kwargs["vae"])
@@ -312,30 +325,29 @@ class SpeculativeImagePipeline:
         n_tok = total if num_tokens is None else num_tokens
         if isinstance(n_tok, bool) or not isinstance(n_tok, int) or not 0 < n_tok <= total:
             raise InvalidInputError(f"num_tokens={num_tokens!r}: must be an int in [1, {total}]")
-        if guidance_scale is not None:
-            self.target.guidance_scale = guidance_scale
-        self._continuous_options(guidance_schedule, prefill_ratio, temperature, top_p)
-        if self.continuous and output_type == "pil" and n_tok == total and self.vae is None:
-            raise InvalidInputError("no VAE to decode continuous tokens with: pass vae= (an AutoencoderKL) to the "
-                                    "pipeline, or output_type='tokens'")
-        if not self.continuous and output_type == "pil" and n_tok == total and self.vq is None \
-                and not hasattr(self.target, "decode"):
-            raise InvalidInputError("no VQ tokenizer to decode image tokens with: pass vq= to the pipeline, or "
-                                    "output_type='tokens'")
-        prompts = self.target.bind(cond, mask) if mask is not None else self.target.bind(cond)
-        gens = self._generators(generator, seed, len(prompts))
-        self.decoder.acceptance = kernel
+        settings = self._call_settings(guidance_scale, guidance_schedule, prefill_ratio, temperature, top_p)
         t0 = time.perf_counter()
-        stream = self.decoder.stream(prompts, max_new_tokens=n_tok, temperature=1.0 if self.continuous else temperature,
-                                     top_k=0 if self.continuous else top_k or 0, top_p=top_p, generator=gens)
-        record = _Recorder(len(prompts), n_tok)
-        bar = _progress(progress, len(prompts) * n_tok)
-        for event in stream:
-            record.add(event)
+        with _applied(settings):  # this call's settings, on the components for this call only (their setters check
+            if self.continuous and output_type == "pil" and n_tok == total and self.vae is None:  # them first)
+                raise InvalidInputError("no VAE to decode continuous tokens with: pass vae= (an AutoencoderKL) to the "
+                                        "pipeline, or output_type='tokens'")
+            if not self.continuous and output_type == "pil" and n_tok == total and self.vq is None \
+                    and not hasattr(self.target, "decode"):
+                raise InvalidInputError("no VQ tokenizer to decode image tokens with: pass vq= to the pipeline, or "
+                                        "output_type='tokens'")
+            prompts = self.target.bind(cond, mask) if mask is not None else self.target.bind(cond)
+            stream = self.decoder.stream(prompts, max_new_tokens=n_tok, generator=generator, seed=seed,
+                                         acceptance=kernel,
+                                         temperature=1.0 if self.continuous else temperature,
+                                         top_k=0 if self.continuous else top_k or 0, top_p=top_p)
+            record = _Recorder(len(prompts), n_tok)
+            bar = _progress(progress, len(prompts) * n_tok)
+            for event in stream:
+                record.add(event)
+                if bar is not None:
+                    bar.update(len(event.tokens))
             if bar is not None:
-                bar.update(len(event.tokens))
-        if bar is not None:
-            bar.close()
+                bar.close()
         if self.continuous:
             tokens = torch.stack([torch.stack(seq) for seq in stream.output.sequences]).cpu()
         else:
@@ -347,39 +359,28 @@ class SpeculativeImagePipeline:
         images = self.decode(tokens) if output_type == "pil" and n_tok == total else None
         return ImagePipelineOutput(images, tokens, stats)
 
-    def _continuous_options(self, schedule, prefill_ratio, temperature, top_p) -> None:
+    def _call_settings(self, guidance_scale, schedule, prefill_ratio, temperature, top_p) -> list:
+        """Validate this call's component settings: [(component, attribute, value)], applied for the call only (a
+        later call without them gets the documented defaults again, not what this one used)."""
+        out = []
+        if guidance_scale is not None:
+            check_guidance_scale(guidance_scale)
+            out.append((self.target, "guidance_scale", guidance_scale))
         if not self.continuous:
             if schedule is not None or prefill_ratio is not None:
                 raise GenerationConfigError("guidance_schedule / prefill_ratio apply to continuous-token targets")
-            return
+            return out
         if top_p != 1.0:
             raise GenerationConfigError(f"top_p={top_p}: continuous tokens have no vocabulary to truncate")
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature <= 0:
             raise GenerationConfigError(f"temperature={temperature!r}: continuous tokens need temperature > 0 (it "
                                         "scales the diffusion noise)")
-        self.target.temperature = float(temperature)
-        if schedule is not None:
-            self.target.guidance_schedule = schedule
+        out.append((self.target, "temperature", float(temperature)))
+        if schedule is not None:  # the target's setter validates it
+            out.append((self.target, "guidance_schedule", schedule))
         if prefill_ratio is not None and isinstance(self._drafter, ContinuousDrafter):
-            self._drafter.prefill_ratio = check_prefill_ratio(prefill_ratio)
-
-    def _generators(self, generator, seed, n) -> list[torch.Generator] | None:
-        """One generator per image: the given list, or per-row generators seeded from draws of one generator, or
-        seed + row (row 0 of a batch then reproduces a single image); None: fresh seeds."""
-        if generator is not None and seed is not None:
-            raise InvalidInputError("pass generator= or seed=, not both")
-        if isinstance(generator, (list, tuple)):
-            if len(generator) != n:
-                raise InvalidInputError(f"got {len(generator)} generators for {n} images: pass one per image "
-                                        "(num_images_per_prompt counts) or a single one")
-            return list(generator)
-        dev = self.target.device
-        if generator is not None:
-            if n == 1:
-                return [generator]
-            seeds = torch.randint(0, 2**62, (n,), generator=generator, device=generator.device).tolist()
-            return [torch.Generator(dev).manual_seed(s) for s in seeds]
-        return None if seed is None else [torch.Generator(dev).manual_seed(seed + b) for b in range(n)]
+            out.append((self._drafter, "prefill_ratio", check_prefill_ratio(prefill_ratio)))
+        return out
 
     def decode(self, tokens: torch.Tensor) -> list:
         """Image tokens (N, rows * cols) -> PIL images, through the VQ tokenizer (or the adapter's own decoder);
@@ -395,6 +396,20 @@ class SpeculativeImagePipeline:
             raise InvalidInputError("no VQ tokenizer to decode image tokens with: pass vq= (or output_type='tokens')")
         with torch.no_grad():
             return to_pil(self.vq.decode_codes(tokens.to(self.vq.vq.post_quant_conv.weight.device), self.target.grid))
+
+
+@contextlib.contextmanager
+def _applied(settings: list):
+    """Set (component, attribute, value) for the duration of the block; restore the previous values after it, also
+    when it raises (the components keep their construction-time defaults between calls)."""
+    saved = [(c, a, getattr(c, a)) for c, a, _ in settings]
+    try:
+        for c, a, v in settings:
+            setattr(c, a, v)
+        yield
+    finally:
+        for c, a, v in reversed(saved):
+            setattr(c, a, v)
 
 
 class _Recorder:

@@ -11,6 +11,7 @@ are cut. Finished requests leave the batch. Every random draw uses the request's
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -18,8 +19,8 @@ import torch
 
 from .drafters.base import DraftContext, DrafterCounters, RowUpdate
 from .inference import inference
-from .errors import (DeviceMismatchError, DraftError, EmptyPromptError, GenerationConfigError, InvalidInputError,
-                     ContextOverflowError)
+from .errors import (ContextOverflowError, DeviceMismatchError, DraftError, EmptyPromptError, GenerationConfigError,
+                     InvalidInputError, StreamInterleavedError)
 from .kernels import accept_greedy, greedy_walk, select_kernel
 from .sampling import SamplingSpec, check_finite, make_generators, sample_from
 from .stats import GenerationStats
@@ -127,6 +128,10 @@ def static_reserve(max_new: int, drafter, batch: int = 1) -> int:
     return max_new - 1 + extra + (max_new - 1 if batch > 1 else 0)
 
 
+DEFAULT = object()  # stream(acceptance=...) not given: the decoder's rule
+_OWNERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # component -> the stream whose state it holds
+
+
 def as_eos_set(eos_token_id) -> set[int]:
     if eos_token_id is None:
         return set()
@@ -173,7 +178,9 @@ class SpeculativeDecoder:
 
     def stream(self, input_ids, *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
                top_p: float = 1.0, repetition_penalty: float = 1.0, eos_token_id=None, seed: int | None = None,
-               generator=None) -> "Stream":
+               generator=None, acceptance=DEFAULT) -> "Stream":
+        """A stream over the requests `input_ids`. Every argument applies to this stream only; acceptance: the rule
+        for this stream (None = the lossless rule for the sampling mode; default: the decoder's)."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
             raise GenerationConfigError(f"max_new_tokens={max_new_tokens!r}: must be an int >= 1")
         prompts = as_prompts(input_ids)
@@ -197,25 +204,50 @@ class SpeculativeDecoder:
                 raise DeviceMismatchError(f"generator is on {g.device} but the target runs on {self.target.device}; "
                                           f"create it with torch.Generator(device='{self.target.device}') or pass seed=")
         eos = as_eos_set(eos_token_id)
-        return Stream(self, prompts, max_new_tokens, spec, gens, eos)
+        if acceptance is DEFAULT:
+            acceptance = self.acceptance
+        elif acceptance is not None:
+            select_kernel(False, False, acceptance)  # validate the name before anything runs
+        return Stream(self, prompts, max_new_tokens, spec, gens, eos, acceptance)
 
 
 class Stream:
     """Iterator of TokenEvents; `.output` holds the sequences and stats once it is exhausted."""
 
-    def __init__(self, dec: SpeculativeDecoder, prompts, max_new: int, spec: SamplingSpec, gens, eos: set[int]):
+    def __init__(self, dec: SpeculativeDecoder, prompts, max_new: int, spec: SamplingSpec, gens, eos: set[int],
+                 acceptance=None):
         self.dec, self.prompts, self.max_new, self.spec, self.gens, self.eos = dec, prompts, max_new, spec, gens, eos
+        self.acceptance = acceptance
         self.stats = GenerationStats(requests=len(prompts))
         self.output: GenerationOutput | None = None
         self._sequences: list = [None] * len(prompts)
         self._reasons: list = [None] * len(prompts)
+        self._holds: list = []  # the components this stream's state lives in, once it has prefilled
         self._it = self._run()
 
     def __iter__(self) -> Iterator[TokenEvent]:
         return self
 
     def __next__(self) -> TokenEvent:
+        if self._holds and any(_OWNERS.get(c) is not self for c in self._holds):
+            self._it.close()
+            raise StreamInterleavedError(
+                "this stream was resumed after another generation (another stream, or generate()) ran on the same "
+                "target or drafter, whose caches now hold that generation's state; it cannot continue. Read a stream "
+                "to its end before starting the next one on the same object, or give each concurrent stream its "
+                "own pipeline / SpeculativeDecoder")
         return next(self._it)
+
+    def _own(self, *components) -> None:
+        """Mark this stream as the one whose state `components` (target, drafter) now hold."""
+        held = []
+        for c in components:
+            try:
+                _OWNERS[c] = self
+                held.append(c)
+            except TypeError:  # a component that cannot be weakly referenced is not checked
+                pass
+        self._holds = held
 
     # -------------------------------------------------------------------------------------------------------------
     def _sync(self) -> float:
@@ -243,7 +275,7 @@ class Stream:
 
     def _batched_argmax(self, logits: torch.Tensor, drafts: list[Draft]) -> list[list[int]] | None:
         """Greedy without history-dependent processors: one argmax and one host transfer for the whole batch."""
-        if not self.spec.greedy or self.spec.uses_history or self.dec.acceptance is not None:
+        if not self.spec.greedy or self.spec.uses_history or self.acceptance is not None:
             return None
         values, top = logits.max(-1)  # a NaN row's max is NaN and a +inf logit is its row's max, so the sum of the
         total = sum(map(sum, values.tolist()))  # maxima (in float64: no overflow) is NaN or +inf when any logit is
@@ -255,7 +287,7 @@ class Stream:
     def _vector_rule(self):
         """The acceptance rule of a continuous-token target (vector tokens; its 'logits' are the rule's inputs), or
         None for categorical tokens."""
-        rule = self.dec.acceptance
+        rule = self.acceptance
         return rule if getattr(rule, "continuous", False) else None
 
     def _first_tokens(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
@@ -288,6 +320,7 @@ class Stream:
         t_start = self._sync()
         rows = [_Row(i, list(p)) for i, p in enumerate(self.prompts)]
         reserve = static_reserve(self.max_new, drafter, len(self.prompts))
+        self._own(target, drafter)
         pre = target.prefill(self.prompts, want_hidden=drafter.needs_hidden, reserve=reserve)
         st.target_forwards += 1
         for row, tok in zip(rows, self._first_tokens(pre.logits, rows)):
@@ -309,6 +342,7 @@ class Stream:
         st.time_target_model, st.time_drafter_model = model_time(target) - tm0, model_time(drafter) - dm0
         st.time_total = self._sync() - t_start
         self.output = GenerationOutput(self._sequences, self._reasons, st)
+        self._holds = []  # finished: nothing left to resume
 
     def _drop_finished(self, rows: list[_Row], ctx: DraftContext) -> list[_Row]:
         for r in rows:
@@ -348,7 +382,7 @@ class Stream:
                                         ctx.generators)  # at once, and returns the tokens
         for i, (row, d) in enumerate(zip(rows, drafts)):
             n = len(d)
-            kernel = select_kernel(self.spec.greedy, d.q is not None, dec.acceptance)
+            kernel = select_kernel(self.spec.greedy, d.q is not None, self.acceptance)
             if n:
                 st.note_kernel(getattr(kernel, "name", "custom"), getattr(kernel, "lossless", False))
             if verdicts is not None:

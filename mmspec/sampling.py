@@ -98,17 +98,28 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
 
 def make_generators(seed: int | None, n: int, device: torch.device | str = "cpu",
                     generator: torch.Generator | list[torch.Generator] | None = None) -> list[torch.Generator]:
-    """One generator per request: row b gets seed + b (so row 0 of a batch reproduces a single request)."""
-    if generator is not None:
-        gens = list(generator) if isinstance(generator, (list, tuple)) else [generator]
-        if len(gens) != n:
-            raise GenerationConfigError(f"got {len(gens)} generator(s) for {n} request(s): pass one per request")
-        return gens
-    base = 0 if seed is None else int(seed)
-    if seed is None:
-        base = int(torch.randint(0, 2**31 - 1, ()).item())
+    """One generator per request, the same rule in the engine and both pipelines. generator: a list (one per
+    request), or one torch.Generator (a single request uses it; a batch gets per-request generators seeded from its
+    draws); seed: request b gets seed + b (so row 0 of a batch reproduces a single request); neither: fresh seeds.
+    Passing both is an error."""
+    if generator is not None and seed is not None:
+        raise GenerationConfigError("pass generator= or seed=, not both")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise GenerationConfigError(f"seed={seed!r}: must be an int (or None for fresh randomness)")
     dev = torch.device(device)
-    return [torch.Generator(device=dev if dev.type != "meta" else "cpu").manual_seed(base + b) for b in range(n)]
+    dev = dev if dev.type != "meta" else torch.device("cpu")
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != n:
+            raise GenerationConfigError(f"got {len(generator)} generator(s) for {n} request(s): pass one per request "
+                                        "or a single one")
+        return list(generator)
+    if generator is not None:
+        if n == 1:
+            return [generator]
+        seeds = torch.randint(0, 2**62, (n,), generator=generator, device=generator.device).tolist()
+        return [torch.Generator(device=dev).manual_seed(s) for s in seeds]
+    base = int(seed) if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+    return [torch.Generator(device=dev).manual_seed(base + b) for b in range(n)]
 
 
 def sample_from(dist: torch.Tensor, generator: torch.Generator | None) -> int:

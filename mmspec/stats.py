@@ -3,6 +3,11 @@
 tau: tokens committed per verification forward, bonus included; tau_minus_1: accepted draft tokens per step
 (ViSpec's convention); alpha[d]: acceptance at depth d given the path reached depth d - 1 and the draft had a node
 there; forwards of target and drafter; wall time split into prefill / draft / verify / accept (kernels) / other.
+
+The same counts under vLLM's names (its SpecDecodingStats), so numbers compare directly: num_drafts (verification
+steps per request), num_draft_tokens, num_accepted_tokens, num_accepted_tokens_per_pos, and mean_acceptance_length
+= 1 + num_accepted_tokens / num_drafts (bonus token included; tau unless EOS or max_new_tokens cut a step). acceptance_length_histogram[n]: the
+steps that committed n tokens (n - 1 accepted drafts + the correction or bonus token).
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ class GenerationStats:
     time_drafter_model: float = 0.0  # inside the drafter's forwards during decoding steps
     acceptance: str = ""
     lossless: bool = True
+    acceptance_length_histogram: list[int] = field(default_factory=list)
 
     @property
     def tau(self) -> float:
@@ -38,6 +44,27 @@ class GenerationStats:
     @property
     def tau_minus_1(self) -> float:
         return self.accepted_tokens / self.steps if self.steps else 0.0
+
+    # --- vLLM's names ------------------------------------------------------------------------------------------------
+    @property
+    def num_drafts(self) -> int:
+        return self.steps
+
+    @property
+    def num_draft_tokens(self) -> int:
+        return self.draft_tokens
+
+    @property
+    def num_accepted_tokens(self) -> int:
+        return self.accepted_tokens
+
+    @property
+    def num_accepted_tokens_per_pos(self) -> list[int]:
+        return list(self.depth_accepts)
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        return 1.0 + self.accepted_tokens / self.steps if self.steps else 0.0
 
     @property
     def alpha(self) -> list[float]:
@@ -76,6 +103,9 @@ class GenerationStats:
         self.draft_tokens += n_draft
         self.accepted_tokens += accepted_depth
         self.committed_tokens += committed
+        while len(self.acceptance_length_histogram) <= committed:
+            self.acceptance_length_histogram.append(0)
+        self.acceptance_length_histogram[committed] += 1
         max_depth = max(draft_depths, default=0)
         while len(self.depth_tries) < max_depth:
             self.depth_tries.append(0)
@@ -87,9 +117,12 @@ class GenerationStats:
 
     def as_dict(self) -> dict:
         d = asdict(self)
-        d.update(tau=self.tau, tau_minus_1=self.tau_minus_1, alpha=self.alpha, time_other=self.time_other, time_engine=self.time_engine,
-                 overhead_per_step=self.overhead_per_step,
-                 tokens_per_second=self.tokens_per_second)
+        d.update(tau=self.tau, tau_minus_1=self.tau_minus_1, alpha=self.alpha, time_other=self.time_other,
+                 time_engine=self.time_engine, overhead_per_step=self.overhead_per_step,
+                 tokens_per_second=self.tokens_per_second, num_drafts=self.num_drafts,
+                 num_draft_tokens=self.num_draft_tokens, num_accepted_tokens=self.num_accepted_tokens,
+                 num_accepted_tokens_per_pos=self.num_accepted_tokens_per_pos,
+                 mean_acceptance_length=self.mean_acceptance_length)
         return d
 
     def summary(self) -> str:

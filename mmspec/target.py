@@ -20,6 +20,7 @@ import torch
 from transformers import DynamicCache
 
 from .cache import RaggedCache
+from .compat import cache_kwargs
 from .errors import ContextOverflowError, EmptyPromptError, UnsupportedModelError
 from .inference import inference
 from .tree import Draft, ancestor_mask
@@ -235,7 +236,7 @@ class CausalLMRunner:
             return self.forward_block(ids, absolute - self.next_positions[0], None, existing="all").logits
         inputs = self.model_inputs(ids, None, self.position_ids(absolute))
         t0 = sync_time(self.device)
-        out = self.model(**inputs, past_key_values=kv.cache, use_cache=True)
+        out = self.model(**inputs, **cache_kwargs(self.model, kv.cache), use_cache=True)
         self.forward_time += sync_time(self.device) - t0
         kv.appended(1)
         self.after_forward(out)
@@ -270,7 +271,8 @@ class CausalLMRunner:
         inputs = self.model_inputs(tokens.to(self.device), allowed, self.positions(offsets))
         t0 = sync_time(self.device)
         extra = {"logits_to_keep": keep_last} if keep_last and self._takes_logits_to_keep else {}
-        out = self.model(**inputs, past_key_values=kv.cache, use_cache=True, output_hidden_states=bool(want_hidden),
+        out = self.model(**inputs, **cache_kwargs(self.model, kv.cache), use_cache=True,
+                         output_hidden_states=bool(want_hidden),
                          **extra)
         self.forward_time += sync_time(self.device) - t0
         kv.appended(m)

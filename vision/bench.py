@@ -386,14 +386,14 @@ def run_compression_benchmark(out_dir="bench_out/compress", image_tokens: int = 
             ids = torch.randint(3, 512, (1, n))
             with torch.inference_mode():
                 t0 = time.perf_counter()
-                head(ids, torch.randn(1, n, hidden), past_key_values=DynamicCache(config=head.config), use_cache=True)
+                head(ids, torch.randn(1, n, hidden), cache=DynamicCache(config=head.config), use_cache=True)
                 prefill_ms.append((time.perf_counter() - t0) * 1e3)
                 cache = DynamicCache(config=head.config)
-                head(ids, torch.randn(1, n, hidden), past_key_values=cache, use_cache=True)
+                head(ids, torch.randn(1, n, hidden), cache=cache, use_cache=True)
                 one, f = torch.tensor([[7]]), torch.randn(1, 1, hidden)
                 t0 = time.perf_counter()
                 for i in range(steps):
-                    head(one, f, position_ids=torch.tensor([[n + i]]), past_key_values=cache, use_cache=True)
+                    head(one, f, position_ids=torch.tensor([[n + i]]), cache=cache, use_cache=True)
                 step_ms.append((time.perf_counter() - t0) * 1e3 / steps)
         rows.append(dict(compressor=name, image_tokens=image_tokens, drafter_image_slots=m, cache_slots=n,
                          step_ms=statistics.median(step_ms), prefill_ms=statistics.median(prefill_ms),

@@ -102,26 +102,31 @@ class SpeculativeVLM:
                             shared_tokenizer=drafter_tokenizer is not None)
 
     @classmethod
-    def from_pretrained(cls, target: str, drafter=None, *, torch_dtype=None, device_map=None, tree=4,
-                        acceptance: str | None = None, trust_remote_code: bool = False, **model_kwargs):
+    def from_pretrained(cls, target: str, drafter=None, *, dtype=None, device_map=None, tree=4,
+                        acceptance: str | None = None, trust_remote_code: bool = False, torch_dtype=None,
+                        **model_kwargs):
         """Load the target (AutoModelForImageTextToText + AutoProcessor) and a drafter given as a path/id: a feature
         drafter saved by `mmspec train-drafter` / `save_pretrained` (EAGLE, EAGLE-3, MSD, DREAM; checked to be made
         for this target), a VLM (with its processor) or a causal LM (with its tokenizer), checked to share the
         target's tokenizer.
 
         Either may name a model of the VLM zoo (`vision.zoo`, trained on first use): ``from_pretrained("zoo:vlm",
-        drafter="zoo:vlm-eagle")``; "zoo:NAME@quick" is its quick variant."""
+        drafter="zoo:vlm-eagle")``; "zoo:NAME@quick" is its quick variant. dtype / device_map as in transformers 5
+        (``torch_dtype`` is the old spelling of dtype, still accepted)."""
         from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        from mmspec.compat import renamed
 
         from .zoo import resolve
 
+        dtype = renamed("dtype", dtype, "torch_dtype", torch_dtype)
         target = resolve(target)
         kw = dict(trust_remote_code=trust_remote_code)
-        mkw = dict(kw, dtype=torch_dtype, device_map=device_map, **model_kwargs)
+        mkw = dict(kw, dtype=dtype, device_map=device_map, **model_kwargs)
         model = _load(AutoModelForImageTextToText, target, "target", **mkw).eval()
         processor = _load(AutoProcessor, target, "target", **kw)
         drafter, extra = load_drafter(drafter, model, tree=tree, trust_remote_code=trust_remote_code,
-                                      torch_dtype=torch_dtype, device_map=device_map, **model_kwargs)
+                                      dtype=dtype, device_map=device_map, **model_kwargs)
         return cls(model, processor, drafter, tree=tree, acceptance=acceptance, **extra)
 
     # --- generation ---------------------------------------------------------------------------------------------
@@ -236,8 +241,8 @@ class ChatSession:
         return self.last_output
 
 
-def load_drafter(drafter, target, *, tree=4, trust_remote_code: bool = False, torch_dtype=None, device_map=None,
-                 **model_kwargs) -> tuple[object, dict]:
+def load_drafter(drafter, target, *, tree=4, trust_remote_code: bool = False, dtype=None, device_map=None,
+                 torch_dtype=None, **model_kwargs) -> tuple[object, dict]:
     """A drafter given as a path / id / "zoo:NAME" loaded for `target`: (drafter, SpeculativeVLM keyword arguments).
 
     A feature-drafter checkpoint (EAGLE, EAGLE-3, MSD, DREAM) becomes its Drafter; a VLM comes with its processor
@@ -246,9 +251,12 @@ def load_drafter(drafter, target, *, tree=4, trust_remote_code: bool = False, to
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, \
         AutoTokenizer
 
+    from mmspec.compat import renamed
+
     from .drafters import feature_drafter_kind, load_feature_drafter
     from .zoo import resolve
 
+    dtype = renamed("dtype", dtype, "torch_dtype", torch_dtype)
     drafter = resolve(drafter)
     if not isinstance(drafter, (str, Path)) or drafter == "ngram":
         return drafter, {}
@@ -256,7 +264,7 @@ def load_drafter(drafter, target, *, tree=4, trust_remote_code: bool = False, to
     if feature_drafter_kind(drafter):
         return load_feature_drafter(drafter, target, tree), {}
     kw = dict(trust_remote_code=trust_remote_code)
-    mkw = dict(kw, dtype=torch_dtype, device_map=device_map, **model_kwargs)
+    mkw = dict(kw, dtype=dtype, device_map=device_map, **model_kwargs)
     cfg = _load(AutoConfig, drafter, "drafter", **kw)
     if hasattr(cfg, "vision_config"):
         return (_load(AutoModelForImageTextToText, drafter, "drafter", **mkw).eval(),

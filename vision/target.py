@@ -23,6 +23,7 @@ from torch.nn.utils.rnn import pad_sequence
 from transformers import DynamicCache
 
 from mmspec.cache import RaggedCache
+from mmspec.compat import cache_kwargs
 from mmspec.errors import ContextOverflowError, EmptyPromptError, InvalidInputError
 from mmspec.target import BlockOutput, CausalLMRunner, CausalLMTarget, select_hidden, sync_time, text_config
 
@@ -134,8 +135,8 @@ class VLMRunner(CausalLMRunner):
         probe = AttentionProbe(self.model, [-1], last_query_mass) if self.want_attention else None
         with probe or contextlib.nullcontext():
             out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=pos,
-                             past_key_values=cache, use_cache=True, output_hidden_states=bool(want_hidden), **inputs,
-                             **extra)
+                             **cache_kwargs(self.model, cache), use_cache=True,
+                             output_hidden_states=bool(want_hidden), **inputs, **extra)
         self.forward_time += sync_time(self.device) - t0
         hidden = select_hidden(out.hidden_states, want_hidden) if want_hidden else None  # (G, T, H): every position
         attention = probe.records[0][-1] if probe is not None else None  # (G, T) the last token's, last layer

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from mmspec.compat import cache_kwargs, output_cache, output_cache_field
 from mmspec.errors import GenerationConfigError, UnsupportedModelError
 from mmspec.target import CausalLMRunner
 
@@ -56,16 +57,17 @@ class JanusGenerationLM(nn.Module):
         self.janus = janus
         self.config = janus.config.text_config
 
-    def forward(self, inputs_embeds, attention_mask=None, position_ids=None, past_key_values=None, use_cache=True,
-                output_hidden_states=False, logits_to_keep: int = 0):
-        out = self.janus.model.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                              position_ids=position_ids, past_key_values=past_key_values,
-                                              use_cache=use_cache, output_hidden_states=output_hidden_states)
+    def forward(self, inputs_embeds, attention_mask=None, position_ids=None, cache=None, use_cache=True,
+                output_hidden_states=False, logits_to_keep: int = 0, past_key_values=None):
+        lm = self.janus.model.language_model
+        cache = cache if cache is not None else past_key_values  # the pre-5.24 spelling, still accepted
+        out = lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                 **cache_kwargs(lm, cache), use_cache=use_cache, output_hidden_states=output_hidden_states)
         h = out.last_hidden_state  # (R, M, H)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
-        return CausalLMOutputWithPast(logits=self.janus.model.generation_head(h), past_key_values=out.past_key_values,
-                                      hidden_states=out.hidden_states)
+        return CausalLMOutputWithPast(logits=self.janus.model.generation_head(h), hidden_states=out.hidden_states,
+                                      **{output_cache_field(CausalLMOutputWithPast): output_cache(out)})
 
 
 class _JanusRunner(CausalLMRunner):

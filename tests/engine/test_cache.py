@@ -14,6 +14,7 @@ import torch
 from transformers import DynamicCache, StaticCache
 
 from mmspec import SpeculativeDecoder
+from mmspec.compat import cache_kwargs
 from mmspec.cache import RaggedCache, kv_layers
 from conftest import DEVICE
 from mmspec.errors import UnsupportedModelError
@@ -141,7 +142,7 @@ class SequentialRun:
         for t in tokens:
             self.model(input_ids=torch.tensor([[t]], device=self.model.device),
                        position_ids=torch.tensor([[self.n]], device=self.model.device),
-                       past_key_values=self.cache, use_cache=True)
+                       **cache_kwargs(self.model, self.cache), use_cache=True)
             self.n += 1
 
     def kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -401,3 +401,14 @@ def test_shared_tokenizer_reconciles_vocabulary_sizes(target, prompts, reference
         ps = [p for p in prompts if max(p) < drafter_vocab][:6]
         out = dec.generate(ps, max_new_tokens=24)
         assert out.sequences == [reference[prompts.index(p)] for p in ps]
+
+
+def test_seed_and_generator_follow_one_rule(dec, prompts, reference):
+    kw = dict(input_ids=prompts[:2], max_new_tokens=4, temperature=1.0)
+    raises(dec, GenerationConfigError, "not both", seed=1, generator=torch.Generator(), **kw)
+    raises(dec, GenerationConfigError, "seed='abc'", "int", seed="abc", **kw)
+    one = dec.generate(generator=torch.Generator().manual_seed(3), **kw).sequences  # one generator seeds the batch
+    assert one == dec.generate(generator=torch.Generator().manual_seed(3), **kw).sequences
+    assert dec.generate(seed=3, **kw).sequences[0] == dec.generate(prompts[:1], max_new_tokens=4, temperature=1.0,
+                                                                   seed=3).sequences[0]
+    assert_usable(dec, prompts, reference)

@@ -118,3 +118,39 @@ def test_repetition_penalty_uses_each_nodes_own_prefix(target, drafters, prompts
     plain = [hf_greedy(target, p, MAX_NEW) for p in prompts[:8]]
     assert any(dec.generate([p], max_new_tokens=MAX_NEW, repetition_penalty=1.8).sequences[0] != r
                for p, r in zip(prompts[:8], plain))
+
+
+def test_stats_carry_vllms_names(target, drafters, prompts):
+    out = SpeculativeDecoder(target, drafters["noisy"], tree=3).generate(prompts[:4], max_new_tokens=16)
+    st = out.stats
+    assert st.num_drafts == st.steps > 0 and st.num_accepted_tokens == st.accepted_tokens
+    assert st.mean_acceptance_length == pytest.approx(1 + st.accepted_tokens / st.steps)
+    assert st.num_accepted_tokens_per_pos == st.depth_accepts and len(st.num_accepted_tokens_per_pos) == 3
+    hist = st.acceptance_length_histogram
+    assert sum(hist) == st.steps and sum(n * h for n, h in enumerate(hist)) == st.committed_tokens
+    assert st.as_dict()["mean_acceptance_length"] == st.mean_acceptance_length
+
+
+def test_a_resumed_stream_after_another_generation_raises_instead_of_decoding_wrongly(target, drafters, prompts):
+    from mmspec.errors import StreamInterleavedError
+
+    dec = SpeculativeDecoder(target, drafters["noisy"], tree=3)
+    alone = dec.generate([prompts[1]], max_new_tokens=16).sequences
+    a = dec.stream([prompts[0]], max_new_tokens=16)
+    b = dec.stream([prompts[1]], max_new_tokens=16)
+    next(a)
+    b_tokens = [t for e in b for t in e.tokens]  # b starts after a and runs to its end: unaffected
+    assert [b_tokens] == alone
+    with pytest.raises(StreamInterleavedError, match="resumed after another generation"):
+        next(a)
+    half = dec.stream([prompts[2]], max_new_tokens=16)
+    next(half)
+    dec.generate([prompts[0]], max_new_tokens=4)
+    with pytest.raises(StreamInterleavedError):
+        next(half)
+    assert dec.generate([prompts[1]], max_new_tokens=16).sequences == alone  # the decoder stays usable
+    done = dec.stream([prompts[3]], max_new_tokens=4)
+    list(done)
+    dec.generate([prompts[0]], max_new_tokens=4)
+    with pytest.raises(StopIteration):  # a finished stream just stays finished
+        next(done)

@@ -101,3 +101,20 @@ def test_long_monte_carlo(target, drafters, joint, name):
     dec = configs({**drafters, "target": target})[name]
     stat, threshold, outside = chi_square(sample(dec, n=21000, seed=12345), joint)
     assert outside == 0 and stat < threshold, (stat, threshold)
+
+
+def test_acceptance_is_a_per_call_setting(target, drafters, prompts):
+    """stream(acceptance=...) applies to that call only: the decoder's own rule comes back on the next call."""
+    kw = dict(max_new_tokens=12, temperature=1.0, seed=5)
+    ids = prompts[:3]
+    fresh = SpeculativeDecoder(target, drafters["noisy"]).generate(ids, **kw)
+    dec = SpeculativeDecoder(target, drafters["noisy"])
+    lossy = dec.generate(ids, acceptance="typical", **kw)
+    assert lossy.stats.acceptance == "typical" and not lossy.stats.lossless
+    again = dec.generate(ids, **kw)
+    assert again.sequences == fresh.sequences and again.stats.lossless and again.stats.acceptance != "typical"
+    from mmspec.errors import GenerationConfigError
+
+    with pytest.raises(GenerationConfigError, match="'bogus'"):
+        dec.stream(ids, acceptance="bogus", **kw)
+    assert dec.generate(ids, **kw).sequences == fresh.sequences

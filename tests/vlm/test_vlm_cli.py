@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 
 import pytest
+import torch
 
 from mmspec.cli import main
 from vision import SpeculativeVLM
@@ -120,8 +121,12 @@ def test_from_pretrained_with_a_text_lm_drafter_checks_its_tokenizer(checkpoints
     lm = text_drafter("qwen2_vl")
     lm.save_pretrained(tmp_path / "lm")
     t.processor.tokenizer.save_pretrained(tmp_path / "lm")
-    svlm = SpeculativeVLM.from_pretrained(str(root / "target"), drafter=str(tmp_path / "lm"), tree=3)
+    svlm = SpeculativeVLM.from_pretrained(str(root / "target"), drafter=str(tmp_path / "lm"), tree=3,
+                                          dtype=torch.float32)
     assert isinstance(svlm.drafter, ModelDrafter) and svlm.drafter.shared_tokenizer
+    with pytest.warns(FutureWarning, match="torch_dtype= is the old spelling of dtype="):  # the old name still works
+        old = SpeculativeVLM.from_pretrained(str(root / "target"), torch_dtype=torch.float32)
+    assert next(old.model.parameters()).dtype == torch.float32
     row = {"prompt": "describe the image", "images": [str(root / "photo.png")]}
     assert svlm.generate(**row, max_new_tokens=MAX_NEW).token_ids == hf_reference("qwen2_vl", row)
     lm.save_pretrained(tmp_path / "other")

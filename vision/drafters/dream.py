@@ -28,6 +28,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import create_causal_mask
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRMSNorm, apply_rotary_pos_emb
 
+from mmspec.compat import cache_kwargs
 from mmspec.errors import InvalidInputError
 
 from .eagle import EagleDrafter, EagleHead
@@ -78,17 +79,17 @@ class DreamHead(EagleHead):
         self.body.layers[self.cross_index] = GatedCrossAttention(self.config, self.cross_index)
         self.to(device=self.fc.weight.device, dtype=self.fc.weight.dtype)
 
-    def _decode(self, x, features, attention_mask, position_ids, past_key_values, use_cache):
+    def _decode(self, x, features, attention_mask, position_ids, cache, use_cache):
         """(predicted features (B, M, H), {"cross_hidden": the cross-attention block's output (B, M, H)})."""
         body = self.body
-        cache = past_key_values if use_cache else None
+        cache = cache if use_cache else None
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         if position_ids is None:
             seen = cache.get_seq_length() if cache is not None else 0
             position_ids = (torch.arange(x.shape[1], device=x.device) + seen).unsqueeze(0)
         mask = create_causal_mask(config=body.config, inputs_embeds=x, attention_mask=attention_mask,
-                                  past_key_values=cache, position_ids=position_ids)
+                                  position_ids=position_ids, **cache_kwargs(create_causal_mask, cache))
         rope = body.rotary_emb(x, position_ids=position_ids)
         h, cross = x, None
         for i, layer in enumerate(body.layers):
@@ -96,7 +97,7 @@ class DreamHead(EagleHead):
                 h = cross = layer(h, features, mask, rope, cache)
             else:
                 h = layer(h, attention_mask=mask, position_embeddings=rope, position_ids=position_ids,
-                          past_key_values=cache, use_cache=use_cache)
+                          use_cache=use_cache, **cache_kwargs(layer, cache))
         return body.norm(h), {"cross_hidden": cross}
 
 

@@ -24,6 +24,7 @@ from transformers import LlamaConfig, LlamaModel
 from mmspec.cache import RaggedCache
 from mmspec.drafters.model import ModelDrafter
 from mmspec.checkpoint import read_kind_config, read_safetensors
+from mmspec.compat import cache_kwargs
 from mmspec.errors import CheckpointError, IncompatibleModelsError, UnsupportedModelError
 from mmspec.target import BlockOutput, CausalLMRunner, text_config
 
@@ -118,8 +119,8 @@ class EagleHead(nn.Module):
     def trainable_parameters(self):
         return [p for n, p in self.named_parameters() if not n.startswith("body.embed_tokens")]
 
-    def forward(self, input_ids, features, attention_mask=None, position_ids=None, past_key_values=None,
-                use_cache=True, output_hidden_states=False, logits_to_keep=0, **_):
+    def forward(self, input_ids, features, attention_mask=None, position_ids=None, cache=None,
+                use_cache=True, output_hidden_states=False, logits_to_keep=0, past_key_values=None, **_):
         embed, head = self._shared
         if self.tap_fc is not None and features.shape[-1] != self.config.hidden_size:
             features = self.tap_fc(features)  # the target's taps (k*H); the head's own predictions are already H
@@ -127,14 +128,15 @@ class EagleHead(nn.Module):
         if self.image_proj is not None:
             is_image = (input_ids == self.image_token_id).unsqueeze(-1)
             x = torch.where(is_image, self.image_proj(features), x)
-        h, extra = self._decode(x, features, attention_mask, position_ids, past_key_values, use_cache)
+        cache = cache if cache is not None else past_key_values  # the pre-5.24 spelling, still accepted
+        h, extra = self._decode(x, features, attention_mask, position_ids, cache, use_cache)
         logits = head(h[:, -logits_to_keep:] if logits_to_keep else h)
         return SimpleNamespace(logits=logits, hidden_states=(h,), **extra)
 
-    def _decode(self, x, features, attention_mask, position_ids, past_key_values, use_cache):
+    def _decode(self, x, features, attention_mask, position_ids, cache, use_cache):
         """The head's decoder over the fused inputs x (B, M, H): (predicted features, extra outputs)."""
         h = self.body(inputs_embeds=x, attention_mask=attention_mask, position_ids=position_ids,
-                      past_key_values=past_key_values, use_cache=use_cache).last_hidden_state
+                      **cache_kwargs(self.body, cache), use_cache=use_cache).last_hidden_state
         return h, {}
 
 

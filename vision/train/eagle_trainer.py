@@ -246,7 +246,7 @@ def unrolled(head, ids: torch.Tensor, feats: torch.Tensor, weights: torch.Tensor
     dev = ids.device
     pos = torch.arange(n, device=dev).expand(b, n)
     cache = DynamicCache(config=head.config) if steps > 1 else None
-    out = head(ids, feats, position_ids=pos, past_key_values=cache, use_cache=steps > 1)
+    out = head(ids, feats, position_ids=pos, cache=cache, use_cache=steps > 1)
     yield out, weights
     t = torch.arange(n, device=dev)
     for s in range(1, steps):
@@ -256,7 +256,7 @@ def unrolled(head, ids: torch.Tensor, feats: torch.Tensor, weights: torch.Tensor
         blocks += [t[None, :] == (t[:, None] - s + i) for i in range(1, s + 1)]  # passes 1..s: the chain, itself
         allowed = torch.cat(blocks, dim=1)  # (L, (s + 1) L)
         mask = torch.where(allowed, 0.0, torch.finfo(prev.dtype).min).to(prev.dtype)[None, None].expand(b, 1, -1, -1)
-        out = head(ids, feats_s, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+        out = head(ids, feats_s, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
         yield out, weights * (t >= s).to(weights.dtype)[None, :]
 
 

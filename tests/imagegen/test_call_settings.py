@@ -1,0 +1,73 @@
+"""Per-call settings never stick: a call with explicit settings, then one with defaults, equals a fresh pipeline's
+call with defaults (also after a call that failed validation), on LlamaGen and on a continuous-token target."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from image_ar import SpeculativeImagePipeline
+from image_ar.testing import perturbed, tiny_continuous
+from image_ar.testing.tiny import tiny_llamagen, tiny_vq
+from mmspec.errors import InvalidInputError
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_llamagen(grid_size=4)
+
+
+@pytest.fixture(scope="module")
+def vq():
+    return tiny_vq(codebook_size=64, image_size=8)
+
+
+def _tokens(pipe, **kw):
+    return pipe(class_labels=[1, 2], seed=3, output_type="tokens", **kw).tokens
+
+
+@pytest.mark.parametrize("explicit", [dict(guidance_scale=7.5), dict(temperature=0.3, top_k=5),
+                                      dict(acceptance="lantern", lantern_delta=0.4, lantern_k=50)])
+def test_llamagen_defaults_come_back_after_explicit_settings(target, vq, explicit):
+    fresh = _tokens(SpeculativeImagePipeline(target, vq, drafter="jacobi"))
+    pipe = SpeculativeImagePipeline(target, vq, drafter="jacobi")
+    with_settings = _tokens(pipe, **explicit)
+    assert not torch.equal(with_settings, fresh)  # the settings did change this call ...
+    assert torch.equal(_tokens(pipe), fresh)  # ... and only this call
+    assert pipe.target.guidance_scale == 4.0 and pipe(class_labels=[1], output_type="tokens").stats.lossless
+
+
+def test_llamagen_defaults_come_back_after_a_failed_call(target):
+    fresh = _tokens(SpeculativeImagePipeline(target, drafter="jacobi"))
+    pipe = SpeculativeImagePipeline(target, drafter="jacobi")
+    with pytest.raises(InvalidInputError):
+        pipe(class_labels=[1], guidance_scale=7.5, num_tokens=0)  # fails validation after the scale was read
+    with pytest.raises(InvalidInputError):
+        pipe(class_labels=[1], guidance_scale=7.5, generator=torch.Generator(), seed=1)  # fails inside the call
+    assert torch.equal(_tokens(pipe), fresh)
+
+
+@pytest.mark.parametrize("explicit", [dict(guidance_scale=3.0), dict(temperature=0.5),
+                                      dict(guidance_scale=3.0, guidance_schedule="linear"), dict(prefill_ratio=0.75)])
+def test_continuous_defaults_come_back_after_explicit_settings(explicit):
+    model = tiny_continuous(0)
+    drafter = perturbed(model, 0.0)  # a copy: every draft is accepted, so no residual sampling in the tiny model
+
+    def pipe_():
+        return SpeculativeImagePipeline(model, drafter=drafter)
+
+    fresh = _tokens(pipe_())
+    pipe = pipe_()
+    assert not torch.equal(_tokens(pipe, **explicit), fresh)
+    assert torch.equal(_tokens(pipe), fresh)
+
+
+@pytest.mark.parametrize("drafter", [None, "jacobi"])
+def test_a_request_samples_the_same_alone_and_in_a_batch_of_8(target, vq, drafter):
+    pipe = SpeculativeImagePipeline(target, vq, drafter=drafter)
+    labels = [3, 1, 4, 1, 5, 9, 2, 6]
+    gens = [torch.Generator().manual_seed(100 + i) for i in range(8)]
+    batch = pipe(class_labels=labels, generator=gens, top_k=20, output_type="tokens").tokens
+    for i in (0, 5):
+        alone = pipe(class_labels=[labels[i]], generator=torch.Generator().manual_seed(100 + i), top_k=20,
+                     output_type="tokens").tokens
+        assert torch.equal(alone[0], batch[i])
