@@ -41,7 +41,7 @@ def all_zoo():
 
 
 def cmd_zoo(args) -> int:
-    """`mmspec zoo list` / `mmspec zoo build [--only NAME ...] [--quick] [--force]`."""
+    """`mmspec zoo list` / `mmspec zoo build [--only NAME ...] [--quick] [--force]` / `mmspec zoo cards`."""
     from .errors import InvalidInputError
 
     zoo = all_zoo()
@@ -56,6 +56,16 @@ def cmd_zoo(args) -> int:
     unknown = [n for n in args.only or [] if n not in zoo.names()]
     if unknown:
         raise InvalidInputError(f"--only {' '.join(unknown)}: not zoo models; valid names: {', '.join(zoo.names())}")
+    if args.action == "cards":
+        from .zoo import cards_table
+
+        names = zoo.order(args.only) if args.only else zoo.names()
+        built = [n for n in names if zoo.is_built(n, quick=args.quick)]
+        missing = sorted(set(names) - set(built))
+        print(cards_table(zoo.card(n, quick=args.quick) for n in built))
+        if missing:
+            print(f"\nnot built yet: {', '.join(missing)} (mmspec zoo build --only {' '.join(missing)})")
+        return 0
     names = zoo.order(args.only) if args.only else zoo.names()
     cards = zoo.build(names, quick=args.quick, progress=not args.quiet, force=args.force)
     print(f"\n{'name':18s} {'seconds':>8s}  held-out")
@@ -133,7 +143,7 @@ def cmd_chat(args) -> int:
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     drafter = None if args.drafter == "none" else args.drafter
-    svlm = SpeculativeVLM.from_pretrained(args.target, drafter=drafter, torch_dtype=dtype,
+    svlm = SpeculativeVLM.from_pretrained(args.target, drafter=drafter, dtype=dtype,
                                           device_map=None if args.device == "cpu" else args.device, tree=args.tree,
                                           trust_remote_code=args.trust_remote_code)
     chat = svlm.chat(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -240,7 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     zoo = sub.add_parser("zoo", help="the model zoo: trained offline on first use, cached under $MMSPEC_ZOO "
                          "(default ~/.cache/mmspec/zoo)")
-    zoo.add_argument("action", choices=["list", "build"])
+    zoo.add_argument("action", choices=["list", "build", "cards"],
+                     help="list: what the zoo has; build: train what is missing; cards: the built models' cards as "
+                          "one Markdown table")
     zoo.add_argument("--only", nargs="+", metavar="NAME", help="build these models (and what they need)")
     zoo.add_argument("--quick", action="store_true", help="the quick variants (tiny, seconds; for tests)")
     zoo.add_argument("--force", action="store_true", help="rebuild even if cached")

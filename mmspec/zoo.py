@@ -257,6 +257,22 @@ def card_markdown(card: dict) -> str:
     return "\n".join(lines)
 
 
+def cards_table(cards: Iterable[dict]) -> str:
+    """One Markdown table over model cards (name, parameters, training time, final loss, held-out facts), with the
+    total training time: what `mmspec zoo cards` prints and docs/BENCHMARKS.md quotes."""
+    cards = list(cards)
+    lines = ["| model | parameters | training time | final loss | held-out |", "|---|---:|---:|---:|---|"]
+    for c in cards:
+        held = "; ".join(f"{k} {_fmt(v)}" for k, v in (c.get("held_out") or {}).items() if k != "example")
+        params = f"{c['parameters'] / 1e6:.2f} M" if c.get("parameters") else "-"
+        tag = QUICK_TAG if c.get("variant") == "quick" else ""
+        lines.append(f"| `zoo:{c['name']}{tag}` | {params} | {c['training_seconds']:.0f} s | "
+                     f"{_fmt(c.get('final_loss'))} | {held or '-'} |")
+    total = sum(c["training_seconds"] for c in cards)
+    lines += ["", f"Total training time {total / 60:.1f} min ({len(cards)} models)."]
+    return "\n".join(lines)
+
+
 def _fmt(v) -> str:
     if v is None:
         return "-"

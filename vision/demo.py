@@ -16,7 +16,7 @@ from pathlib import Path
 
 ASSET = Path(__file__).parent / "assets" / "scene.png"
 QUESTIONS = ("Describe the image in detail.", "What does the text say?", "How many shapes are there?")
-DRAFTER = "vlm-eagle"  # the zoo drafter the demo shows (the fastest in docs/BENCHMARKS.md)
+DRAFTER = "vlm-eagle"  # the drafter the demo shows: it needs only the target, so a first run trains little
 
 
 def demo_image():

@@ -197,7 +197,7 @@ def build_vlm(ctx: BuildContext) -> dict:
     report = train_conversations(
         model, processor, lambda i: conversation(i, r["seed"], r["image_size"], r["text_fraction"], r["two_turn"]),
         steps=r["steps"], batch_size=r["batch_size"], lr=r["lr"], warmup=r["warmup"], params=params,
-        progress=ctx.progress, desc="zoo vlm: conversations")
+        group_by_length=r.get("group_by_length", 1), progress=ctx.progress, desc="zoo vlm: conversations")
     tower.requires_grad_(True)
     model.save_pretrained(ctx.out)
     processor.save_pretrained(ctx.out)
@@ -252,7 +252,8 @@ def build_text(ctx: BuildContext) -> dict:
         return [], [{**m, "content": [c for c in m["content"] if c["type"] == "text"]} for m in messages]
 
     report = train_conversations(model, tok, example, steps=r["steps"], batch_size=r["batch_size"], lr=r["lr"],
-                                 warmup=r["warmup"], progress=ctx.progress, desc="zoo vlm-text")
+                                 warmup=r["warmup"], group_by_length=r.get("group_by_length", 1),
+                                 progress=ctx.progress, desc="zoo vlm-text")
     model.save_pretrained(ctx.out)
     tok.save_pretrained(ctx.out)
     return {"data": f"{DATA}: the conversations with their images removed", "parameters": parameter_count(model),
@@ -393,22 +394,22 @@ MODELS = [
              recipe=dict(data=DATA, train=400, held_out=40, text_fraction=0.2, seed=7, **IMAGE),
              quick=dict(train=8, held_out=3, **QUICK_IMAGE),
              loads_with="vision.train.data.load_dataset(path / 'train')"),
-    ZooModel("vlm", "LLaVA target (CLIP 256x2 on 60 px, LLaMA 512x10) trained on scene chat",
+    ZooModel("vlm", "LLaVA target (CLIP 256x2 on 60 px, LLaMA 512x8) trained on scene chat",
              build=build_vlm,
              recipe=dict(data=DATA, vocab=2048, tokenizer_scenes=3000, vision_hidden=256, vision_layers=2,
-                         hidden=512, layers=10, heads=8, kv_heads=4, intermediate=1024, tower_steps=300,
-                         tower_batch=64, tower_lr=2e-3, steps=800, batch_size=16, lr=1.5e-3, warmup=40,
-                         text_fraction=0.15, two_turn=0.15, held_out=40, seed=0, **IMAGE),
+                         hidden=512, layers=8, heads=8, kv_heads=4, intermediate=1024, tower_steps=120,
+                         tower_batch=64, tower_lr=2e-3, steps=320, batch_size=16, lr=2e-3, warmup=30,
+                         group_by_length=8, text_fraction=0.15, two_turn=0.15, held_out=40, seed=0, **IMAGE),
              quick=dict(vocab=400, tokenizer_scenes=50, vision_hidden=32, vision_layers=1, hidden=64, layers=2,
                         heads=2, kv_heads=1, intermediate=128, tower_steps=2, tower_batch=4, steps=3, batch_size=2,
-                        warmup=1, held_out=2, eval_tokens=6, **QUICK_IMAGE),
+                        warmup=1, group_by_length=2, held_out=2, eval_tokens=6, **QUICK_IMAGE),
              loads_with="SpeculativeVLM.from_pretrained('zoo:vlm', drafter=...)"),
     ZooModel("vlm-text", "text-only LLaMA drafter (256x2) with the target's tokenizer", build=build_text,
              needs=("vlm", "vlm-data"),
              recipe=dict(hidden=256, layers=2, heads=4, kv_heads=2, intermediate=512, steps=300, batch_size=16,
-                         lr=2e-3, warmup=20, text_fraction=0.2, eval_records=12, seed=1),
+                         lr=2e-3, warmup=20, group_by_length=8, text_fraction=0.2, eval_records=12, seed=1),
              quick=dict(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64, steps=3, batch_size=2, warmup=1,
-                        eval_records=2, eval_tokens=6),
+                        group_by_length=1, eval_records=2, eval_tokens=6),
              loads_with=_HEAD_LOAD.format("vlm-text")),
     ZooModel("vlm-draft", "small draft VLM (MASSV-distilled; target's tower, vlm-text's LM)",
              build=build_draft_vlm, needs=("vlm", "vlm-text", "vlm-data"),
@@ -417,19 +418,19 @@ MODELS = [
              quick=dict(records=4, projector_steps=1, steps=2, batch_size=1, eval_records=2, eval_tokens=6),
              loads_with=_HEAD_LOAD.format("vlm-draft")),
     ZooModel("vlm-eagle", "EAGLE-1 head for zoo:vlm", build=build_head, needs=("vlm", "vlm-data"),
-             recipe=dict(head="eagle", layers=1, steps=600, lr=1e-3, **HEAD), quick=QUICK_HEAD,
+             recipe=dict(head="eagle", layers=1, steps=360, lr=1e-3, **HEAD), quick=QUICK_HEAD,
              loads_with=_HEAD_LOAD.format("vlm-eagle")),
     ZooModel("vlm-eagle3", "EAGLE-3 head for zoo:vlm (low/mid/high taps, training-time test)", build=build_head,
              needs=("vlm", "vlm-data"),
-             recipe=dict(head="eagle", layers=1, taps=(0.2, 0.5, 1.0), unroll=3, steps=500, lr=1e-3, **HEAD),
+             recipe=dict(head="eagle", layers=1, taps=(0.2, 0.5, 1.0), unroll=3, steps=350, lr=1e-3, **HEAD),
              quick=dict(QUICK_HEAD, unroll=2), loads_with=_HEAD_LOAD.format("vlm-eagle3")),
     ZooModel("vlm-dream", "DREAM head for zoo:vlm (cross-attention to mid features)", build=build_head,
              needs=("vlm", "vlm-data"),
-             recipe=dict(head="dream", layers=3, taps=(0.5, 1.0), steps=500, lr=1e-3, **HEAD),
+             recipe=dict(head="dream", layers=3, taps=(0.5, 1.0), steps=350, lr=1e-3, **HEAD),
              quick=dict(QUICK_HEAD, layers=3), loads_with=_HEAD_LOAD.format("vlm-dream")),
     ZooModel("vlm-vispec", "ViSpec-style head for zoo:vlm (query compressor, ViSpec losses)", build=build_head,
              needs=("vlm", "vlm-data"),
-             recipe=dict(head="eagle", layers=1, compressor="vispec", n_queries=4, loss="vispec", steps=600, lr=1e-3,
+             recipe=dict(head="eagle", layers=1, compressor="vispec", n_queries=4, loss="vispec", steps=450, lr=1e-3,
                          **HEAD),
              quick=dict(QUICK_HEAD, n_queries=2), loads_with=_HEAD_LOAD.format("vlm-vispec")),
 ]

@@ -44,3 +44,30 @@ def test_training_lowers_the_loss(tiny):
     report = train_conversations(model, proc, lambda i: _conv(), steps=30, batch_size=2, lr=3e-3, warmup=2,
                                  progress=False, window=3)
     assert report["losses"][-1] < 0.5 * report["losses"][0] and report["tokens"] > 0
+
+
+def test_group_by_length_uses_every_conversation_once_in_length_sorted_batches(tiny, monkeypatch):
+    import vision.train.sft as sft
+
+    _, proc, model = tiny
+    lengths = [1, 4, 2, 3, 1, 2, 4, 3]  # example i gets lengths[i] extra user turns
+    seen = []
+
+    def example(i):
+        images, msgs = _conv()
+        return images, msgs[:2] + msgs[2:] * lengths[i]
+
+    real = sft.collate
+
+    def spy(batch, pad):
+        seen.append([len(e.input_ids) for e in batch])
+        return real(batch, pad)
+
+    monkeypatch.setattr(sft, "collate", spy)
+    train_conversations(model, proc, example, steps=4, batch_size=2, lr=1e-4, warmup=1, progress=False,
+                        group_by_length=4)
+    widths = sorted(w for b in seen for w in b)
+    assert widths == sorted(len(sft._encode(proc, example, i).input_ids) for i in range(8))
+    assert all(max(b) <= min(c) or max(c) <= min(b) for b in seen for c in seen if b is not c)  # sorted pools
+    with pytest.raises(InvalidInputError, match="group_by_length"):
+        train_conversations(model, proc, example, steps=1, batch_size=2, lr=1e-4, group_by_length=0)

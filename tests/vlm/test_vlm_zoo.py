@@ -84,6 +84,9 @@ def test_cli_zoo_list_and_build(quick_vlm_zoo, capsys):
     assert main(["zoo", "list"]) == 0
     out = capsys.readouterr().out
     assert "vlm-dream" in out and "llamagen" in out
+    assert main(["zoo", "cards", "--quick", "--only", "vlm-eagle"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| `zoo:")]
+    assert sorted(r.split("`")[1] for r in rows) == ["zoo:vlm-data@quick", "zoo:vlm-eagle@quick", "zoo:vlm@quick"]
     assert main(["zoo", "build", "--only", "vlm-egale"]) == 2
     assert "vlm-eagle" in capsys.readouterr().err
 
@@ -145,7 +148,7 @@ def test_full_vlm_zoo_demo_and_bench(tmp_path):
     cards = zoo().build(progress=False)
     by = {c["name"]: c for c in cards}
     held = by["vlm"]["held_out"]
-    assert held["tower probe accuracy (colour, per cell)"] > 0.95 and held["held-out exact answers"] > 0.1
+    assert held["tower probe accuracy (colour, per cell)"] > 0.95 and held["held-out exact answers"] > 0.05  # 0 if broken
     assert by["vlm-eagle"]["held_out"]["tau (greedy, chain of 4, held out)"] > 2.0
     s = run_vlm_demo(tmp_path / "demo", progress=False, repeats=1)
     assert s["identical"] and s["tau"] > 2.0
