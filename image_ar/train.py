@@ -104,7 +104,7 @@ def teacher(target_model: LlamaGen, cond: torch.Tensor, tokens: torch.Tensor, gu
 
 
 def head_loss(head: ImageHead, tokens: torch.Tensor, feats: torch.Tensor, p: torch.Tensor, guidance_scale: float,
-              ce_weight: float, noise: float = 0.0, generator: torch.Generator | None = None) -> dict:
+              w_cls: float, noise: float = 0.0, generator: torch.Generator | None = None) -> dict:
     """EAGLE's loss on one batch: tokens (B, N), target features (R, N, D), target guided probabilities (B, N-1, V)."""
     n_cells, cls = tokens.shape[1], head.config.cls_token_num
     guided = guidance_scale != 1.0
@@ -120,26 +120,33 @@ def head_loss(head: ImageHead, tokens: torch.Tensor, feats: torch.Tensor, p: tor
         logits = cfg_logits(logits, guidance_scale)  # (B, N - 1, V)
     log_q = logits.log_softmax(-1).flatten(0, 1)  # (B (N - 1), V)
     kl = F.kl_div(log_q, p.flatten(0, 1), reduction="batchmean")
-    return {"loss": feature_loss + ce_weight * kl, "feature_loss": feature_loss, "kl": kl}
+    return {"loss": feature_loss + w_cls * kl, "feature_loss": feature_loss, "kl": kl}
 
 
 def train_head(target_model: LlamaGen, head: ImageHead, *, class_labels=None, tokens: torch.Tensor | None = None,
                samples: int = 256, steps: int = 500, lr: float = 1e-3, batch_size: int = 16,
-               guidance_scale: float = 4.0, ce_weight: float = 0.1, feature_noise: float = 0.0,
+               guidance_scale: float = 4.0, w_cls: float | None = None, noise: float | None = None,
                weight_decay: float = 0.0, seed: int | None = 0, generator: torch.Generator | None = None,
-               progress: bool = True) -> dict[str, list[float]]:
+               progress: bool = True, ce_weight: float | None = None,
+               feature_noise: float | None = None) -> dict[str, list[float]]:
     """Train `head` (in place) on its frozen target; returns the per-step losses {"loss", "feature_loss", "kl"}.
 
     Data: `tokens` (S, N) grids with their conditions `class_labels` (S,) labels or (S, L, C) captions; or, without
     tokens, grids sampled from the target at temperature 1 for `class_labels` (default: `samples` random classes).
-    guidance_scale: the scale the head will draft at (1.0 trains unguided, cond rows only). ce_weight: w of the
-    KL term (EAGLE: 0.1). feature_noise: half-width of uniform noise on the input features (EAGLE: 0.2 on
-    unnormalised features; 0 off). generator / seed: every random draw (sampling, batching, noise).
+    guidance_scale: the scale the head will draft at (1.0 trains unguided, cond rows only). w_cls: weight of the
+    KL term (EAGLE: 0.1). noise: half-width of uniform noise on the input features (EAGLE: 0.2 on unnormalised
+    features; default 0, off). The names are those of `vision.train.train_eagle`; ``ce_weight`` and
+    ``feature_noise`` are their old spellings, still accepted. generator / seed: every random draw (sampling,
+    batching, noise).
     """
+    from mmspec.compat import renamed
+
+    w_cls = renamed("w_cls", w_cls, "ce_weight", ce_weight, default=0.1)
+    noise = renamed("noise", noise, "feature_noise", feature_noise, default=0.0)
     for name, value in (("steps", steps), ("batch_size", batch_size), ("samples", samples)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InvalidInputError(f"{name}={value!r}: must be an int >= 1")
-    for name, value in (("lr", lr), ("ce_weight", ce_weight), ("feature_noise", feature_noise),
+    for name, value in (("lr", lr), ("w_cls", w_cls), ("noise", noise),
                         ("weight_decay", weight_decay), ("guidance_scale", guidance_scale)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise InvalidInputError(f"{name}={value!r}: must be a finite number >= 0")
@@ -153,15 +160,15 @@ def train_head(target_model: LlamaGen, head: ImageHead, *, class_labels=None, to
     frozen = [(p, p.requires_grad) for p in model.parameters()]  # restored after training: no lasting side effect
     model.requires_grad_(False)
     try:
-        return _train(model, head, class_labels, tokens, samples, steps, lr, batch_size, guidance_scale, ce_weight,
-                      feature_noise, weight_decay, generator, progress)
+        return _train(model, head, class_labels, tokens, samples, steps, lr, batch_size, guidance_scale, w_cls,
+                      noise, weight_decay, generator, progress)
     finally:
         for p, flag in frozen:
             p.requires_grad_(flag)
 
 
-def _train(model, head, class_labels, tokens, samples, steps, lr, batch_size, guidance_scale, ce_weight,
-           feature_noise, weight_decay, gen, progress) -> dict[str, list[float]]:
+def _train(model, head, class_labels, tokens, samples, steps, lr, batch_size, guidance_scale, w_cls,
+           noise, weight_decay, gen, progress) -> dict[str, list[float]]:
     from tqdm.auto import tqdm
 
     cond, grids = dataset(model, class_labels, tokens, samples, guidance_scale, batch_size, gen, progress)
@@ -178,7 +185,7 @@ def _train(model, head, class_labels, tokens, samples, steps, lr, batch_size, gu
         cursor += batch_size
         toks = grids[idx].to(model.device)  # (B, N)
         feats, p = teacher(model, cond[idx].to(model.device), toks, guidance_scale)
-        losses = head_loss(head, toks, feats, p, guidance_scale, ce_weight, feature_noise, gen)
+        losses = head_loss(head, toks, feats, p, guidance_scale, w_cls, noise, gen)
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
@@ -233,13 +240,15 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m image_ar.trai
     ap.add_argument("--samples", type=int, default=256, help="grids sampled from the target (random classes)")
     ap.add_argument("--guidance-scale", type=float, default=4.0)
     ap.add_argument("--n-layer", type=int, default=1, help="transformer blocks of the head")
-    ap.add_argument("--ce-weight", type=float, default=0.1)
+    ap.add_argument("--w-cls", "--ce-weight", dest="w_cls", type=float, default=0.1,
+                    help="weight of the distribution term (EAGLE: 0.1); --ce-weight is its old name")
+    ap.add_argument("--noise", type=float, default=0.0, help="uniform noise half-width on the input features")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     target = LlamaGen.from_pretrained(args.target)
     head = ImageHead(target, n_layer=args.n_layer)
     hist = train_head(target, head, samples=args.samples, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                      guidance_scale=args.guidance_scale, ce_weight=args.ce_weight, seed=args.seed)
+                      guidance_scale=args.guidance_scale, w_cls=args.w_cls, noise=args.noise, seed=args.seed)
     head.save_pretrained(args.out)
     print(f"trained {args.steps} steps: loss {hist['loss'][0]:.4f} -> {hist['loss'][-1]:.4f}, "
           f"kl {hist['kl'][0]:.4f} -> {hist['kl'][-1]:.4f}; saved to {args.out}")

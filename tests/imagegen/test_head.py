@@ -50,7 +50,7 @@ def trained(target):
     torch.manual_seed(1)
     head = ImageHead(target)
     hist = train_head(target, head, samples=256, steps=200, lr=3e-3, batch_size=16, guidance_scale=SCALE,
-                      ce_weight=0.3, seed=0, progress=False)
+                      w_cls=0.3, seed=0, progress=False)
     assert hist["kl"][-1] < 0.5 * hist["kl"][0] and hist["feature_loss"][-1] < hist["feature_loss"][0]
     return head
 
@@ -266,3 +266,19 @@ def test_bad_inputs(target, untrained):
         SpeculativeDecoder(LlamaGenTarget(other, SCALE), ImageHeadDrafter(untrained))
     with pytest.raises(InvalidInputError, match="features"):
         untrained(torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2, 5), torch.arange(1, 3))
+
+
+def test_train_head_speaks_the_vlm_trainers_names(target):
+    """w_cls / noise as in vision.train.train_eagle; the old ce_weight / feature_noise still work, with a warning."""
+    from mmspec.errors import InvalidInputError
+
+    kw = dict(samples=4, steps=2, batch_size=2, guidance_scale=SCALE, seed=0, progress=False)
+    torch.manual_seed(2)
+    new = train_head(target, ImageHead(target), w_cls=0.5, noise=0.1, **kw)
+    torch.manual_seed(2)
+    with pytest.warns(FutureWarning) as caught:
+        old = train_head(target, ImageHead(target), ce_weight=0.5, feature_noise=0.1, **kw)
+    assert sorted(str(w.message).split("=")[0] for w in caught) == ["ce_weight", "feature_noise"]
+    assert new["loss"] == old["loss"]
+    with pytest.raises(InvalidInputError, match="pass only w_cls="):
+        train_head(target, ImageHead(target), w_cls=0.5, ce_weight=0.5, **kw)
