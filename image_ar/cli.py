@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from mmspec.errors import InvalidInputError
+
 from .pipeline import SpeculativeImagePipeline, is_continuous_dir
 
 
@@ -28,9 +30,16 @@ def run_image(args) -> int:
     target = resolve(args.target)  # every path may be zoo:NAME (or zoo:NAME@quick)
     continuous = is_continuous_dir(Path(target))
     drafter = args.drafter or ("none" if continuous else "jacobi")
+    tree = args.tree
+    if args.window is not None:  # SJD's window: the pending token + the drafted tokens
+        if tree is not None:
+            raise InvalidInputError("--window and --tree both set the tokens drafted per step: pass --tree only")
+        if args.window < 2:
+            raise InvalidInputError(f"--window {args.window}: must be >= 2 (the pending token + >= 1 draft)")
+        tree = args.window - 1
     pipe = SpeculativeImagePipeline.from_pretrained(
         target, vq=resolve(args.vq), drafter=None if drafter == "none" else resolve(drafter), device_map=args.device,
-        draft_tokens=args.draft_tokens, window=args.window,
+        tree=tree,
         target_config=None if args.grid_size is None else {"grid_size": args.grid_size})
     out = pipe(class_labels=args.class_label, num_images_per_prompt=args.num_images,
                guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

@@ -33,7 +33,7 @@ def _timed(fn):
     return out, time.perf_counter() - t0
 
 
-def run_image_demo(out_dir="demo_out/image", quick: bool = False, progress: bool = True, draft_tokens: int = 3,
+def run_image_demo(out_dir="demo_out/image", quick: bool = False, progress: bool = True, tree: int = 3,
                    guidance_scale: float = 4.0, seed: int = 0) -> dict:
     """Generate the demo grid plainly and speculatively (see the module docstring); returns a summary dict."""
     from . import shapes, zoo
@@ -43,7 +43,7 @@ def run_image_demo(out_dir="demo_out/image", quick: bool = False, progress: bool
     target = zoo.load("llamagen", quick=quick, progress=progress)
     vq = zoo.load("vq", quick=quick, progress=progress)
     head = zoo.load("llamagen-head", quick=quick, progress=progress, target=target)
-    pipe = SpeculativeImagePipeline(target, vq, ImageHeadDrafter(head, draft_tokens))
+    pipe = SpeculativeImagePipeline(target, vq, ImageHeadDrafter(head, tree))
     labels = [c for c in DEMO_CLASSES for _ in range(IMAGES_PER_CLASS)]
     seeds = [seed + i for i in range(len(labels))]
     kw = dict(guidance_scale=guidance_scale, temperature=1.0, top_k=0)
@@ -86,7 +86,7 @@ def run_image_demo(out_dir="demo_out/image", quick: bool = False, progress: bool
     heatmap(acceptance, cell=16).save(out / "image_demo_acceptance.png")
     summary = {"target": f"zoo:llamagen{'@quick' if quick else ''} ({target.config.dim} x {target.config.n_layer}, "
                          f"{target.config.vocab_size} codes, {grid}x{grid} tokens)",
-               "drafter": f"zoo:llamagen-head, k={draft_tokens}", "classes": [shapes.CLASS_NAMES[c] for c in
+               "drafter": f"zoo:llamagen-head, k={tree}", "classes": [shapes.CLASS_NAMES[c] for c in
                                                                               DEMO_CLASSES],
                "images": len(labels), "guidance_scale": guidance_scale, "temperature": 1.0,
                "plain_seconds": t_plain, "speculative_seconds": t_spec, "speedup": t_plain / t_spec, "tau": tau,

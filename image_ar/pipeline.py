@@ -108,16 +108,29 @@ class SpeculativeImagePipeline:
     """target: a LlamaGen or an image target adapter (``bind``/``prefill``/``verify``/``commit``, with ``grid`` and
     ``decode``). vq: a VQTokenizer (or anything ``load_vq`` takes) for LlamaGen targets; its codebook must match the
     target's vocabulary. drafter: None (plain decoding), "jacobi", a LlamaGen (draft model), a path to a head or
-    LlamaGen checkpoint, or a Drafter object. draft_tokens: tokens drafted per step by model/head drafters;
-    window / jacobi_init: SJD's window and initialisation.
+    LlamaGen checkpoint, or a Drafter object. tree: tokens drafted per step, the engine's and SpeculativeVLM's name
+    (image drafters draft chains, so an int; default 4 for model and head drafters, 15 for SJD, whose window is
+    the pending token + tree). Old names, still accepted: ``draft_tokens`` (= tree) and ``window`` (= tree + 1).
+    jacobi_init: SJD's initialisation.
 
     Continuous targets (a ContinuousAR or ContinuousARTarget): vae (or vq, the same slot) is an AutoencoderKL or
     anything ``load_kl_vae`` takes; drafter is None, a ContinuousAR or its directory; cspd_max_candidates bounds the
     residual sampler (see image_ar.acceptance.cspd)."""
 
-    def __init__(self, target, vq=None, drafter=None, *, vae=None, draft_tokens: int = 4, window: int = 16,
+    def __init__(self, target, vq=None, drafter=None, *, vae=None, tree: int | None = None,
                  jacobi_init: str = "random", neighbours_cache: str | Path | None = None,
-                 cspd_max_candidates: int = 1 << 16):
+                 cspd_max_candidates: int = 1 << 16, draft_tokens: int | None = None, window: int | None = None):
+        from mmspec.compat import renamed
+
+        tree = renamed("tree", tree, "draft_tokens", draft_tokens)
+        if window is not None:
+            if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+                raise InvalidInputError(f"window={window!r}: must be an int >= 2 (the pending token + >= 1 draft); "
+                                        "pass tree= (the drafted tokens) instead")
+            tree = renamed("tree", tree, "window", window - 1, note=f" (window={window} is tree={window - 1})")
+        if tree is not None and (isinstance(tree, bool) or not isinstance(tree, int) or tree < 1):
+            raise InvalidInputError(f"tree={tree!r}: image drafters draft chains; pass the number of tokens drafted "
+                                    "per step (an int >= 1)")
         if isinstance(target, LlamaGen):  # LlamaGen's c2i default CFG scale when the model has a null class
             target = LlamaGenTarget(target, 4.0 if target.config.has_null_class else 1.0)
         elif isinstance(target, ContinuousAR):
@@ -139,7 +152,7 @@ class SpeculativeImagePipeline:
                                           f"predicts {self.target.vocab_size} image tokens: use the tokenizer the "
                                           "target was trained with")
         self.drafter_spec = drafter
-        self.draft_tokens, self.window, self.jacobi_init = draft_tokens, window, jacobi_init
+        self.tree, self.jacobi_init = tree, jacobi_init
         self.neighbours_cache = neighbours_cache
         self._drafter = self._make_drafter(drafter)
         self.decoder = SpeculativeDecoder(self.target, self._drafter)
@@ -189,11 +202,11 @@ class SpeculativeImagePipeline:
         if self.continuous:
             return self._continuous_drafter(drafter)
         if isinstance(drafter, str) and drafter == "jacobi":
-            return JacobiDrafter(self.window, self.jacobi_init)
+            return JacobiDrafter((self.tree or 15) + 1, self.jacobi_init)
         if isinstance(drafter, (str, Path)):
             drafter = self._load_drafter(Path(drafter))
         if isinstance(drafter, LlamaGen):
-            return ImageModelDrafter(drafter.to(self.target.device), self.draft_tokens)
+            return ImageModelDrafter(drafter.to(self.target.device), self.tree or 4)
         if _is_drafter(drafter):
             return drafter
         raise InvalidInputError(f"drafter={drafter!r}: expected None, 'jacobi', a LlamaGen, a checkpoint path or a "
@@ -205,7 +218,7 @@ class SpeculativeImagePipeline:
                 raise CheckpointError(f"drafter {str(drafter)!r} is not a ContinuousAR directory (save_pretrained)")
             drafter = ContinuousAR.from_pretrained(drafter, dtype=self.target.model.dtype)
         if isinstance(drafter, ContinuousAR):
-            return ContinuousDrafter(drafter.to(self.target.device), self.draft_tokens)
+            return ContinuousDrafter(drafter.to(self.target.device), self.tree or 4)
         if _is_drafter(drafter):
             return drafter
         raise InvalidInputError(f"drafter={drafter!r}: a continuous-token target takes None, a ContinuousAR (or its "
@@ -216,7 +229,7 @@ class SpeculativeImagePipeline:
             raise CheckpointError(f"drafter {str(path)!r} does not exist: expected 'jacobi', a head directory "
                                   "(image_ar.train) or a LlamaGen checkpoint")
         if is_head_checkpoint(path):
-            return ImageHeadDrafter(ImageHead.from_pretrained(path, self.target.model), self.draft_tokens)
+            return ImageHeadDrafter(ImageHead.from_pretrained(path, self.target.model), self.tree or 4)
         return LlamaGen.from_pretrained(path, dtype=self.target.model.dtype)
 
     @property

@@ -436,7 +436,7 @@ def _cspd_held_out(target, draft, r: dict) -> dict:
     from .pipeline import SpeculativeImagePipeline
 
     k = r.get("draft_tokens", 4)
-    pipe = SpeculativeImagePipeline(target, drafter=draft, draft_tokens=k)
+    pipe = SpeculativeImagePipeline(target, drafter=draft, tree=k)
     labels = [i % shapes.NUM_CLASSES for i in range(r["held_out_images"])]
     st = pipe(class_labels=labels, seed=HELD_OUT_SEED, guidance_scale=2.0, output_type="tokens").stats
     return {f"CSpD tau (k={k}, CFG 2)": round(st.tau, 3), "images": len(labels)}

@@ -373,8 +373,10 @@ def _add_image_parser(sub) -> None:
     img.add_argument("--temperature", type=float, default=1.0)
     img.add_argument("--top-k", type=int, default=2000)
     img.add_argument("--top-p", type=float, default=1.0)
-    img.add_argument("--draft-tokens", type=int, default=4, help="tokens per step for head / model drafters")
-    img.add_argument("--window", type=int, default=16, help="SJD window")
+    img.add_argument("--tree", "--draft-tokens", dest="tree", type=int, default=None,
+                     help="tokens drafted per step (default 4 for head / model drafters, 15 for SJD); --draft-tokens "
+                          "is its old name")
+    img.add_argument("--window", type=int, default=None, help="SJD window = the pending token + --tree (old form)")
     img.add_argument("--seed", type=int, default=0)
     img.add_argument("--device", default="cpu")
     img.add_argument("--out", default="out.png")

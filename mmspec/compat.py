@@ -47,9 +47,10 @@ def output_cache_field(output_cls) -> str:
     return "cache" if "cache" in {f.name for f in dataclasses.fields(output_cls)} else "past_key_values"
 
 
-def renamed(new_name: str, new_value, old_name: str, old_value, default=None):
-    """The value of a keyword renamed from `old_name` to `new_name`: the new one, or the old one with a
-    FutureWarning (it still works), or `default`. Both given: a typed error naming both."""
+def renamed(new_name: str, new_value, old_name: str, old_value, default=None, note: str = ""):
+    """The value of a keyword renamed from `old_name` to `new_name` (one name per concept across the APIs): the new
+    one, or the old one with a FutureWarning (it still works), or `default`. Both given: a typed error naming both.
+    note: appended to the warning (e.g. how the old value maps to the new one)."""
     import warnings
 
     from .errors import InvalidInputError
@@ -58,6 +59,6 @@ def renamed(new_name: str, new_value, old_name: str, old_value, default=None):
         return default if new_value is None else new_value
     if new_value is not None:
         raise InvalidInputError(f"{new_name}= and {old_name}= name the same setting; pass only {new_name}=")
-    warnings.warn(f"{old_name}= is the old spelling of {new_name}= (the name transformers 5 uses); it still works, "
-                  f"but pass {new_name}= instead", FutureWarning, stacklevel=3)
+    warnings.warn(f"{old_name}= is the old spelling of {new_name}={note}; it still works, but pass {new_name}= "
+                  "instead", FutureWarning, stacklevel=3)
     return old_value

@@ -71,3 +71,23 @@ def test_a_request_samples_the_same_alone_and_in_a_batch_of_8(target, vq, drafte
         alone = pipe(class_labels=[labels[i]], generator=torch.Generator().manual_seed(100 + i), top_k=20,
                      output_type="tokens").tokens
         assert torch.equal(alone[0], batch[i])
+
+
+def test_tree_is_the_one_draft_length_name(target):
+    """tree= as in the engine and SpeculativeVLM; draft_tokens= and window= (= tree + 1) still work, with a warning."""
+    from image_ar.drafters.model import ImageModelDrafter
+
+    assert SpeculativeImagePipeline(target, drafter="jacobi", tree=4).drafter.window == 5
+    assert SpeculativeImagePipeline(target, drafter="jacobi").drafter.window == 16
+    assert SpeculativeImagePipeline(target, drafter=target, tree=2).drafter.k == 2
+    assert SpeculativeImagePipeline(target, drafter=target).drafter.k == 4
+    with pytest.warns(FutureWarning, match=r"window= is the old spelling of tree= \(window=5 is tree=4\)"):
+        assert SpeculativeImagePipeline(target, drafter="jacobi", window=5).drafter.window == 5
+    with pytest.warns(FutureWarning, match="draft_tokens= is the old spelling of tree="):
+        pipe = SpeculativeImagePipeline(target, drafter=target, draft_tokens=3)
+    assert isinstance(pipe.drafter, ImageModelDrafter) and pipe.drafter.k == 3
+    for bad in (0, "3", 2.5):
+        with pytest.raises(InvalidInputError, match="tree="):
+            SpeculativeImagePipeline(target, drafter="jacobi", tree=bad)
+    with pytest.raises(InvalidInputError, match="window=1"):
+        SpeculativeImagePipeline(target, drafter="jacobi", window=1)

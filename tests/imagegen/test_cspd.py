@@ -87,7 +87,7 @@ def test_target_only_decoding_through_the_engine_equals_the_plain_sampler():
 
 def test_a_copy_of_the_target_as_drafter_is_always_accepted():
     model = tiny_continuous(0, grid_size=3)
-    pipe = SpeculativeImagePipeline(model, drafter=perturbed(model, 0.0), draft_tokens=4)
+    pipe = SpeculativeImagePipeline(model, drafter=perturbed(model, 0.0), tree=4)
     out = pipe(class_labels=[0, 1], guidance_scale=2.0, output_type="tokens", seed=0)
     # 9 tokens: prefill gives 1, then each verification accepts 4 drafts + 1 bonus (budget permitting)
     assert out.stats.target_forwards == [3, 3]
@@ -97,7 +97,7 @@ def test_a_copy_of_the_target_as_drafter_is_always_accepted():
 
 def test_drafted_tokens_are_resampled_from_the_residual_when_rejected():
     model = tiny_continuous(0)
-    pipe = SpeculativeImagePipeline(model, drafter=perturbed(model, 0.02), draft_tokens=3)
+    pipe = SpeculativeImagePipeline(model, drafter=perturbed(model, 0.02), tree=3)
     out = pipe(class_labels=[0] * 20, guidance_scale=2.0, output_type="tokens", seed=0)
     assert out.stats.residual_draws > 0
     assert sum(out.stats.target_forwards) > 2 * 20  # rejections cost forwards
@@ -107,7 +107,7 @@ def test_a_batch_gives_each_image_what_it_gets_alone():
     """The rule runs the whole batch at once (one head call per round) yet every image draws only from its own
     generator in its own order: batch outputs equal one-image runs, through rejections and residual rounds."""
     model = tiny_continuous(0, grid_size=3)
-    pipe = SpeculativeImagePipeline(model, drafter=perturbed(model, 0.01), draft_tokens=3)
+    pipe = SpeculativeImagePipeline(model, drafter=perturbed(model, 0.01), tree=3)
     labels, seeds = [0, 1, 2, 1], [5, 6, 7, 8]
     kw = dict(guidance_scale=2.0, output_type="tokens", temperature=0.9)
     out = pipe(class_labels=labels, generator=[torch.Generator().manual_seed(s) for s in seeds], **kw)
@@ -151,9 +151,9 @@ def test_two_sample_cspd_matches_target_only_sampling_and_a_wrong_rule_does_not(
     n, labels = 600, [0] * 600
     ref = SpeculativeImagePipeline(target)(class_labels=labels, guidance_scale=2.0, output_type="tokens",
                                            seed=10**6).tokens
-    spec = SpeculativeImagePipeline(target, drafter=draft, draft_tokens=3)
+    spec = SpeculativeImagePipeline(target, drafter=draft, tree=3)
     out = spec(class_labels=labels, guidance_scale=2.0, output_type="tokens", seed=0)
-    wrong = SpeculativeImagePipeline(target, drafter=draft, draft_tokens=3)
+    wrong = SpeculativeImagePipeline(target, drafter=draft, tree=3)
     wrong._kernel = lambda *a, **k: AlwaysAccept(wrong.target.head)
     bad = wrong(class_labels=labels, guidance_scale=2.0, output_type="tokens", seed=0).tokens
     assert out.tokens.shape == ref.shape == bad.shape == (n, 4, 2)

@@ -70,7 +70,7 @@ def test_text_conditional_with_caption_padding():
     emb = torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(0))
     mask = torch.tensor([[True, True, False], [True, True, True]])
     ref = generate_tokens(t2i, emb, cond_mask=mask, guidance_scale=2.5, temperature=0)
-    pipe = SpeculativeImagePipeline(t2i, drafter="jacobi", window=5)
+    pipe = SpeculativeImagePipeline(t2i, drafter="jacobi", tree=4)
     out = pipe(prompt_embeds=emb, prompt_mask=mask, guidance_scale=2.5, temperature=0, output_type="tokens")
     assert out.tokens.tolist() == ref.tolist()
     with pytest.raises(UnsupportedModelError, match="prompt_embeds"):
@@ -78,7 +78,7 @@ def test_text_conditional_with_caption_padding():
 
 
 def test_images_stats_and_grid(target, vq):
-    pipe = SpeculativeImagePipeline(target, vq, drafter="jacobi", window=4)
+    pipe = SpeculativeImagePipeline(target, vq, drafter="jacobi", tree=3)
     out = pipe(class_labels=[2, 4], num_images_per_prompt=2, temperature=0, guidance_scale=2.0)
     assert len(out.images) == 4 and out.images[0].size == (10, 10)
     assert out.tokens[0].tolist() == out.tokens[1].tolist()  # greedy: same label, same image
@@ -94,7 +94,7 @@ def test_images_stats_and_grid(target, vq):
                                   dict(acceptance="gsd", gsd_rank_window=0),
                                   dict(acceptance="gsd", tv_budget=0.0)])
 def test_relaxed_rules_at_their_lossless_limit_are_lossless_draw_for_draw(target, vq, rule):
-    pipe = SpeculativeImagePipeline(target, vq, drafter="jacobi", window=5)
+    pipe = SpeculativeImagePipeline(target, vq, drafter="jacobi", tree=4)
     kw = dict(class_labels=LABELS, guidance_scale=3.0, temperature=1.0, top_k=16, seed=7, output_type="tokens")
     base = pipe(**kw)
     relaxed = pipe(**kw, **rule)
@@ -103,7 +103,7 @@ def test_relaxed_rules_at_their_lossless_limit_are_lossless_draw_for_draw(target
 
 
 def test_acceptance_grows_with_delta_and_the_budget_holds(target, vq):
-    pipe = SpeculativeImagePipeline(target, vq, drafter="jacobi", window=5)
+    pipe = SpeculativeImagePipeline(target, vq, drafter="jacobi", tree=4)
     kw = dict(class_labels=list(range(10)) * 2, guidance_scale=2.0, temperature=1.0, top_k=0, seed=3,
               output_type="tokens")
     rates = [pipe(**kw, acceptance="lantern", lantern_delta=d).stats.acceptance_grid.mean() for d in (0.0, 0.2, 0.6)]
@@ -149,7 +149,7 @@ def two_sample_chi_square(a, b):
 
 
 def test_generators_reproduce(target):
-    pipe = SpeculativeImagePipeline(target, drafter="jacobi", window=4)
+    pipe = SpeculativeImagePipeline(target, drafter="jacobi", tree=3)
     kw = dict(class_labels=[1, 2], temperature=1.0, top_k=10, output_type="tokens")
     a = pipe(**kw, generator=torch.Generator().manual_seed(1)).tokens
     b = pipe(**kw, generator=torch.Generator().manual_seed(1)).tokens
@@ -201,7 +201,7 @@ def test_from_pretrained_round_trip(target, vq, small, tmp_path):
     vq.save_pretrained(tmp_path / "vq")
     small.save_pretrained(tmp_path / "draft")
     pipe = SpeculativeImagePipeline.from_pretrained(tmp_path / "target", vq=tmp_path / "vq",
-                                                    drafter=str(tmp_path / "draft"), draft_tokens=2)
+                                                    drafter=str(tmp_path / "draft"), tree=2)
     assert isinstance(pipe.drafter, ImageModelDrafter) and pipe.drafter.k == 2
     out = pipe(class_labels=[4], guidance_scale=2.0, temperature=0)
     assert out.tokens.tolist() == greedy_ref(target, [4], 2.0).tolist() and len(out.images) == 1
