@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 
 from mmspec.errors import DraftError, InvalidInputError
+from mmspec.guidance import pair_halves
 from mmspec.target import BlockOutput
 from mmspec.tree import Draft
 
@@ -29,7 +30,7 @@ class ContinuousRunner(LlamaGenRunner):
     model_class = ContinuousAR
 
     def _combine(self, logits, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z = torch.cat(hidden.chunk(2), dim=-1) if self.guided else hidden  # (B, ..., 2D) = [cond | uncond]
+        z = pair_halves(hidden, self.guidance_scale)  # (B, ..., 2D) = [cond | uncond] when guided
         return z, z
 
 

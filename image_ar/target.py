@@ -17,11 +17,12 @@ from typing import Sequence
 import torch
 
 from mmspec.errors import ContextOverflowError, InvalidInputError
+from mmspec.guidance import both_halves, combine_logits, double_rows, is_guided, pair_halves
 from mmspec.target import BlockOutput, draft_block, sync_time
 from mmspec.tree import Draft
 
 from .models.guided import check_guidance_scale
-from .models.llamagen import LlamaGen, cfg_logits, prefix_mask
+from .models.llamagen import LlamaGen, prefix_mask
 
 PLACEHOLDER = 0  # the loop's one-token "prompt" per image; the condition is bound to the target instead
 
@@ -56,20 +57,19 @@ class LlamaGenRunner:
 
     @property
     def guided(self) -> bool:
-        return self.guidance_scale != 1.0
+        return is_guided(self.guidance_scale)
 
     @property
     def device(self) -> torch.device:
         return self.model.device
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([x, x]) if self.guided else x
+        return double_rows(x, self.guidance_scale)
 
     def _combine(self, logits: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.guided:
             return logits, hidden
-        cond, uncond = hidden.chunk(2)
-        return cfg_logits(logits, self.guidance_scale), torch.cat([cond, uncond], dim=-1)
+        return combine_logits(logits, self.guidance_scale), pair_halves(hidden, self.guidance_scale)
 
     def _forward(self, idx, cond, pos, mask):
         t0 = sync_time(self.device)
@@ -156,7 +156,7 @@ class LlamaGenRunner:
     def select_rows(self, rows: Sequence[int]) -> None:
         rows = list(rows)
         b = len(self.lengths)
-        full = rows + [b + r for r in rows] if self.guided else rows
+        full = both_halves(rows, b, self.guidance_scale)
         self.cache.select_rows(full)
         self.prefix_ok = self.prefix_ok[torch.tensor(full, device=self.prefix_ok.device)]
         self.lengths = [self.lengths[r] for r in rows]

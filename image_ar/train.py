@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from mmspec.errors import DatasetError, InvalidInputError
+from mmspec.guidance import combine_logits
 
 from .drafters.head import ImageHead
-from .models.llamagen import LlamaGen, cfg_logits, generate_tokens
+from .models.llamagen import LlamaGen, generate_tokens
 from .target import check_guidance
 
 
@@ -73,7 +74,7 @@ def _sample_batch(model: LlamaGen, cond: torch.Tensor, guidance_scale: float, ge
     for i in range(n):
         feats.append(out.hidden[:, -1].cpu())  # (R, D): predicts token i
         logits = out.logits[:, -1]
-        p = (cfg_logits(logits, guidance_scale) if guided else logits).softmax(-1)  # (B, V)
+        p = (combine_logits(logits, guidance_scale) if guided else logits).softmax(-1)  # (B, V)
         if i:
             probs.append(p.cpu())
         tok = torch.multinomial(p.cpu(), 1, generator=generator).view(-1)  # (B,)
@@ -99,7 +100,7 @@ def teacher(target_model: LlamaGen, cond: torch.Tensor, tokens: torch.Tensor, gu
     out = model(tokens[:, :-1], cond)  # (R, L + N - 1, ...)
     logits = out.logits[:, n:]  # (R, N - 1, V): after image tokens 0 .. N-2
     if guided:
-        logits = cfg_logits(logits, guidance_scale)  # (B, N - 1, V)
+        logits = combine_logits(logits, guidance_scale)  # (B, N - 1, V)
     return out.hidden[:, n - 1:], logits.softmax(-1)
 
 
@@ -117,7 +118,7 @@ def head_loss(head: ImageHead, tokens: torch.Tensor, feats: torch.Tensor, p: tor
     feature_loss = F.smooth_l1_loss(pred.float(), feats[:, 1:].float())
     logits = head.logits(pred)  # (R, N - 1, V)
     if guided:
-        logits = cfg_logits(logits, guidance_scale)  # (B, N - 1, V)
+        logits = combine_logits(logits, guidance_scale)  # (B, N - 1, V)
     log_q = logits.log_softmax(-1).flatten(0, 1)  # (B (N - 1), V)
     kl = F.kl_div(log_q, p.flatten(0, 1), reduction="batchmean")
     return {"loss": feature_loss + w_cls * kl, "feature_loss": feature_loss, "kl": kl}

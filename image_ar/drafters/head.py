@@ -40,11 +40,12 @@ from mmspec.drafters.base import DraftContext, DrafterCounters, RowUpdate
 from mmspec.checkpoint import read_kind_config, read_safetensors
 from mmspec.errors import (CheckpointError, IncompatibleModelsError, InvalidInputError, UnsupportedModelError,
                            VocabularyMismatchError)
+from mmspec.guidance import both_halves, combine_logits, double_rows, is_guided, split_halves
 from mmspec.target import BlockOutput, sync_time
 from mmspec.tree import Draft
 
 from .model import chains, check_draft_depth, draw_step
-from ..models.llamagen import KVCache, LlamaGen, LlamaGenConfig, TransformerBlock, causal_mask, cfg_logits, rope_2d
+from ..models.llamagen import KVCache, LlamaGen, LlamaGenConfig, TransformerBlock, causal_mask, rope_2d
 
 CONFIG_NAME, WEIGHTS_NAME, KIND = "config.json", "model.safetensors", "image_ar.head"
 IDENTITY = ("vocab_size", "dim", "grid_size", "cls_token_num")  # what a head must share with its target
@@ -196,14 +197,14 @@ class ImageHeadDrafter:
 
     @property
     def guided(self) -> bool:
-        return self.scale != 1.0
+        return is_guided(self.scale)
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([x, x]) if self.guided else x
+        return double_rows(x, self.scale)
 
     def _split(self, feats: torch.Tensor) -> torch.Tensor:
         """Target features (B, T, D or 2D) -> head rows (R, T, D): [cond; uncond] halves when guided."""
-        return torch.cat(feats.chunk(2, dim=-1)) if self.guided else feats
+        return split_halves(feats, self.scale)
 
     # --- protocol -------------------------------------------------------------------------------------------------
     def begin(self, ctx: DraftContext, prefill: BlockOutput) -> None:
@@ -230,7 +231,7 @@ class ImageHeadDrafter:
         toks, qs = [], []
         for step in range(depth):
             logits = self.head.logits(feats)  # (R, V)
-            logits = cfg_logits(logits, self.scale) if self.guided else logits  # (B, V)
+            logits = combine_logits(logits, self.scale) if self.guided else logits  # (B, V)
             tok, q = draw_step(spec, logits, gens)
             toks.append(tok)
             qs.append(q)
@@ -251,7 +252,7 @@ class ImageHeadDrafter:
     def select_rows(self, rows: Sequence[int]) -> None:
         rows = list(rows)
         b = len(self.lengths)
-        self.cache.select_rows(rows + [b + r for r in rows] if self.guided else rows)
+        self.cache.select_rows(both_halves(rows, b, self.scale))
         self.lengths = [self.lengths[r] for r in rows]
         self.unfed = [self.unfed[r] for r in rows]
 

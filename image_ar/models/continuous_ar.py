@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from mmspec.errors import CheckpointError, ContextOverflowError, InvalidInputError, UnsupportedModelError
+from mmspec.guidance import pair_halves
 
 from .diffusion import SCHEDULES
 from .diffusion_head import TokenDiffusion
@@ -320,7 +321,7 @@ def generate_continuous(model: ContinuousAR, labels, *, num_tokens: int | None =
     head, s = model.diffloss, model.diffloss.num_steps
     out = []
     for i in range(n):
-        zz = torch.cat(z.chunk(2), -1) if guided else z
+        zz = pair_halves(z, guidance_scale)
         noise = torch.stack([draw_token_noise(g, s, cfg.token_dim, model.device) for g in gens])
         scale = guidance_scales(guidance_scale, guidance_schedule, torch.tensor(i), cfg.num_image_tokens)
         tok = head.sample(zz, noise[:, 0], noise[:, 1:], temperature, scale).tokens  # (B, C)

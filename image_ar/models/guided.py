@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 
 from mmspec.errors import ContextOverflowError, EmptyPromptError, GenerationConfigError, InvalidInputError
+from mmspec.guidance import both_halves, double_rows, pair_halves, per_row
 from mmspec.target import BlockOutput, CausalLMRunner, draft_block
 from mmspec.tree import Draft
 
@@ -152,9 +153,8 @@ class GuidedImageTarget:
     def verify(self, pending: Sequence[int], drafts: Sequence[Draft], want_hidden=False) -> BlockOutput:
         """One forward over [pending, nodes] for every request's cond and uncond rows; guided logits (B, M, V)."""
         tokens, offsets, allowed = draft_block(pending, drafts)  # (B, M), (B, M), (B, M, M) | None
-        if self._guided:
-            tokens, offsets = tokens.repeat(2, 1), offsets.repeat(2, 1)
-            allowed = None if allowed is None else allowed.repeat(2, 1, 1)
+        tokens, offsets = double_rows(tokens, self._scale), double_rows(offsets, self._scale)
+        allowed = None if allowed is None else double_rows(allowed, self._scale)
         self._block_start = self.runner.kv.width
         out = self.runner.forward_block(tokens, offsets, allowed, want_hidden)
         b = len(drafts)
@@ -165,13 +165,13 @@ class GuidedImageTarget:
         """paths[b]: accepted node indices of request b's draft (None: keep nothing, it just finished)."""
         keep = [[] if p is None else [0] + [1 + i for i in p] for p in paths]
         self.image_pos = [g + (0 if p is None else len(p) + 1) for g, p in zip(self.image_pos, paths)]
-        self.runner.commit(keep + keep if self._guided else keep, self._block_start)
+        self.runner.commit(per_row(keep, self._scale), self._block_start)
 
     def select_rows(self, rows: Sequence[int]) -> None:
         """Finished requests leave the batch (their cond and uncond rows both)."""
         rows = list(rows)
         b = len(self.image_pos)
-        self.runner.select_rows(rows + [b + r for r in rows] if self._guided else rows)
+        self.runner.select_rows(both_halves(rows, b, self._scale))
         self.image_pos = [self.image_pos[r] for r in rows]
         if self._conditions is not None:
             self._conditions = [self._conditions[r] for r in rows]
@@ -184,10 +184,7 @@ class GuidedImageTarget:
 
     def _pair(self, hidden: torch.Tensor) -> torch.Tensor:
         """(R, M, H) row features -> (B, M, 2H) cond ‖ uncond (unchanged when unguided)."""
-        if not self._guided:
-            return hidden
-        b = hidden.shape[0] // 2
-        return torch.cat([hidden[:b], hidden[b:]], dim=-1)
+        return pair_halves(hidden, self._scale)
 
     def _check_tokens(self, tokens) -> torch.Tensor:
         if not isinstance(tokens, torch.Tensor):

@@ -34,6 +34,7 @@ from torch import nn
 
 from mmspec.checkpoint import read_kind_config
 from mmspec.errors import CheckpointError, ContextOverflowError, InvalidInputError, UnsupportedModelError
+from mmspec.guidance import combine_logits
 from mmspec.sampling import SamplingSpec, make_generators, sample_from
 
 # (dim, n_layer, n_head) of the paper's models (gpt.py's GPT_models); c2i: B..XXXL, t2i: 1B..7B.
@@ -650,10 +651,7 @@ def read_config(path: Path, kind: str, config_cls, owner: str):
 
 
 # --- plain autoregressive sampling (the reference the speculative pipeline is compared to) -------------------------
-def cfg_logits(logits: torch.Tensor, scale: float) -> torch.Tensor:
-    """Classifier-free guidance over a batched [cond; uncond] (2B, ...) -> u + scale * (c - u), (B, ...)."""
-    cond, uncond = logits.chunk(2, dim=0)
-    return uncond + scale * (cond - uncond)
+cfg_logits = combine_logits  # u + scale * (c - u) over a [cond; uncond] batch: mmspec.guidance, under this module's name
 
 
 def prefix_mask(key_valid: torch.Tensor, t: int, s: int) -> torch.Tensor:
@@ -703,7 +701,7 @@ def generate_tokens(model: LlamaGen, cond, *, num_tokens: int | None = None, gui
     logits = model(None, cond, cache=cache, mask=mask).logits[:, -1]  # (2B or B, V)
     out = []
     for i in range(n):
-        step = cfg_logits(logits, guidance_scale) if guided else logits  # (B, V)
+        step = combine_logits(logits, guidance_scale) if guided else logits  # (B, V)
         tok = _sample(spec, step, gens)  # (B,)
         out.append(tok)
         if i == n - 1:
