@@ -20,7 +20,7 @@ import torch
 from transformers import DynamicCache
 
 from .cache import RaggedCache
-from .compat import cache_kwargs
+from .compat import cache_name
 from .errors import ContextOverflowError, EmptyPromptError, UnsupportedModelError
 from .inference import inference
 from .tree import Draft, ancestor_mask
@@ -112,6 +112,7 @@ class CausalLMRunner:
         self.kv: RaggedCache | None = None
         self.forward_time = 0.0  # seconds spent inside the model's forward (engine overhead = the rest)
         self._takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._cache_arg = cache_name(model)  # "cache" (transformers >= 5.24) or "past_key_values": read once
         self.next_positions: list[int] = []  # per row: position id of the next token fed
         self._arange: torch.Tensor | None = None  # (1, n) cached positions for `position_slice`
         self._zeros: torch.Tensor | None = None  # cached additive zeros for `open_prefix`
@@ -236,7 +237,7 @@ class CausalLMRunner:
             return self.forward_block(ids, absolute - self.next_positions[0], None, existing="all").logits
         inputs = self.model_inputs(ids, None, self.position_ids(absolute))
         t0 = sync_time(self.device)
-        out = self.model(**inputs, **cache_kwargs(self.model, kv.cache), use_cache=True)
+        out = self.model(**inputs, **{self._cache_arg: kv.cache}, use_cache=True)
         self.forward_time += sync_time(self.device) - t0
         kv.appended(1)
         self.after_forward(out)
@@ -271,7 +272,7 @@ class CausalLMRunner:
         inputs = self.model_inputs(tokens.to(self.device), allowed, self.positions(offsets))
         t0 = sync_time(self.device)
         extra = {"logits_to_keep": keep_last} if keep_last and self._takes_logits_to_keep else {}
-        out = self.model(**inputs, **cache_kwargs(self.model, kv.cache), use_cache=True,
+        out = self.model(**inputs, **{self._cache_arg: kv.cache}, use_cache=True,
                          output_hidden_states=bool(want_hidden),
                          **extra)
         self.forward_time += sync_time(self.device) - t0

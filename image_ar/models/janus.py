@@ -46,6 +46,8 @@ from mmspec.target import CausalLMRunner
 from .guided import GuidedImageTarget, as_token_ids, left_pad
 from .vq import to_pil
 
+_CACHE_FIELD = output_cache_field(CausalLMOutputWithPast)  # where the output dataclass keeps the cache
+
 
 # --- Janus ----------------------------------------------------------------------------------------------------------
 class JanusGenerationLM(nn.Module):
@@ -67,7 +69,7 @@ class JanusGenerationLM(nn.Module):
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         return CausalLMOutputWithPast(logits=self.janus.model.generation_head(h), hidden_states=out.hidden_states,
-                                      **{output_cache_field(CausalLMOutputWithPast): output_cache(out)})
+                                      **{_CACHE_FIELD: output_cache(out)})
 
 
 class _JanusRunner(CausalLMRunner):
