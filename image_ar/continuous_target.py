@@ -16,12 +16,39 @@ import torch
 
 from mmspec.errors import DraftError, InvalidInputError
 from mmspec.guidance import pair_halves
+from mmspec.request import Request
 from mmspec.target import BlockOutput
 from mmspec.tree import Draft
 
 from .acceptance.cspd import head_rows
 from .models.continuous_ar import CFG_SCHEDULES, ContinuousAR, guidance_scales
-from .target import PLACEHOLDER, LlamaGenRunner, RunnerTarget
+from .models.guided import check_guidance_scale
+from .target import PLACEHOLDER, LlamaGenRunner, RunnerTarget, check_guidance
+
+
+def check_temperature(temperature) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise InvalidInputError(f"temperature={temperature!r}: continuous tokens need temperature > 0 (it scales the "
+                                "diffusion noise)")
+    return float(temperature)
+
+
+def check_schedule(schedule) -> str:
+    if schedule not in CFG_SCHEDULES:
+        raise InvalidInputError(f"guidance_schedule={schedule!r}: expected one of {CFG_SCHEDULES}")
+    return schedule
+
+
+def sampling_settings(request: Request) -> tuple[float, str, float]:
+    """(guidance_scale, guidance_schedule, temperature) a continuous request samples with."""
+    x = request.inputs
+    return float(x.get("guidance_scale", 1.0)), x.get("guidance_schedule", "constant"), float(x.get("temperature", 1.0))
+
+
+def token_scales(request: Request, token_index: torch.Tensor, num_image_tokens: int) -> torch.Tensor:
+    """The CFG scale of the request's token(s) at these image indices."""
+    scale, schedule, _ = sampling_settings(request)
+    return guidance_scales(scale, schedule, token_index, num_image_tokens)
 
 
 class ContinuousRunner(LlamaGenRunner):
@@ -57,7 +84,8 @@ class ContinuousARTarget(RunnerTarget):
     """The engine's Target protocol for a ContinuousAR with CFG on eps (see the module docstring).
 
     guidance_scale / guidance_schedule ("constant" | MAR's "linear") and temperature define the sampling
-    distribution; the acceptance rule and the drafter read them from here."""
+    distribution: these are the defaults of :meth:`requests`, which puts each request's own in its inputs; the
+    acceptance rule and the drafter read them from the requests."""
 
     vocab_size = 1  # the loop's placeholder prompts only
     continuous = True
@@ -66,41 +94,39 @@ class ContinuousARTarget(RunnerTarget):
                  temperature: float = 1.0):
         self.runner = ContinuousRunner(model, guidance_scale)
         self.model, cfg = model, model.config
+        self.guidance_scale = guidance_scale
         self.num_image_tokens = cfg.num_image_tokens
         self.grid = (cfg.grid_size, cfg.grid_size)
         self.max_positions = cfg.num_image_tokens + 1
-        self.guidance_schedule = guidance_schedule
-        self.temperature = temperature
+        self.guidance_schedule = check_schedule(guidance_schedule)
+        self.temperature = check_temperature(temperature)
+        self._request: Request | None = None  # the running batch's settings (they are shared by its requests)
 
     @property
     def head(self):
         return self.model.diffloss
 
-    @property
-    def guidance_schedule(self) -> str:
-        return self._schedule
-
-    @guidance_schedule.setter
-    def guidance_schedule(self, value: str) -> None:
-        if value not in CFG_SCHEDULES:
-            raise InvalidInputError(f"guidance_schedule={value!r}: expected one of {CFG_SCHEDULES}")
-        self._schedule = value
-
-    def scales(self, token_index: torch.Tensor) -> torch.Tensor:
-        """The CFG scale of the token(s) at these image indices."""
-        return guidance_scales(self.guidance_scale, self.guidance_schedule, token_index, self.num_image_tokens)
+    def requests(self, labels, guidance_scale: float | None = None, guidance_schedule: str | None = None,
+                 temperature: float | None = None) -> list[Request]:
+        """One request per image for class labels (B,); None settings take this target's defaults."""
+        labels = self.model.check_class_labels(torch.as_tensor(labels).reshape(-1))
+        inputs = {"guidance_scale": self.guidance_scale if guidance_scale is None
+                  else check_guidance(self.model, guidance_scale),
+                  "guidance_schedule": check_schedule(self.guidance_schedule if guidance_schedule is None
+                                                      else guidance_schedule),
+                  "temperature": check_temperature(self.temperature if temperature is None else temperature)}
+        return [Request([PLACEHOLDER], {"condition": labels[i], **inputs}) for i in range(len(labels))]
 
     def rows(self, z: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
-        return head_rows(z, self.scales(token_index.to(z.device)))
+        return head_rows(z, token_scales(self._request, token_index.to(z.device), self.num_image_tokens))
 
-    def bind(self, labels) -> list[list[int]]:
-        """Condition the next generation on class labels (B,); returns one placeholder prompt per image."""
-        self._cond = self.model.check_class_labels(torch.as_tensor(labels).reshape(-1))
-        return [[PLACEHOLDER] for _ in range(len(self._cond))]
-
-    def prefill(self, prompts: Sequence[Sequence[int]], want_hidden: bool = False, reserve: int = 0) -> BlockOutput:
-        self._check_bound(prompts)
-        z, _ = self.runner.start(self._cond, None, capacity=reserve + 2)
+    def prefill(self, requests: Sequence[Request], want_hidden: bool = False, reserve: int = 0) -> BlockOutput:
+        settings = {sampling_settings(r) for r in requests} if all(isinstance(r, Request) for r in requests) else ()
+        if len(settings) > 1:
+            raise InvalidInputError(f"the requests of one batch must share guidance and temperature; got "
+                                    f"{sorted(settings)}")
+        z, _ = self._start(requests, capacity=reserve + 2)
+        self._request = requests[0]
         return BlockOutput(self.rows(z, torch.zeros(len(z), dtype=torch.long))[:, None])
 
     def verify(self, pending: Sequence[torch.Tensor], drafts: Sequence[Draft], want_hidden: bool = False):

@@ -21,7 +21,6 @@ small ContinuousARs, and ``acceptance="cspd"`` (or "lossless", the same rule) is
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,7 +104,7 @@ class ImagePipelineOutput:
 
 
 class SpeculativeImagePipeline:
-    """target: a LlamaGen or an image target adapter (``bind``/``prefill``/``verify``/``commit``, with ``grid`` and
+    """target: a LlamaGen or an image target adapter (``requests``/``prefill``/``verify``/``commit``, with ``grid`` and
     ``decode``). vq: a VQTokenizer (or anything ``load_vq`` takes) for LlamaGen targets; its codebook must match the
     target's vocabulary. drafter: None (plain decoding), "jacobi", a LlamaGen (draft model), a path to a head or
     LlamaGen checkpoint, or a Drafter object. tree: tokens drafted per step, the engine's and SpeculativeVLM's name
@@ -136,9 +135,9 @@ class SpeculativeImagePipeline:
         elif isinstance(target, ContinuousAR):
             target = ContinuousARTarget(target)
         self.target = target
-        if not all(hasattr(self.target, a) for a in ("bind", "prefill", "verify", "commit", "grid")):
+        if not all(hasattr(self.target, a) for a in ("requests", "prefill", "verify", "commit", "grid")):
             raise UnsupportedModelError(f"target {type(target).__name__} is neither a LlamaGen nor an image target "
-                                        "adapter (bind / prefill / verify / commit / grid)")
+                                        "adapter (requests / prefill / verify / commit / grid)")
         self.continuous = bool(getattr(self.target, "continuous", False))
         self.cspd_max_candidates = cspd_max_candidates
         self.vae = None
@@ -316,6 +315,30 @@ class SpeculativeImagePipeline:
                  num_images_per_prompt: int = 1, generator=None, seed: int | None = None,
                  num_tokens: int | None = None, output_type: str = "pil", progress: bool = False,
                  guidance_schedule: str | None = None, prefill_ratio: float | None = None) -> ImagePipelineOutput:
+        stream = self.stream(class_labels, prompt_embeds, prompt=prompt, prompt_mask=prompt_mask,
+                             guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p,
+                             acceptance=acceptance, lantern_k=lantern_k, lantern_delta=lantern_delta,
+                             lantern_lambda=lantern_lambda, gsd_rank_window=gsd_rank_window,
+                             gsd_prob_threshold=gsd_prob_threshold, gsd_embed_threshold=gsd_embed_threshold,
+                             tv_budget=tv_budget, num_images_per_prompt=num_images_per_prompt, generator=generator,
+                             seed=seed, num_tokens=num_tokens, output_type=output_type,
+                             guidance_schedule=guidance_schedule, prefill_ratio=prefill_ratio)
+        bar = _progress(progress, stream.total_tokens)
+        for event in stream:
+            if bar is not None:
+                bar.update(len(event.tokens))
+        if bar is not None:
+            bar.close()
+        return stream.output
+
+    def stream(self, class_labels=None, prompt_embeds=None, *, prompt=None, prompt_mask=None,
+               guidance_scale: float | None = None, temperature: float = 1.0, top_k: int | None = 2000,
+               top_p: float = 1.0, acceptance: str = "lossless", lantern_k: int | None = None,
+               lantern_delta: float | None = None, lantern_lambda: float | None = None, gsd_rank_window: int = 7,
+               gsd_prob_threshold: float = 0.15, gsd_embed_threshold: float = 0.5, tv_budget: float | None = None,
+               num_images_per_prompt: int = 1, generator=None, seed: int | None = None,
+               num_tokens: int | None = None, output_type: str = "pil", guidance_schedule: str | None = None,
+               prefill_ratio: float | None = None) -> "ImageStream":
         """Generate images. Defaults are LlamaGen's c2i sampling defaults (CFG 4, temperature 1, top-k 2000);
         guidance_scale None keeps the target's (4.0 for a LlamaGen with a null class, else 1.0; an adapter's own).
 
@@ -328,7 +351,11 @@ class SpeculativeImagePipeline:
 
         Continuous targets: temperature scales the diffusion noise (> 0); top_k / top_p do not apply; guidance is on
         eps with guidance_schedule "constant" or MAR's "linear"; acceptance "cspd" (= "lossless"); prefill_ratio:
-        the fraction of each image's first tokens the target generates alone (CSpD's pre-filling)."""
+        the fraction of each image's first tokens the target generates alone (CSpD's pre-filling).
+
+        `stream` takes the same arguments (less `progress`) and returns an iterator of the engine's TokenEvents
+        (``event.request`` = image index) whose ``.output`` is the ImagePipelineOutput once it is exhausted; several
+        streams of one pipeline may be read interleaved, each with its own settings."""
         if output_type not in ("pil", "tokens"):
             raise InvalidInputError(f"output_type={output_type!r}: expected 'pil' or 'tokens'")
         kernel = self._kernel(acceptance, temperature, lantern_k, lantern_delta, lantern_lambda, gsd_rank_window,
@@ -338,62 +365,44 @@ class SpeculativeImagePipeline:
         n_tok = total if num_tokens is None else num_tokens
         if isinstance(n_tok, bool) or not isinstance(n_tok, int) or not 0 < n_tok <= total:
             raise InvalidInputError(f"num_tokens={num_tokens!r}: must be an int in [1, {total}]")
-        settings = self._call_settings(guidance_scale, guidance_schedule, prefill_ratio, temperature, top_p)
+        requests = self._requests(cond, mask, guidance_scale, guidance_schedule, prefill_ratio, temperature, top_p)
+        if self.continuous and output_type == "pil" and n_tok == total and self.vae is None:
+            raise InvalidInputError("no VAE to decode continuous tokens with: pass vae= (an AutoencoderKL) to the "
+                                    "pipeline, or output_type='tokens'")
+        if not self.continuous and output_type == "pil" and n_tok == total and self.vq is None \
+                and not hasattr(self.target, "decode"):
+            raise InvalidInputError("no VQ tokenizer to decode image tokens with: pass vq= to the pipeline, or "
+                                    "output_type='tokens'")
         t0 = time.perf_counter()
-        with _applied(settings):  # this call's settings, on the components for this call only (their setters check
-            if self.continuous and output_type == "pil" and n_tok == total and self.vae is None:  # them first)
-                raise InvalidInputError("no VAE to decode continuous tokens with: pass vae= (an AutoencoderKL) to the "
-                                        "pipeline, or output_type='tokens'")
-            if not self.continuous and output_type == "pil" and n_tok == total and self.vq is None \
-                    and not hasattr(self.target, "decode"):
-                raise InvalidInputError("no VQ tokenizer to decode image tokens with: pass vq= to the pipeline, or "
-                                        "output_type='tokens'")
-            prompts = self.target.bind(cond, mask) if mask is not None else self.target.bind(cond)
-            stream = self.decoder.stream(prompts, max_new_tokens=n_tok, generator=generator, seed=seed,
-                                         acceptance=kernel,
-                                         temperature=1.0 if self.continuous else temperature,
-                                         top_k=0 if self.continuous else top_k or 0, top_p=top_p)
-            record = _Recorder(len(prompts), n_tok)
-            bar = _progress(progress, len(prompts) * n_tok)
-            for event in stream:
-                record.add(event)
-                if bar is not None:
-                    bar.update(len(event.tokens))
-            if bar is not None:
-                bar.close()
-        if self.continuous:
-            tokens = torch.stack([torch.stack(seq) for seq in stream.output.sequences]).cpu()
-        else:
-            tokens = torch.tensor(stream.output.sequences, dtype=torch.long)
-        stats = record.stats(self.target.grid, "cspd" if self.continuous else acceptance,
-                             kernel is None or getattr(kernel, "lossless", False), total, stream.output.stats,
-                             time.perf_counter() - t0)
-        stats.residual_draws = getattr(kernel, "residual_draws", None)
-        images = self.decode(tokens) if output_type == "pil" and n_tok == total else None
-        return ImagePipelineOutput(images, tokens, stats)
+        stream = self.decoder.stream(requests, max_new_tokens=n_tok, generator=generator, seed=seed,
+                                     acceptance=kernel, temperature=1.0 if self.continuous else temperature,
+                                     top_k=0 if self.continuous else top_k or 0, top_p=top_p)
+        rule = "cspd" if self.continuous else acceptance
+        return ImageStream(self, stream, rule, kernel, n_tok, output_type, t0)
 
-    def _call_settings(self, guidance_scale, schedule, prefill_ratio, temperature, top_p) -> list:
-        """Validate this call's component settings: [(component, attribute, value)], applied for the call only (a
-        later call without them gets the documented defaults again, not what this one used)."""
-        out = []
+    def _requests(self, cond, mask, guidance_scale, schedule, prefill_ratio, temperature, top_p) -> list:
+        """The engine's requests for this call: conditions and this call's settings travel in them (None: the
+        documented defaults, the target's), so no call changes what a later one does."""
         if guidance_scale is not None:
             check_guidance_scale(guidance_scale)
-            out.append((self.target, "guidance_scale", guidance_scale))
         if not self.continuous:
             if schedule is not None or prefill_ratio is not None:
                 raise GenerationConfigError("guidance_schedule / prefill_ratio apply to continuous-token targets")
-            return out
+            if isinstance(self.target, LlamaGenTarget):
+                return self.target.requests(cond, mask, guidance_scale=guidance_scale)
+            return self.target.requests(cond, guidance_scale=guidance_scale)
         if top_p != 1.0:
             raise GenerationConfigError(f"top_p={top_p}: continuous tokens have no vocabulary to truncate")
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature <= 0:
             raise GenerationConfigError(f"temperature={temperature!r}: continuous tokens need temperature > 0 (it "
                                         "scales the diffusion noise)")
-        out.append((self.target, "temperature", float(temperature)))
-        if schedule is not None:  # the target's setter validates it
-            out.append((self.target, "guidance_schedule", schedule))
+        requests = self.target.requests(cond, guidance_scale=guidance_scale, guidance_schedule=schedule,
+                                        temperature=float(temperature))
         if prefill_ratio is not None and isinstance(self._drafter, ContinuousDrafter):
-            out.append((self._drafter, "prefill_ratio", check_prefill_ratio(prefill_ratio)))
-        return out
+            ratio = check_prefill_ratio(prefill_ratio)
+            for r in requests:
+                r.draft_inputs["prefill_ratio"] = ratio
+        return requests
 
     def decode(self, tokens: torch.Tensor) -> list:
         """Image tokens (N, rows * cols) -> PIL images, through the VQ tokenizer (or the adapter's own decoder);
@@ -411,18 +420,43 @@ class SpeculativeImagePipeline:
             return to_pil(self.vq.decode_codes(tokens.to(self.vq.vq.post_quant_conv.weight.device), self.target.grid))
 
 
-@contextlib.contextmanager
-def _applied(settings: list):
-    """Set (component, attribute, value) for the duration of the block; restore the previous values after it, also
-    when it raises (the components keep their construction-time defaults between calls)."""
-    saved = [(c, a, getattr(c, a)) for c, a, _ in settings]
-    try:
-        for c, a, v in settings:
-            setattr(c, a, v)
-        yield
-    finally:
-        for c, a, v in reversed(saved):
-            setattr(c, a, v)
+class ImageStream:
+    """Iterator of the engine's TokenEvents for one pipeline call; `.output` is the ImagePipelineOutput once it is
+    exhausted (images decoded then)."""
+
+    def __init__(self, pipe: SpeculativeImagePipeline, stream, acceptance: str, kernel, n_tok: int,
+                 output_type: str, t0: float):
+        self.pipe, self.stream, self.acceptance, self.kernel = pipe, stream, acceptance, kernel
+        self.n_tok, self.output_type, self.t0 = n_tok, output_type, t0
+        self.total_tokens = len(stream.requests) * n_tok
+        self.record = _Recorder(len(stream.requests), n_tok)
+        self.output: ImagePipelineOutput | None = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            event = next(self.stream)
+        except StopIteration:
+            if self.output is None:
+                self.output = self._finish()
+            raise
+        self.record.add(event)
+        return event
+
+    def _finish(self) -> ImagePipelineOutput:
+        pipe, out, total = self.pipe, self.stream.output, self.pipe.target.num_image_tokens
+        if pipe.continuous:
+            tokens = torch.stack([torch.stack(seq) for seq in out.sequences]).cpu()
+        else:
+            tokens = torch.tensor(out.sequences, dtype=torch.long)
+        kernel = self.kernel
+        stats = self.record.stats(pipe.target.grid, self.acceptance, kernel is None or getattr(kernel, "lossless",
+                                  False), total, out.stats, time.perf_counter() - self.t0)
+        stats.residual_draws = getattr(kernel, "residual_draws", None)
+        images = pipe.decode(tokens) if self.output_type == "pil" and self.n_tok == total else None
+        return ImagePipelineOutput(images, tokens, stats)
 
 
 class _Recorder:

@@ -5,8 +5,8 @@ The engine's loop (``mmspec.loop``) sees an ordinary target whose logits are alr
 the plain sampler ``generate_tokens`` does (ALGORITHMS.md section 5, CFG). Drafters that read features get both halves
 side by side: ``hidden`` is (B, M, 2D) = [cond features, uncond features] when guided, (B, M, D) otherwise.
 
-Requests carry no text: the condition (class label or caption embeddings) is bound with :meth:`bind`, which returns
-one placeholder token per request as the loop's prompt. Image position ``i`` (raster order) is sequence position
+Requests carry no text: :meth:`LlamaGenTarget.requests` puts each condition (class label or caption embeddings, its
+mask) and the guidance scale in a :class:`~mmspec.request.Request` whose prompt is one placeholder token. Image position ``i`` (raster order) is sequence position
 ``cls_token_num + i``; rows accept different numbers of tokens, so each row has its own committed length and the
 4-D masks hide the other rows' slots (``LlamaGenRunner``).
 """
@@ -18,13 +18,33 @@ import torch
 
 from mmspec.errors import ContextOverflowError, InvalidInputError
 from mmspec.guidance import both_halves, combine_logits, double_rows, is_guided, pair_halves
+from mmspec.request import Request
+from mmspec.state import StreamStateful
 from mmspec.target import BlockOutput, draft_block, sync_time
 from mmspec.tree import Draft
 
 from .models.guided import check_guidance_scale
 from .models.llamagen import LlamaGen, prefix_mask
 
-PLACEHOLDER = 0  # the loop's one-token "prompt" per image; the condition is bound to the target instead
+PLACEHOLDER = 0  # the loop's one-token "prompt" per image; the condition travels in the request's inputs
+
+
+def batch_conditions(requests) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """The requests' conditions stacked (class labels (B,) or caption embeddings (B, L, C)), their caption masks
+    ((B, L) or None) and the guidance scale they share (typed errors name what is missing or differs)."""
+    missing = [i for i, r in enumerate(requests) if not isinstance(r, Request) or "condition" not in r.inputs]
+    if missing:
+        raise InvalidInputError(f"request(s) {missing} carry no condition: build image requests with "
+                                "target.requests(class_labels or caption embeddings)")
+    scales = {float(r.inputs.get("guidance_scale", 1.0)) for r in requests}
+    if len(scales) != 1:
+        raise InvalidInputError(f"the requests of one batch must share guidance_scale; got {sorted(scales)}")
+    cond = torch.stack([torch.as_tensor(r.inputs["condition"]) for r in requests])
+    masks = [r.inputs.get("condition_mask") for r in requests]
+    mask = None if all(m is None for m in masks) else torch.stack([
+        torch.ones(cond.shape[1], dtype=torch.bool) if m is None else torch.as_tensor(m, dtype=torch.bool).cpu()
+        for m in masks])
+    return cond, mask, scales.pop()
 
 
 def check_guidance(model: LlamaGen, guidance_scale) -> float:
@@ -34,7 +54,7 @@ def check_guidance(model: LlamaGen, guidance_scale) -> float:
     return scale
 
 
-class LlamaGenRunner:
+class LlamaGenRunner(StreamStateful):
     """A LlamaGen driven over a ragged cache with CFG: prefill, append blocks, keep slots per row.
 
     Row b's committed slots are [0, lengths[b]) (prefix + committed image tokens, hole-free), so its next position
@@ -43,6 +63,7 @@ class LlamaGenRunner:
     """
 
     model_class = LlamaGen
+    persistent_attributes = frozenset({"model", "config"})
 
     def __init__(self, model: LlamaGen, guidance_scale: float = 1.0):
         if not isinstance(model, self.model_class):
@@ -163,11 +184,11 @@ class LlamaGenRunner:
 
 
 class RunnerTarget:
-    """Engine-side bookkeeping shared by targets over a LlamaGenRunner-style runner: device, guidance scale, forward
-    time, the bound condition, commit (keep the pending slot + accepted path of the last block) and select_rows."""
+    """Engine-side bookkeeping shared by targets over a LlamaGenRunner-style runner: device, the default guidance
+    scale, forward time, commit (keep the pending slot + accepted path of the last block) and select_rows. The
+    guidance scale a generation runs with comes with its requests (the runner holds it for that stream)."""
 
     runner: LlamaGenRunner
-    _cond = _cond_mask = None
     _block_start = 0
 
     @property
@@ -176,25 +197,21 @@ class RunnerTarget:
 
     @property
     def guidance_scale(self) -> float:
-        return self.runner.guidance_scale
+        """The scale requests get when they name none."""
+        return self._default_scale
 
     @guidance_scale.setter
     def guidance_scale(self, value) -> None:
-        self.runner.guidance_scale = check_guidance(self.model, value)
+        self._default_scale = check_guidance(self.model, value)
 
     @property
     def forward_time(self) -> float:
         return self.runner.forward_time
 
-    @property
-    def condition(self) -> tuple:
-        """The bound (cond, cond_mask): model drafters condition their own prefill on it."""
-        return self._cond, self._cond_mask
-
-    def _check_bound(self, prompts) -> None:
-        if self._cond is None or len(prompts) != len(self._cond):
-            raise InvalidInputError(f"{len(prompts)} prompt(s) but {0 if self._cond is None else len(self._cond)} "
-                                    "bound condition(s): call bind(...) before generating")
+    def _start(self, requests, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cond, cond_mask, scale = batch_conditions(requests)
+        self.runner.guidance_scale = check_guidance(self.model, scale)
+        return self.runner.start(cond, cond_mask, capacity=capacity)
 
     def commit(self, paths: Sequence[Sequence[int] | None]) -> None:
         keep = [[] if p is None else [0] + [1 + i for i in p] for p in paths]
@@ -210,27 +227,32 @@ class LlamaGenTarget(RunnerTarget):
     def __init__(self, model: LlamaGen, guidance_scale: float = 1.0):
         self.runner = LlamaGenRunner(model, guidance_scale)
         self.model, cfg = model, model.config
+        self.guidance_scale = guidance_scale
         self.vocab_size = cfg.vocab_size
         self.num_image_tokens = cfg.num_image_tokens
         self.grid = (cfg.grid_size, cfg.grid_size)
         self.max_positions = cfg.num_image_tokens + 1  # the placeholder prompt + the image tokens
 
-    def bind(self, cond, cond_mask=None) -> list[list[int]]:
-        """Condition the next generation: class labels (B,) or caption embeddings (B, L, C) with an optional (B, L)
-        mask of real caption tokens. Returns the loop's prompts (one placeholder token per image)."""
+    def requests(self, cond, cond_mask=None, guidance_scale: float | None = None) -> list[Request]:
+        """One request per image: class labels (B,) or caption embeddings (B, L, C) with an optional (B, L) mask of
+        real caption tokens; guidance_scale None = this target's default. Each prompt is one placeholder token."""
         cfg = self.model.config
         if cfg.model_type == "c2i":
             cond = self.model.check_class_labels(torch.as_tensor(cond).reshape(-1))
         elif not (torch.is_tensor(cond) and cond.dim() == 3):
             raise InvalidInputError(f"a text-conditional LlamaGen needs caption embeddings (B, {cfg.cls_token_num}, "
                                     f"{cfg.caption_dim}); got {type(cond).__name__}")
-        self._cond, self._cond_mask = cond, cond_mask
-        return [[PLACEHOLDER] for _ in range(len(cond))]
+        if cond_mask is not None:
+            cond_mask = torch.as_tensor(cond_mask, dtype=torch.bool)
+            if cond_mask.shape != (len(cond), cfg.cls_token_num):
+                raise InvalidInputError(f"cond_mask must be bool (B, L) = ({len(cond)}, {cfg.cls_token_num}); got "
+                                        f"{tuple(cond_mask.shape)}")
+        scale = self.guidance_scale if guidance_scale is None else check_guidance(self.model, guidance_scale)
+        return [Request([PLACEHOLDER], {"condition": cond[i], "condition_mask": None if cond_mask is None
+                                        else cond_mask[i], "guidance_scale": scale}) for i in range(len(cond))]
 
-    def prefill(self, prompts: Sequence[Sequence[int]], want_hidden: bool = False, reserve: int = 0) -> BlockOutput:
-        self._check_bound(prompts)
-        cfg = self.model.config
-        logits, hidden = self.runner.start(self._cond, self._cond_mask, capacity=cfg.cls_token_num + reserve + 1)
+    def prefill(self, requests: Sequence[Request], want_hidden: bool = False, reserve: int = 0) -> BlockOutput:
+        logits, hidden = self._start(requests, capacity=self.model.config.cls_token_num + reserve + 1)
         return BlockOutput(logits[:, None], hidden[:, None] if want_hidden else None)
 
     def verify(self, pending: Sequence[int], drafts: Sequence[Draft], want_hidden: bool = False) -> BlockOutput:

@@ -68,8 +68,3 @@ class TokenizerMismatchError(IncompatibleModelsError):
 
 class DatasetError(InvalidInputError):
     """A training dataset is missing, empty or malformed (names the file, the record and what is expected)."""
-
-
-class StreamInterleavedError(MMSpecError, RuntimeError):
-    """A stream was resumed after another generation ran on the same target or drafter: their caches now hold that
-    generation's state, so continuing would decode from the wrong context."""

@@ -20,9 +20,11 @@ import torch
 from .drafters.base import DraftContext, DrafterCounters, RowUpdate
 from .inference import inference
 from .errors import (ContextOverflowError, DeviceMismatchError, DraftError, EmptyPromptError, GenerationConfigError,
-                     InvalidInputError, StreamInterleavedError)
+                     InvalidInputError)
 from .kernels import accept_greedy, greedy_walk, select_kernel
+from .request import Request, as_request
 from .sampling import SamplingSpec, check_finite, make_generators, sample_from
+from .state import capture, restore
 from .stats import GenerationStats
 from .target import CausalLMTarget, sync_time
 from .tree import Draft, ancestor_mask
@@ -132,6 +134,24 @@ DEFAULT = object()  # stream(acceptance=...) not given: the decoder's rule
 _OWNERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # component -> the stream whose state it holds
 
 
+def as_loop_requests(input_ids) -> list[Request]:
+    """Requests from a list of :class:`Request` objects, or from token ids (see `as_prompts`)."""
+    if isinstance(input_ids, Request):
+        input_ids = [input_ids]
+    if isinstance(input_ids, (list, tuple)) and input_ids and any(isinstance(r, Request) for r in input_ids):
+        bad = [i for i, r in enumerate(input_ids) if not isinstance(r, Request)]
+        if bad:
+            raise InvalidInputError(f"request(s) {bad} are not Request objects; pass a list of Requests or a list "
+                                    "of token-id lists, not a mix")
+        for i, r in enumerate(input_ids):
+            if not isinstance(r.prompt, (list, tuple)) or not all(
+                    isinstance(t, int) and not isinstance(t, bool) for t in r.prompt):
+                raise InvalidInputError(f"request {i} has prompt of type {type(r.prompt).__name__}; expected a list "
+                                        "of int token ids")
+        return list(input_ids)
+    return [as_request(p) for p in as_prompts(input_ids)]
+
+
 def as_eos_set(eos_token_id) -> set[int]:
     if eos_token_id is None:
         return set()
@@ -179,11 +199,15 @@ class SpeculativeDecoder:
     def stream(self, input_ids, *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
                top_p: float = 1.0, repetition_penalty: float = 1.0, eos_token_id=None, seed: int | None = None,
                generator=None, acceptance=DEFAULT) -> "Stream":
-        """A stream over the requests `input_ids`. Every argument applies to this stream only; acceptance: the rule
-        for this stream (None = the lossless rule for the sampling mode; default: the decoder's)."""
+        """A stream over `input_ids`: token ids (see `as_prompts`) or a list of :class:`~mmspec.request.Request`
+        (prompts with the target's and drafter's other inputs). Every argument applies to this stream only;
+        acceptance: the rule for this stream (None = the lossless rule for the sampling mode; default: the
+        decoder's). Streams on one decoder may be read interleaved: each owns the state it leaves in the target and
+        drafter (`mmspec.state`)."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
             raise GenerationConfigError(f"max_new_tokens={max_new_tokens!r}: must be an int >= 1")
-        prompts = as_prompts(input_ids)
+        requests = as_loop_requests(input_ids)
+        prompts = [r.prompt for r in requests]
         vocab = self.target.vocab_size
         for i, p in enumerate(prompts):
             if not p:
@@ -199,6 +223,7 @@ class SpeculativeDecoder:
                                        f"model's context of {limit} positions; shorten the prompt or max_new_tokens")
         spec = SamplingSpec(temperature, top_k, top_p, repetition_penalty)
         gens = make_generators(seed, len(prompts), self.target.device, generator)
+        gens = [g if r.generator is None else r.generator for g, r in zip(gens, requests)]
         for g in gens:
             if torch.device(g.device).type != torch.device(self.target.device).type:
                 raise DeviceMismatchError(f"generator is on {g.device} but the target runs on {self.target.device}; "
@@ -208,45 +233,54 @@ class SpeculativeDecoder:
             acceptance = self.acceptance
         elif acceptance is not None:
             select_kernel(False, False, acceptance)  # validate the name before anything runs
-        return Stream(self, prompts, max_new_tokens, spec, gens, eos, acceptance)
+        return Stream(self, requests, max_new_tokens, spec, gens, eos, acceptance)
 
 
 class Stream:
     """Iterator of TokenEvents; `.output` holds the sequences and stats once it is exhausted."""
 
-    def __init__(self, dec: SpeculativeDecoder, prompts, max_new: int, spec: SamplingSpec, gens, eos: set[int],
-                 acceptance=None):
-        self.dec, self.prompts, self.max_new, self.spec, self.gens, self.eos = dec, prompts, max_new, spec, gens, eos
+    def __init__(self, dec: SpeculativeDecoder, requests: list[Request], max_new: int, spec: SamplingSpec, gens,
+                 eos: set[int], acceptance=None):
+        self.dec, self.requests, self.max_new, self.spec, self.gens, self.eos = dec, requests, max_new, spec, gens, eos
+        self.prompts = [r.prompt for r in requests]
         self.acceptance = acceptance
-        self.stats = GenerationStats(requests=len(prompts))
+        self.stats = GenerationStats(requests=len(requests))
         self.output: GenerationOutput | None = None
-        self._sequences: list = [None] * len(prompts)
-        self._reasons: list = [None] * len(prompts)
+        self._sequences: list = [None] * len(requests)
+        self._reasons: list = [None] * len(requests)
         self._holds: list = []  # the components this stream's state lives in, once it has prefilled
+        self._saved: dict[int, dict] = {}  # id(component) -> this stream's state, while another stream holds it
         self._it = self._run()
 
     def __iter__(self) -> Iterator[TokenEvent]:
         return self
 
     def __next__(self) -> TokenEvent:
-        if self._holds and any(_OWNERS.get(c) is not self for c in self._holds):
-            self._it.close()
-            raise StreamInterleavedError(
-                "this stream was resumed after another generation (another stream, or generate()) ran on the same "
-                "target or drafter, whose caches now hold that generation's state; it cannot continue. Read a stream "
-                "to its end before starting the next one on the same object, or give each concurrent stream its "
-                "own pipeline / SpeculativeDecoder")
-        return next(self._it)
+        if self._holds:
+            self._own(*self._holds)
+        try:
+            return next(self._it)
+        except BaseException:
+            self._holds, self._saved = [], {}  # finished or failed: nothing left to resume
+            raise
 
     def _own(self, *components) -> None:
-        """Mark this stream as the one whose state `components` (target, drafter) now hold."""
+        """Make `components` (target, drafter) hold this stream's state: a half-read stream that holds them now
+        keeps its state (captured by reference), and this stream's own, if it was set aside, is put back."""
         held = []
         for c in components:
             try:
+                owner = _OWNERS.get(c)
+            except TypeError:  # a component that cannot be weakly referenced cannot be shared between streams
+                continue
+            if owner is not self:
+                if owner is not None and owner._holds:
+                    owner._saved[id(c)] = capture(c)
+                state = self._saved.pop(id(c), None)
+                if state is not None:
+                    restore(c, state)
                 _OWNERS[c] = self
-                held.append(c)
-            except TypeError:  # a component that cannot be weakly referenced is not checked
-                pass
+            held.append(c)
         self._holds = held
 
     # -------------------------------------------------------------------------------------------------------------
@@ -321,13 +355,13 @@ class Stream:
         rows = [_Row(i, list(p)) for i, p in enumerate(self.prompts)]
         reserve = static_reserve(self.max_new, drafter, len(self.prompts))
         self._own(target, drafter)
-        pre = target.prefill(self.prompts, want_hidden=drafter.needs_hidden, reserve=reserve)
+        pre = target.prefill(self.requests, want_hidden=drafter.needs_hidden, reserve=reserve)
         st.target_forwards += 1
         for row, tok in zip(rows, self._first_tokens(pre.logits, rows)):
             row.history.append(tok)
             row.generated.extend(self._cut(row, [tok]))
             st.new_tokens += len(row.generated)
-        ctx = DraftContext(self.spec, list(self.gens), [r.history for r in rows])
+        ctx = DraftContext(self.spec, list(self.gens), [r.history for r in rows], list(self.requests))
         drafter.begin(ctx, pre)
         st.time_prefill = self._sync() - t_start
         tm0, dm0 = model_time(target), model_time(drafter)
@@ -342,7 +376,6 @@ class Stream:
         st.time_target_model, st.time_drafter_model = model_time(target) - tm0, model_time(drafter) - dm0
         st.time_total = self._sync() - t_start
         self.output = GenerationOutput(self._sequences, self._reasons, st)
-        self._holds = []  # finished: nothing left to resume
 
     def _drop_finished(self, rows: list[_Row], ctx: DraftContext) -> list[_Row]:
         for r in rows:
@@ -354,6 +387,7 @@ class Stream:
             self.dec.drafter.select_rows(keep)
             ctx.history[:] = [ctx.history[i] for i in keep]
             ctx.generators[:] = [ctx.generators[i] for i in keep]
+            ctx.requests[:] = [ctx.requests[i] for i in keep]
         return [rows[i] for i in keep]
 
     @inference  # one mode switch per step (the runners' own are then skipped); none under generate(), which keeps

@@ -23,6 +23,8 @@ from .cache import RaggedCache
 from .compat import cache_name
 from .errors import ContextOverflowError, EmptyPromptError, UnsupportedModelError
 from .inference import inference
+from .request import Request, prompt_ids
+from .state import StreamStateful
 from .tree import Draft, ancestor_mask
 
 
@@ -96,8 +98,13 @@ def context_limit(model: torch.nn.Module) -> int | None:
     return getattr(cfg, "max_position_embeddings", None)
 
 
-class CausalLMRunner:
-    """A transformers causal LM driven over a ragged :class:`RaggedCache` with explicit masks and positions."""
+class CausalLMRunner(StreamStateful):
+    """A transformers causal LM driven over a ragged :class:`RaggedCache` with explicit masks and positions.
+
+    Its attributes hold one generation's state (cache, positions); streams own it (`mmspec.state`)."""
+
+    persistent_attributes = frozenset({"model", "cache_kind", "max_cache_len", "device", "dtype", "vocab_size",
+                                       "out_vocab", "max_positions"})
 
     def __init__(self, model: torch.nn.Module, cache: str = "dynamic", max_cache_len: int | None = None):
         if not hasattr(model, "config"):
@@ -283,13 +290,15 @@ class CausalLMRunner:
         return BlockOutput(self._fit(logits), hidden)
 
     @inference
-    def prefill(self, prompts: Sequence[Sequence[int]], want_hidden: bool = False,
+    def prefill(self, requests: Sequence[Request | Sequence[int]], want_hidden: bool = False,
                 reserve: int = 0) -> BlockOutput:
-        """Run the prompts (right-padded, one forward). Returns logits (B, V) at each prompt's last token, and with
-        want_hidden the last hidden state at every prompt position (B, T, H), right-padded.
+        """Run the requests' prompts (right-padded, one forward). Returns logits (B, V) at each prompt's last token,
+        and with want_hidden the last hidden state at every prompt position (B, T, H), right-padded.
 
-        reserve: slots a static cache must keep free beyond the prompt (new tokens + draft size).
+        requests: Requests or plain token-id lists. reserve: slots a static cache must keep free beyond the prompt
+        (new tokens + draft size).
         """
+        prompts = [prompt_ids(r) for r in requests]
         lens = [len(p) for p in prompts]
         if not prompts or min(lens) == 0:
             bad = [i for i, n in enumerate(lens) if n == 0]
@@ -391,7 +400,8 @@ class Target(Protocol):
     vocab_size: int
     device: torch.device
 
-    def prefill(self, prompts: Sequence[Sequence[int]], want_hidden: bool = False, reserve: int = 0) -> BlockOutput: ...
+    def prefill(self, requests: Sequence[Request], want_hidden: bool = False, reserve: int = 0) -> BlockOutput:
+        """Run the requests' prompts with their inputs (`mmspec.request.Request`)."""
 
     def verify(self, pending: Sequence[int], drafts: Sequence[Draft], want_hidden: bool = False) -> BlockOutput: ...
 

@@ -22,6 +22,7 @@ import torch
 from mmspec.drafters import ModelDrafter, NGramDrafter
 from mmspec.errors import CheckpointError, InvalidInputError, MMSpecError, TokenizerMismatchError
 from mmspec.loop import NoDrafter, SpeculativeDecoder
+from mmspec.request import Request
 from mmspec.stats import GenerationStats
 
 from .prompts import batch_args, build_request, text_only_ids
@@ -74,7 +75,7 @@ class SpeculativeVLM:
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.target = VLMTarget(target)
         self.drafter_processor = None
-        self._text_views: dict[tuple, list[int]] | None = None
+        self.text_drafter = False  # a text-only drafter: it sees the prompt without image parts
         self.drafter = self._make_drafter(drafter, tree, drafter_processor, drafter_tokenizer)
         self.target.want_attention = bool(getattr(self.drafter, "needs_attention", False))
         self.decoder = SpeculativeDecoder(self.target, self.drafter, tree=tree, acceptance=acceptance)
@@ -97,9 +98,8 @@ class SpeculativeVLM:
             return ModelDrafter(runner=VLMRunner(drafter), tree=tree)
         if drafter_tokenizer is not None:
             check_same_tokenizer(self.tokenizer, drafter_tokenizer)
-        self._text_views = {}
-        return ModelDrafter(drafter, tree, prompt_view=lambda ids: self._text_views.get(tuple(ids), ids),
-                            shared_tokenizer=drafter_tokenizer is not None)
+        self.text_drafter = True
+        return ModelDrafter(drafter, tree, shared_tokenizer=drafter_tokenizer is not None)
 
     @classmethod
     def from_pretrained(cls, target: str, drafter=None, *, dtype=None, device_map=None, tree=4,
@@ -130,24 +130,23 @@ class SpeculativeVLM:
         return cls(model, processor, drafter, tree=tree, acceptance=acceptance, **extra)
 
     # --- generation ---------------------------------------------------------------------------------------------
-    def _prepare(self, rows: list[dict], owner=None):
-        reqs, texts = [], []
+    def _prepare(self, rows: list[dict], session=None) -> list[Request]:
+        """The engine's requests for these rows: the target's processor output, the drafter's view of the prompt
+        (a draft VLM's own processor output, a text drafter's ids without image parts) and the chat session."""
+        reqs = []
         for row in rows:
             req, msgs, text = build_request(self.processor, images=row.get("images"), prompt=row.get("prompt"),
                                             messages=row.get("messages"))
-            reqs.append(req)
-            texts.append((msgs, text, row))
-        self.target.bind(reqs, owner=owner)
-        if self.drafter_processor is not None:
-            dreqs = reqs if self.drafter_processor is self.processor else [
-                build_request(self.drafter_processor, images=r.get("images"), prompt=r.get("prompt"),
-                              messages=r.get("messages"))[0] for r in rows]
-            self.drafter.runner.bind(dreqs)
-        if self._text_views is not None:
-            self._text_views.clear()
-            for req, (msgs, text, _) in zip(reqs, texts):
-                self._text_views[tuple(req.input_ids)] = text_only_ids(self.processor, msgs, text)
-        return [r.input_ids for r in reqs]
+            view = {}
+            if self.drafter_processor is not None:
+                dreq = req if self.drafter_processor is self.processor else build_request(
+                    self.drafter_processor, images=row.get("images"), prompt=row.get("prompt"),
+                    messages=row.get("messages"))[0]
+                view = {"draft_prompt": list(dreq.input_ids), "draft_inputs": dict(dreq.inputs)}
+            elif self.text_drafter:
+                view = {"draft_prompt": text_only_ids(self.processor, msgs, text)}
+            reqs.append(req.as_request(session=session, **view))
+        return reqs
 
     def _eos(self, eos_token_id):
         if eos_token_id is not None:
@@ -155,10 +154,10 @@ class SpeculativeVLM:
         eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
         return eos if eos is not None else self.tokenizer.eos_token_id
 
-    def _stream(self, rows, owner=None, *, max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0,
+    def _stream(self, rows, session=None, *, max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0,
                 repetition_penalty=1.0, seed=None, eos_token_id=None, generator=None):
-        ids = self._prepare(rows, owner)
-        return self.decoder.stream(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+        requests = self._prepare(rows, session)
+        return self.decoder.stream(requests, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                    top_p=top_p, repetition_penalty=repetition_penalty,
                                    eos_token_id=self._eos(eos_token_id), seed=seed, generator=generator)
 
@@ -221,7 +220,7 @@ class ChatSession:
         messages, images_all = self._turn(text, images)
         kw = {**self.generation_kwargs, **kwargs}
         try:
-            stream = self.svlm._stream([{"messages": messages, "images": images_all}], owner=self, **kw)
+            stream = self.svlm._stream([{"messages": messages, "images": images_all}], session=self, **kw)
             pieces = []
             for piece in self.svlm._text_pieces(stream):
                 pieces.append(piece)

@@ -24,7 +24,8 @@ from transformers import DynamicCache
 
 from mmspec.cache import RaggedCache
 from mmspec.compat import cache_kwargs
-from mmspec.errors import ContextOverflowError, EmptyPromptError, InvalidInputError
+from mmspec.errors import ContextOverflowError, EmptyPromptError
+from mmspec.request import Request
 from mmspec.target import BlockOutput, CausalLMRunner, CausalLMTarget, select_hidden, sync_time, text_config
 
 from .attention_probe import AttentionProbe, last_query_mass
@@ -40,6 +41,19 @@ class VLMRequest:
     @property
     def has_images(self) -> bool:
         return any(k.startswith("pixel_values") for k in self.inputs)
+
+    def as_request(self, **fields) -> Request:
+        """The engine's Request for this row (`fields`: the drafter's view, a chat session, ...)."""
+        return Request(list(self.input_ids), dict(self.inputs), **fields)
+
+
+def vlm_request(request) -> VLMRequest:
+    """A Request (prompt + processor inputs), a VLMRequest, or plain token ids as a VLMRequest."""
+    if isinstance(request, VLMRequest):
+        return request
+    if isinstance(request, Request):
+        return VLMRequest(list(request.prompt), dict(request.inputs))
+    return VLMRequest(list(request))
 
 
 def sliding_window_of(model) -> int | None:
@@ -60,6 +74,9 @@ def rope_index_fn(model):
 class VLMRunner(CausalLMRunner):
     """A VLM driven over a ragged cache: native multimodal prefill, explicit text blocks afterwards."""
 
+    persistent_attributes = CausalLMRunner.persistent_attributes | {"window", "want_attention", "rope_index",
+                                                                    "prefix_lm", "position_offset"}
+
     def __init__(self, model: torch.nn.Module):
         super().__init__(model, cache="dynamic")
         self.window = sliding_window_of(model)
@@ -67,21 +84,12 @@ class VLMRunner(CausalLMRunner):
         self.rope_index = rope_index_fn(model)
         self.prefix_lm = "paligemma" in type(model).__name__.lower()
         self.position_offset = 1 if self.prefix_lm else 0  # PaliGemma numbers positions from 1 (its own forward)
-        self.requests: list[VLMRequest] | None = None
         self.row_ids: list[list[int]] = []  # ids whose keys sit in the cache, per row (for chat reuse)
         self.owner = None  # the chat session whose conversation the cache holds (None: nobody may resume it)
         self.last_prefill = {"tokens": 0, "resumed": False}  # prompt tokens the last prefill ran through the model
-        self._next_owner = None
 
     def check_model(self, model) -> None:
         return None  # sliding windows are handled here (no eviction, windowed masks)
-
-    def bind(self, requests: Sequence[VLMRequest], owner=None) -> None:
-        """Inputs of the next prefill, one per row (the loop passes only token ids). `owner`: a chat session; the
-        prefill may then continue the cache that the same session left (images in a cache are not visible in its
-        token ids, so only the session that made a cache may resume it)."""
-        self.requests = list(requests)
-        self._next_owner = owner
 
     def forget(self) -> None:
         """Never resume the current cache (after an interrupted or failed turn)."""
@@ -142,17 +150,19 @@ class VLMRunner(CausalLMRunner):
         attention = probe.records[0][-1] if probe is not None else None  # (G, T) the last token's, last layer
         return out.logits[:, -1], hidden, attention, cache, next_pos
 
-    def prefill(self, prompts: Sequence[Sequence[int]], want_hidden: bool = False, reserve: int = 0) -> BlockOutput:
-        reqs = self.requests if self.requests is not None else [VLMRequest(list(p)) for p in prompts]
-        if len(reqs) != len(prompts):
-            raise InvalidInputError(f"{len(prompts)} prompt(s) but {len(reqs)} bound VLM request(s)")
+    def prefill(self, requests: Sequence[Request], want_hidden: bool = False, reserve: int = 0) -> BlockOutput:
+        """Run each request's prompt with its processor inputs (`Request.inputs`: pixel values, grids, ...). A
+        request whose `session` left the cache (a chat's previous turn) may continue it: images in a cache are not
+        visible in its token ids, so only the session that made a cache may resume it."""
+        reqs = [vlm_request(r) for r in requests]
+        sessions = {id(getattr(r, "session", None)) for r in requests}
+        owner = getattr(requests[0], "session", None) if len(sessions) == 1 else None
         for i, r in enumerate(reqs):
             if not r.input_ids:
                 raise EmptyPromptError(f"prompt {i} has no tokens; every request needs >= 1 token")
             if self.max_positions and len(r.input_ids) > self.max_positions:
                 raise ContextOverflowError(f"prompt {i} has {len(r.input_ids)} tokens (images expanded), more than "
                                            f"the model's context of {self.max_positions} positions")
-        owner, self._next_owner = self._next_owner, None
         resume = (len(reqs) == 1 and owner is not None and owner is self.owner and not want_hidden
                   and self._can_resume(reqs[0]))  # feature drafters read the whole prompt's features: prefill it
         self.owner = None  # until this prefill has succeeded
@@ -174,7 +184,6 @@ class VLMRunner(CausalLMRunner):
         self.last_prefill = {"tokens": sum(len(r.input_ids) for r in reqs), "resumed": False}
         self.next_positions = next_pos
         self.row_ids = [list(r.input_ids) for r in reqs]
-        self.requests = None
         self.owner = owner
         # (B, T_max, H) hidden and (B, T_max) attention, right-padded like the engine's own prefill
         hidden = pad_sequence(hidden, batch_first=True) if want_hidden else None
@@ -215,7 +224,6 @@ class VLMRunner(CausalLMRunner):
         self.next_positions = [self.next_positions[0] + m]
         self.last_prefill = {"tokens": m, "resumed": True}
         self.row_ids = [list(req.input_ids)]
-        self.requests = None
         return BlockOutput(out.logits[:, -1])  # never with want_hidden: feature drafters prefill the whole prompt
 
     def note_committed(self, tokens: Sequence[Sequence[int]]) -> None:

@@ -18,7 +18,7 @@ from mmspec.errors import GenerationConfigError, UnsupportedModelError
 from mmspec.tree import Draft
 
 from ..acceptance.cspd import TrajectoryDraft, head_rows, sample_chains
-from ..continuous_target import ContinuousRunner
+from ..continuous_target import ContinuousRunner, sampling_settings, token_scales
 from ..models.continuous_ar import ContinuousAR, draw_token_noise
 from .model import ImageModelDrafter
 
@@ -49,11 +49,11 @@ class ContinuousDrafter(ImageModelDrafter):
             if getattr(mine, field) != getattr(theirs, field):
                 raise UnsupportedModelError(f"drafter {field}={getattr(mine, field)} but the target's is "
                                             f"{getattr(theirs, field)}: draft and target must share tokens and classes")
+        self.num_image_tokens = target.num_image_tokens
         if self.model.diffloss.num_steps != target.head.num_steps:
             raise UnsupportedModelError(f"the drafter's head samples with {self.model.diffloss.num_steps} steps, the "
                                         f"target's with {target.head.num_steps}: CSpD compares chains step by step, "
                                         "so both need the same number (set_sampling_steps)")
-        self.target = target
 
     def _block(self, feed: list[list[torch.Tensor]], m: int) -> torch.Tensor:
         """Each row's vector tokens, zero-padded to m: (B, m, C)."""
@@ -64,8 +64,11 @@ class ContinuousDrafter(ImageModelDrafter):
         return tokens
 
     def _wants(self, budgets: Sequence[int]) -> list[int]:
-        first = math.ceil(self.prefill_ratio * self.target.num_image_tokens)
-        return [0 if len(h) - 1 < first else min(self.k, bud) for h, bud in zip(self.ctx.history, budgets)]
+        out = []
+        for h, r, bud in zip(self.ctx.history, self.ctx.requests, budgets):
+            ratio = check_prefill_ratio(r.draft_inputs.get("prefill_ratio", self.prefill_ratio))
+            out.append(0 if len(h) - 1 < math.ceil(ratio * self.num_image_tokens) else min(self.k, bud))
+        return out
 
     def propose(self, budgets: Sequence[int]) -> list[Draft]:
         want = self._wants(budgets)
@@ -75,10 +78,12 @@ class ContinuousDrafter(ImageModelDrafter):
         depth = max(want)
         index = torch.tensor([len(h) - 1 for h in self.ctx.history])  # image index of each row's first draft node
         steps = []
+        request = self.ctx.requests[0]  # one batch shares its guidance and temperature
+        temperature = sampling_settings(request)[2]
         for step in range(depth):
-            rows = head_rows(z, self.target.scales(index + step).to(z.device))
+            rows = head_rows(z, token_scales(request, index + step, self.num_image_tokens).to(z.device))
             noise = self._noise(want, step, z.device)
-            chains = sample_chains(self.model.diffloss, rows, noise, self.target.temperature)
+            chains = sample_chains(self.model.diffloss, rows, noise, temperature)
             steps.append((chains, rows))
             if step < depth - 1:
                 z = self._feed([[chains.tokens[b]] if step < n - 1 else [] for b, n in enumerate(want)])

@@ -46,6 +46,7 @@ from mmspec.tree import Draft
 
 from .model import chains, check_draft_depth, draw_step
 from ..models.llamagen import KVCache, LlamaGen, LlamaGenConfig, TransformerBlock, causal_mask, rope_2d
+from ..target import batch_conditions
 
 CONFIG_NAME, WEIGHTS_NAME, KIND = "config.json", "model.safetensors", "image_ar.head"
 IDENTITY = ("vocab_size", "dim", "grid_size", "cls_token_num")  # what a head must share with its target
@@ -193,7 +194,6 @@ class ImageHeadDrafter:
             raise UnsupportedModelError(f"an ImageHead drafter needs a LlamaGen target (image_ar.LlamaGenTarget); "
                                         f"got {type(target).__name__}")
         check_identity(self.head.config, cfg, "the head")
-        self.target = target
 
     @property
     def guided(self) -> bool:
@@ -209,7 +209,7 @@ class ImageHeadDrafter:
     # --- protocol -------------------------------------------------------------------------------------------------
     def begin(self, ctx: DraftContext, prefill: BlockOutput) -> None:
         self.ctx = ctx
-        self.scale = float(self.target.guidance_scale)
+        self.scale = batch_conditions(ctx.requests)[2]  # the guidance scale the target runs this batch with
         d = self.head.config.dim * (2 if self.guided else 1)
         hidden = prefill.hidden
         if hidden is None or hidden.shape[0] != len(ctx.history) or hidden.shape[-1] != d:

@@ -18,7 +18,7 @@ from mmspec.target import BlockOutput
 from mmspec.tree import Draft
 
 from ..models.llamagen import LlamaGen
-from ..target import LlamaGenRunner
+from ..target import LlamaGenRunner, batch_conditions
 
 
 def check_draft_depth(k) -> int:
@@ -56,7 +56,6 @@ class ImageModelDrafter:
         self.max_depth = self.max_nodes = k
         self.counters = DrafterCounters()
         self.runner: LlamaGenRunner | None = None
-        self.target = None
 
     @property
     def forward_time(self) -> float:
@@ -65,7 +64,7 @@ class ImageModelDrafter:
     def check_target(self, target) -> None:
         mine, cfg = self.model.config, getattr(target, "model", None)
         cfg = getattr(cfg, "config", None)
-        if cfg is None or not hasattr(target, "condition"):
+        if cfg is None or not hasattr(target, "requests") or not hasattr(cfg, "cls_token_num"):
             raise UnsupportedModelError(f"a LlamaGen drafter needs a LlamaGen target (image_ar.LlamaGenTarget); got "
                                         f"{type(target).__name__}")
         for field in ("vocab_size", "grid_size", "model_type", "cls_token_num"):
@@ -75,15 +74,14 @@ class ImageModelDrafter:
                                             "grid and condition")
         if mine.model_type == "c2i" and mine.num_classes != cfg.num_classes:
             raise UnsupportedModelError(f"drafter has {mine.num_classes} classes, the target {cfg.num_classes}")
-        self.target = target
 
     def begin(self, ctx: DraftContext, prefill: BlockOutput) -> None:
+        """Prefill the drafter's own [cond; uncond] rows with the requests' conditions and guidance scale."""
         self.ctx = ctx
+        cond, cond_mask, scale = batch_conditions(ctx.requests)
         if self.runner is None:
-            self.runner = self.runner_class(self.model, self.target.guidance_scale)
-        else:
-            self.runner.guidance_scale = self.target.guidance_scale
-        cond, cond_mask = self.target.condition
+            self.runner = self.runner_class(self.model, scale)
+        self.runner.guidance_scale = scale
         self.runner.start(cond, cond_mask, capacity=self.model.config.max_seq_len)
         self.counters.forwards += 1
         self.uncached = [[h[-1]] for h in ctx.history]  # committed tokens not yet in the drafter's cache

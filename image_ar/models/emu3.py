@@ -58,7 +58,7 @@ class Emu3ImageTarget(GuidedImageTarget):
     (list of ids / 1-D tensor), used by requests whose condition has none.
     eol/eof/eoi/eos_token_id: override the structural ids (defaults: `config.vocabulary_map` names `<|extra_200|>`,
     `<|extra_201|>`, `<|image end|>`; `generation_config.eos_token_id`).
-    Conditions (`bind`): per request, the prompt input_ids as Emu3's processor makes them with
+    Conditions (`requests`): per request, the prompt input_ids as Emu3's processor makes them with
     `return_for_image_generation=True` (ending in `<|image start|>H*W<|image token|>`), or a mapping
     `{"input_ids": ids, "negative_prompt_ids": ids}`.
     """

@@ -1,7 +1,7 @@
 """Classifier-free-guided image targets over a transformers causal LM: [cond; uncond] rows kept in step.
 
 Shared by the Janus and Emu3 adapters (`janus.py`, `emu3.py`): validation of token-id conditions, left padding as
-transformers' generate does it, and :class:`GuidedImageTarget`, the engine side (bind / prefill / verify / commit /
+transformers' generate does it, and :class:`GuidedImageTarget`, the engine side (requests / prefill / verify / commit /
 select_rows) of a generator whose every forward runs each request's conditional and unconditional rows.
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 
 from mmspec.errors import ContextOverflowError, EmptyPromptError, GenerationConfigError, InvalidInputError
 from mmspec.guidance import both_halves, double_rows, pair_halves, per_row
+from mmspec.request import Request
 from mmspec.target import BlockOutput, CausalLMRunner, draft_block
 from mmspec.tree import Draft
 
@@ -101,10 +102,12 @@ class GuidedImageTarget:
     def forward_time(self) -> float:
         return self.runner.forward_time
 
-    def bind(self, conditions: Sequence) -> list[list[int]]:
-        """Store per-request conditions for the next prefill; returns the engine prompts ([0] per request)."""
-        self._conditions = self.check_conditions(conditions)
-        return [[0] for _ in self._conditions]
+    def requests(self, conditions: Sequence, guidance_scale: float | None = None) -> list[Request]:
+        """One engine request per condition (validated here): prompt [0], the condition and the guidance scale
+        (None: this target's default) in its inputs."""
+        conds = self.check_conditions(conditions)
+        scale = self.guidance_scale if guidance_scale is None else check_guidance_scale(guidance_scale)
+        return [Request([0], {"condition": c, "guidance_scale": scale}) for c in conds]
 
     def check_conditions(self, conditions: Sequence) -> list:
         """Validated, normalised conditions (typed errors name the offending one); changes no state."""
@@ -124,18 +127,17 @@ class GuidedImageTarget:
         return conds
 
     @torch.inference_mode()
-    def prefill(self, prompts: Sequence[Sequence[int]], want_hidden=False, reserve: int = 0) -> BlockOutput:
+    def prefill(self, requests: Sequence[Request], want_hidden=False, reserve: int = 0) -> BlockOutput:
         """Run both rows' prompts. logits (B, 1, V): the guided logits of the first image token; hidden (B, 1, 2H)
         (cond ‖ uncond features at the last prompt token; (B, 1, H) unguided)."""
-        if self._conditions is None:
-            raise InvalidInputError("no conditions are bound: call bind(conditions) and pass the prompts it returns")
-        if len(prompts) != len(self._conditions):
-            raise InvalidInputError(f"got {len(prompts)} prompt(s) for {len(self._conditions)} bound condition(s); "
-                                    "pass the prompts bind() returned")
-        bad = [i for i, p in enumerate(prompts) if len(p) != 1]
+        bad = [i for i, r in enumerate(requests) if not isinstance(r, Request) or "condition" not in r.inputs]
         if bad:
-            raise InvalidInputError(f"prompt(s) {bad} are not the one-token placeholder bind() returned")
-        self._scale = check_guidance_scale(self.guidance_scale)
+            raise InvalidInputError(f"request(s) {bad} carry no condition: build them with target.requests(conditions)")
+        scales = {float(r.inputs.get("guidance_scale", self.guidance_scale)) for r in requests}
+        if len(scales) != 1:
+            raise InvalidInputError(f"the requests of one batch must share guidance_scale; got {sorted(scales)}")
+        self._conditions = [r.inputs["condition"] for r in requests]
+        self._scale = check_guidance_scale(scales.pop())
         self._guided = self._scale != 1.0
         cond_rows, uncond_rows = self._prompt_rows(self._conditions)
         rows = cond_rows + uncond_rows if self._guided else cond_rows

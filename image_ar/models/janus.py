@@ -15,7 +15,7 @@ reference this adapter reproduces, step for step:
 
 Engine token space: the VQ codebook, `vocab_size = vq_config.num_embeddings`; the engine generates exactly
 `vision_config.num_image_tokens` tokens (what `generate` emits), raster order over `grid` (VQ `quant_state_dims`).
-The engine prompt is a one-token placeholder `[0]`; the real conditioning is bound with :meth:`bind`.
+The engine prompt is a one-token placeholder `[0]`; the condition travels in the request (:meth:`requests`).
 
 Differences from `generate`, all deliberate and documented:
 - `guidance_scale == 1` runs the conditional rows only (logits `c`, hidden (B, M, H)); transformers' own generate
@@ -90,7 +90,7 @@ class JanusImageTarget(GuidedImageTarget):
     model: a JanusForConditionalGeneration. guidance_scale: CFG scale (Janus-Pro's default is 5; read at prefill).
     bos_token_id / boi_token_id / pad_token_id: override `model.generation_config` (bos, pad,
     `generation_kwargs["boi_token_id"]`), which make the unconditional prompt.
-    Conditions (`bind`): per request, the prompt input_ids formatted as Janus's processor does for image generation
+    Conditions (`requests`): per request, the prompt input_ids formatted as Janus's processor does for image generation
     (chat template + `<begin_of_image>`), a 1-D integer tensor or a list of ints, unpadded.
     """
 

@@ -11,11 +11,12 @@ A drafter that needs target features (EAGLE-style) sets ``needs_hidden = True`` 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
 import torch
 
+from ..request import Request
 from ..sampling import SamplingSpec
 from ..target import BlockOutput
 from ..tree import Draft
@@ -26,6 +27,7 @@ class DraftContext:
     spec: SamplingSpec
     generators: list[torch.Generator]
     history: list[list[int]]  # per row: prompt + committed tokens (the last one is pending: not yet verified)
+    requests: list[Request] = field(default_factory=list)  # per row: the request (the drafter's view, its inputs)
 
 
 @dataclass

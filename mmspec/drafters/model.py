@@ -11,15 +11,27 @@ trees of one request run a precompiled plan (`tree_plan.TreePlan`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
 from ..errors import ContextOverflowError, DeviceMismatchError, VocabularyMismatchError
+from ..request import Request
 from ..target import BlockOutput, CausalLMRunner, chain_offsets
 from ..tree import Draft, DynamicTree, StaticTree, expand_dynamic
 from .base import DraftContext, DrafterCounters, RowUpdate
 from .tree_plan import TreePlan
+
+
+def drafter_requests(ctx: DraftContext) -> list[Request]:
+    """Each row's request as the drafter's runner prefills it: its view of the prompt (never empty: a view that
+    drops every token keeps the prompt's last one) and the drafter's inputs."""
+    reqs = ctx.requests or [Request(h[:-1]) for h in ctx.history]
+    views = [r.for_drafter() for r in reqs]
+    for v, h in zip(views, ctx.history):
+        if not v.prompt:
+            v.prompt = list(h[-2:-1])
+    return views
 
 
 @dataclass
@@ -40,10 +52,10 @@ class ModelDrafter:
 
     def __init__(self, model: torch.nn.Module | None = None, tree: StaticTree | DynamicTree | int = 4,
                  cache: str = "dynamic", *, runner: CausalLMRunner | None = None,
-                 prompt_view: Callable[[list[int]], list[int]] | None = None, shared_tokenizer: bool = False):
-        """model: the draft LM (or pass a prebuilt `runner`, e.g. a VLM runner that feeds the images).
-        prompt_view: maps a prompt's ids to what the drafter sees (e.g. drops image placeholders for a text-only
-        drafter of a VLM); generated tokens are fed as they are.
+                 shared_tokenizer: bool = False):
+        """model: the draft LM (or pass a prebuilt `runner`, e.g. a VLM runner that feeds the images). It prefills
+        each request's drafter view (`Request.draft_prompt` and `draft_inputs`: e.g. a text-only drafter of a VLM
+        sees the prompt without image placeholders); generated tokens are fed as they are.
         shared_tokenizer: the caller has checked that the drafter's tokenizer gives the target's ids; the two
         vocabularies may then differ in size (padded embeddings, added image tokens) and logits are cut / padded
         with -inf to the target's size. Without it a size difference is a VocabularyMismatchError."""
@@ -55,7 +67,7 @@ class ModelDrafter:
         self.runner = runner if runner is not None else CausalLMRunner(model, cache=cache)
         self._plan = TreePlan.build(self.tree, self.runner.device) if isinstance(self.tree, StaticTree) else None
         self._plan_masks: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (level, n_uncached) -> mask, offsets
-        self.prompt_view, self.shared_tokenizer = prompt_view, shared_tokenizer
+        self.shared_tokenizer = shared_tokenizer
         self.counters = DrafterCounters()
         self._parents: dict[int, torch.Tensor] = {}  # chain length -> parent tensor
         self._templates: dict[tuple, torch.Tensor] = {}  # tree-level shape -> mask over the round's drafted slots
@@ -85,15 +97,13 @@ class ModelDrafter:
     # --- lifecycle ----------------------------------------------------------------------------------------------
     def begin(self, ctx: DraftContext, prefill: BlockOutput) -> None:
         self.ctx = ctx
-        prompts = [h[:-1] for h in ctx.history]
-        if self.prompt_view is not None:
-            prompts = [self.prompt_view(p) or p[-1:] for p in prompts]  # never empty: keep the last token
+        views = drafter_requests(ctx)
         limit = self.runner.max_positions
-        if limit and max(len(p) for p in prompts) >= limit:
+        if limit and max(len(v.prompt) for v in views) >= limit:
             raise ContextOverflowError(
-                f"the drafter's context is {limit} positions but a prompt has {max(len(p) for p in prompts)} "
+                f"the drafter's context is {limit} positions but a prompt has {max(len(v.prompt) for v in views)} "
                 "tokens; use a drafter with a longer context (or the n-gram drafter)")
-        self.runner.prefill(prompts, reserve=0)
+        self.runner.prefill(views, reserve=0)
         self.counters.forwards += 1
         self.uncached = [[h[-1]] for h in ctx.history]
         self.round: _Round | None = None

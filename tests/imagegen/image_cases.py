@@ -16,7 +16,7 @@ def reference_outputs(target, prompts) -> dict:
 
 def speculative(target, prompts, drafter=None, **kw):
     """The engine's loop over a whole image per prompt (greedy unless told otherwise)."""
-    return SpeculativeDecoder(target, drafter).generate(target.bind(prompts), max_new_tokens=target.num_image_tokens,
+    return SpeculativeDecoder(target, drafter).generate(target.requests(prompts), max_new_tokens=target.num_image_tokens,
                                                         **{"temperature": 0.0, **kw})
 
 

@@ -91,3 +91,47 @@ def test_tree_is_the_one_draft_length_name(target):
             SpeculativeImagePipeline(target, drafter="jacobi", tree=bad)
     with pytest.raises(InvalidInputError, match="window=1"):
         SpeculativeImagePipeline(target, drafter="jacobi", window=1)
+
+
+@pytest.mark.parametrize("drafter", ["jacobi", "model"])
+def test_interleaved_image_streams_with_different_settings_equal_each_alone(target, vq, drafter):
+    """Two image streams on one pipeline, read alternately, each with its own guidance scale and sampling settings,
+    give what each gives alone; a half-read stream resumed after another call on the pipeline ends the same."""
+    pipe = SpeculativeImagePipeline(target, vq, drafter=perturbed(target, 0.3) if drafter == "model" else drafter,
+                                    tree=3)
+    kw_a = dict(class_labels=[1, 2], guidance_scale=7.5, seed=3, output_type="tokens")
+    kw_b = dict(class_labels=[5], temperature=0.0, num_tokens=11, output_type="tokens")
+    alone_a, alone_b = pipe(**kw_a).tokens, pipe(**kw_b).tokens
+    a, b = pipe.stream(**kw_a), pipe.stream(**kw_b)
+    live = [a, b]
+    while live:
+        for s in list(live):
+            try:
+                next(s)
+            except StopIteration:
+                live.remove(s)
+    assert torch.equal(a.output.tokens, alone_a) and torch.equal(b.output.tokens, alone_b)
+    half = pipe.stream(**kw_a)
+    next(half)
+    assert torch.equal(pipe(**kw_b).tokens, alone_b)
+    for _ in half:
+        pass
+    assert torch.equal(half.output.tokens, alone_a)
+
+
+def test_interleaved_continuous_streams_with_different_settings_equal_each_alone():
+    model = tiny_continuous(0)
+    pipe = SpeculativeImagePipeline(model, drafter=perturbed(model, 0.05), tree=3)
+    kw_a = dict(class_labels=[1, 2], seed=3, output_type="tokens")
+    kw_b = dict(class_labels=[0], seed=8, guidance_scale=3.0, guidance_schedule="linear", temperature=0.7,
+                prefill_ratio=0.25, output_type="tokens")
+    alone_a, alone_b = pipe(**kw_a).tokens, pipe(**kw_b).tokens
+    a, b = pipe.stream(**kw_a), pipe.stream(**kw_b)
+    live = [a, b]
+    while live:
+        for s in list(live):
+            try:
+                next(s)
+            except StopIteration:
+                live.remove(s)
+    assert torch.equal(a.output.tokens, alone_a) and torch.equal(b.output.tokens, alone_b)

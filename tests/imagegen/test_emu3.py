@@ -136,8 +136,7 @@ def test_logits_equal_a_full_forward(model, refs, scale):
     """prefill + one verify of the whole sequence: CFG on log-softmaxed full-vocabulary logits, then the constraint."""
     t = Emu3ImageTarget(model, GRID, guidance_scale=scale, negative_prompt_ids=NEGATIVE)
     seq = refs["single"][0]
-    t.bind([PROMPTS[0]])
-    pre = t.prefill([[0]])
+    pre = t.prefill(t.requests([PROMPTS[0]]))
     out = t.verify([seq[0]], [Draft.chain(seq[1:])])
     got = torch.cat([pre.logits[0], out.logits[0, :-1]])  # (N, V)
 
@@ -190,19 +189,19 @@ def test_decode_gives_pil_images(target, refs):
 
 def test_bad_inputs(model, target):
     with pytest.raises(InvalidInputError, match="list with one condition"):
-        target.bind("a cat")
+        target.requests("a cat")
     with pytest.raises(EmptyPromptError):
-        target.bind([])
+        target.requests([])
     with pytest.raises(EmptyPromptError, match="condition 0"):
-        target.bind([torch.tensor([], dtype=torch.long)])
+        target.requests([torch.tensor([], dtype=torch.long)])
     with pytest.raises(InvalidInputError, match="keys"):
-        target.bind([{"ids": PROMPTS[0]}])
+        target.requests([{"ids": PROMPTS[0]}])
     with pytest.raises(EmptyPromptError, match="negative_prompt_ids"):
-        target.bind([{"input_ids": PROMPTS[0], "negative_prompt_ids": []}])
+        target.requests([{"input_ids": PROMPTS[0], "negative_prompt_ids": []}])
     with pytest.raises(InvalidInputError, match="dtype"):
-        target.bind([torch.tensor([1.5, 2.0])])
+        target.requests([torch.tensor([1.5, 2.0])])
     with pytest.raises(InvalidInputError, match=r"\[0, 128\)"):
-        target.bind([[1, -3, BOI]])
+        target.requests([[1, -3, BOI]])
     with pytest.raises(InvalidInputError, match="grid"):
         Emu3ImageTarget(model, (0, 4))
     with pytest.raises(InvalidInputError, match="negative_prompt_ids"):

@@ -79,8 +79,24 @@ class Recording(ImageHeadDrafter):
 def run(model, head, labels, scale=SCALE, k=4, max_new=GRID * GRID, **kw):
     tgt = LlamaGenTarget(model, scale)
     drafter = Recording(head, k)
-    out = SpeculativeDecoder(tgt, drafter).generate(tgt.bind(labels), max_new_tokens=max_new, **kw)
+    out = SpeculativeDecoder(tgt, drafter).generate(tgt.requests(labels), max_new_tokens=max_new, **kw)
     return out, drafter
+
+
+def test_interleaved_head_streams_with_different_scales_equal_plain_decoding(target, trained):
+    """One target and head drafter, two streams read alternately, each with its own guidance scale (it travels in
+    the requests): each equals plain decoding at its scale."""
+    from interleave import read_alternately
+
+    tgt = LlamaGenTarget(target, SCALE)
+    dec = SpeculativeDecoder(tgt, ImageHeadDrafter(trained, 3))
+    a = dec.stream(tgt.requests(LABELS4[:2]), max_new_tokens=GRID * GRID)
+    b = dec.stream(tgt.requests(LABELS4[2:], guidance_scale=1.0), max_new_tokens=GRID * GRID)
+    got_a, got_b = read_alternately(a, b)
+    want_a = generate_tokens(target, torch.tensor(LABELS4[:2]), guidance_scale=SCALE, temperature=0).tolist()
+    want_b = generate_tokens(target, torch.tensor(LABELS4[2:]), guidance_scale=1.0, temperature=0).tolist()
+    assert [got_a[0], got_a[1]] == want_a and [got_b[0], got_b[1]] == want_b
+    assert tgt.guidance_scale == SCALE  # the requests' scales never replaced the target's default
 
 
 # --- losslessness at temperature 0 ------------------------------------------------------------------------------------

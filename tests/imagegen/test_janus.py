@@ -126,8 +126,7 @@ def test_logits_equal_a_full_forward(model, refs, scale):
     """prefill + one verify of the whole reference sequence give the guided logits of every position."""
     t = JanusImageTarget(model, guidance_scale=scale)
     seq = refs["single"][0]
-    t.bind([PROMPTS[0]])
-    pre = t.prefill([[0]])
+    pre = t.prefill(t.requests([PROMPTS[0]]))
     out = t.verify([seq[0]], [Draft.chain(seq[1:])])
     got = torch.cat([pre.logits[0], out.logits[0, :-1]])  # (N, V): position k's logits
     want = full_forward_logits(model, PROMPTS[0], seq, scale)
@@ -166,33 +165,32 @@ def test_decode_gives_pil_images(target, refs):
 
 def test_bad_inputs(model, target):
     with pytest.raises(InvalidInputError, match="list with one condition"):
-        target.bind(torch.tensor([[1, 2, 5]]))
+        target.requests(torch.tensor([[1, 2, 5]]))
     with pytest.raises(InvalidInputError, match="condition 0 is int"):
-        target.bind([1, 2, 5])  # a bare prompt, not a list of prompts
+        target.requests([1, 2, 5])  # a bare prompt, not a list of prompts
     with pytest.raises(EmptyPromptError):
-        target.bind([])
+        target.requests([])
     with pytest.raises(EmptyPromptError, match="condition 1"):
-        target.bind([[1, 5], []])
+        target.requests([[1, 5], []])
     with pytest.raises(InvalidInputError, match="dtype"):
-        target.bind([torch.tensor([1.0, 5.0])])
+        target.requests([torch.tensor([1.0, 5.0])])
     with pytest.raises(InvalidInputError, match="1-D"):
-        target.bind([torch.tensor([[1, 5]])])
+        target.requests([torch.tensor([[1, 5]])])
     with pytest.raises(InvalidInputError, match=r"outside the text vocabulary \[0, 100\)"):
-        target.bind([[1, 100, 5]])
+        target.requests([[1, 100, 5]])
     with pytest.raises(InvalidInputError, match="expected a 1-D integer tensor"):
-        target.bind([[True, False]])
+        target.requests([[True, False]])
     with pytest.raises(ContextOverflowError):
-        target.bind([[1] * 250])
+        target.requests([[1] * 250])
     with pytest.raises(GenerationConfigError):
         JanusImageTarget(model, guidance_scale="strong")
     with pytest.raises(UnsupportedModelError):
         JanusImageTarget(tiny_llama())
     fresh = JanusImageTarget(model)
-    with pytest.raises(InvalidInputError, match="bind"):
+    with pytest.raises(InvalidInputError, match="carry no condition"):
         fresh.prefill([[0]])
-    fresh.bind(PROMPTS)
-    with pytest.raises(InvalidInputError, match="2 bound"):
-        fresh.prefill([[0]])
+    with pytest.raises(InvalidInputError, match="share guidance_scale"):
+        fresh.prefill(fresh.requests(PROMPTS[:1]) + fresh.requests(PROMPTS[1:2], guidance_scale=2.0))
     with pytest.raises(GenerationConfigError, match="> 1"):
         fresh.reference_generate(PROMPTS, guidance_scale=1.0)
     with pytest.raises(InvalidInputError, match="shape"):

@@ -209,7 +209,7 @@ def test_from_pretrained_round_trip(target, vq, small, tmp_path):
 
 def test_engine_events_carry_accepted_counts(target):
     t = LlamaGenTarget(target, 2.0)
-    stream = SpeculativeDecoder(t, ImageModelDrafter(copy.deepcopy(target), 3)).stream(t.bind([1]),
+    stream = SpeculativeDecoder(t, ImageModelDrafter(copy.deepcopy(target), 3)).stream(t.requests([1]),
                                                                                        max_new_tokens=25)
     events = list(stream)
     assert events[0].accepted == 0 and all(e.drift is None for e in events)

@@ -46,6 +46,21 @@ def test_eagle_on_a_causal_lm_matches_generate(one_layer, shape):
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
+def test_interleaved_eagle_streams_equal_each_alone(one_layer, shape):
+    """Two streams on one EAGLE decoder (greedy, and sampled under a seed), read alternately: each gives what it gives
+    alone, so the drafter's features, cache and uncached pairs belong to the stream, not to the drafter object."""
+    from interleave import read_alternately
+
+    target, head, prompts, reference = one_layer
+    dec = SpeculativeDecoder(target, EagleDrafter(head, SHAPES[shape]))
+    kw = dict(max_new_tokens=20, temperature=1.0, seed=9)
+    sampled = dec.generate(prompts[2:4], **kw).sequences
+    a, b = dec.stream(prompts[:2], max_new_tokens=24), dec.stream(prompts[2:4], **kw)
+    got_a, got_b = read_alternately(a, b)
+    assert [got_a[0], got_a[1]] == reference[:2] and [got_b[0], got_b[1]] == sampled
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
 def test_untrained_eagle_is_still_lossless(target, prompts, reference, shape):
     torch.manual_seed(0)
     dec = SpeculativeDecoder(target, EagleDrafter(EagleHead(target), SHAPES[shape]))

@@ -34,8 +34,7 @@ def check_rows(model, name: str, window: int | None = None):
     reqs = [build_request(t.processor, images=[image(30, name)], prompt="describe the image")[0],
             build_request(t.processor, images=[image(31, name)], prompt="what color is the sky in this picture")[0]]
     target = VLMTarget(model)
-    target.bind(reqs)
-    pre = target.prefill([r.input_ids for r in reqs])
+    pre = target.prefill([r.as_request() for r in reqs])
     gen_type = 1 if name == "paligemma" else 0  # PaliGemma marks generated (suffix) tokens with type 1
     for r, req in enumerate(reqs):
         torch.testing.assert_close(pre.logits[r], reference_logits(model, req, [], gen_type), atol=ATOL, rtol=0)
