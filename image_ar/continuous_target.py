@@ -22,7 +22,6 @@ from mmspec.tree import Draft
 
 from .acceptance.cspd import head_rows
 from .models.continuous_ar import CFG_SCHEDULES, ContinuousAR, guidance_scales
-from .models.guided import check_guidance_scale
 from .target import PLACEHOLDER, LlamaGenRunner, RunnerTarget, check_guidance
 
 

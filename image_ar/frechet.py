@@ -16,7 +16,6 @@ eigenvalues from round-off clipped to 0); scipy is not needed.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmspec.checkpoint import read_kind_config, read_safetensors
+from mmspec.checkpoint import read_kind_config, read_safetensors, write_checkpoint
 from mmspec.errors import CheckpointError, ImageError, InvalidInputError
 
 CONFIG_NAME, WEIGHTS_NAME, KIND = "config.json", "model.safetensors", "image_ar.classifier"
@@ -76,13 +75,8 @@ class ShapeClassifier(nn.Module):
         return self.fc(self.features(images))
 
     def save_pretrained(self, directory) -> Path:
-        from safetensors.torch import save_file
-
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(out / WEIGHTS_NAME))
-        (out / CONFIG_NAME).write_text(json.dumps({"kind": KIND, **dataclasses.asdict(self.config)}, indent=2))
-        return out
+        return write_checkpoint(directory, KIND, dataclasses.asdict(self.config), self.state_dict(),
+                                config_name=CONFIG_NAME, weights_name=WEIGHTS_NAME)
 
     @classmethod
     def from_pretrained(cls, directory) -> "ShapeClassifier":

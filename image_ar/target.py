@@ -16,11 +16,10 @@ from typing import Sequence
 
 import torch
 
-from mmspec.errors import ContextOverflowError, InvalidInputError
-from mmspec.guidance import both_halves, combine_logits, double_rows, is_guided, pair_halves
+from mmspec.buffer_runner import BufferRunner
+from mmspec.errors import InvalidInputError
 from mmspec.request import Request
-from mmspec.state import StreamStateful
-from mmspec.target import BlockOutput, draft_block, sync_time
+from mmspec.target import BlockOutput, draft_block
 from mmspec.tree import Draft
 
 from .models.guided import check_guidance_scale
@@ -54,52 +53,17 @@ def check_guidance(model: LlamaGen, guidance_scale) -> float:
     return scale
 
 
-class LlamaGenRunner(StreamStateful):
-    """A LlamaGen driven over a ragged cache with CFG: prefill, append blocks, keep slots per row.
-
-    Row b's committed slots are [0, lengths[b]) (prefix + committed image tokens, hole-free), so its next position
-    is lengths[b]. A block is appended at the cache's width; `keep` moves each row's kept block slots right after its
-    committed ones. Guided: cache rows [0, B) are cond, [B, 2B) uncond, sharing lengths.
-    """
+class LlamaGenRunner(BufferRunner):
+    """A LlamaGen driven by the engine's BufferRunner (ragged rows, CFG, keep / rollback / select_rows); what is
+    LlamaGen's own is the prefix: class or caption tokens, their null condition and caption padding (`start`)."""
 
     model_class = LlamaGen
-    persistent_attributes = frozenset({"model", "config"})
 
     def __init__(self, model: LlamaGen, guidance_scale: float = 1.0):
         if not isinstance(model, self.model_class):
             raise InvalidInputError(f"expected an image_ar {self.model_class.__name__}, got {type(model).__name__}")
-        self.model = model.eval()
-        self.config = model.config
-        self.guidance_scale = check_guidance(model, guidance_scale)
-        self.cache = None
-        self.lengths: list[int] = []
-        self.prefix_ok: torch.Tensor | None = None  # (R, L) bool: caption slots that are real (t2i padding)
-        self.forward_time = 0.0
+        super().__init__(model, check_guidance(model, guidance_scale))
 
-    @property
-    def guided(self) -> bool:
-        return is_guided(self.guidance_scale)
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.device
-
-    def _rows(self, x: torch.Tensor) -> torch.Tensor:
-        return double_rows(x, self.guidance_scale)
-
-    def _combine(self, logits: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.guided:
-            return logits, hidden
-        return combine_logits(logits, self.guidance_scale), pair_halves(hidden, self.guidance_scale)
-
-    def _forward(self, idx, cond, pos, mask):
-        t0 = sync_time(self.device)
-        with torch.no_grad():  # not inference_mode: the cache is compacted in place afterwards
-            out = self.model(idx, cond, input_pos=pos, cache=self.cache, mask=mask)
-        self.forward_time += sync_time(self.device) - t0
-        return out
-
-    # --- prefill --------------------------------------------------------------------------------------------------
     def start(self, cond, cond_mask: torch.Tensor | None = None, capacity: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the prefix of every request: cond = class labels (B,) or caption embeddings (B, L, C).
         Returns guided logits (B, V) and features (B, D or 2D) at the last prefix position."""
@@ -117,70 +81,11 @@ class LlamaGenRunner(StreamStateful):
             if cond_mask.shape != (b, n):
                 raise InvalidInputError(f"cond_mask must be bool (B, L) = ({b}, {n}); got {tuple(cond_mask.shape)}")
             keys = self._rows(cond_mask)
-        self.prefix_ok = keys
         self.cache = model.new_cache(max(capacity, n + 1))
         mask = None if cond_mask is None else prefix_mask(keys, n, n)
         out = self._forward(None, cond, None, mask)
-        self.lengths = [n] * b
+        self._started(self.cache, [n] * b, keys)
         return self._combine(None if out.logits is None else out.logits[:, -1], out.hidden[:, -1])
-
-    # --- blocks ---------------------------------------------------------------------------------------------------
-    def block_mask(self, allowed: torch.Tensor | None, m: int) -> torch.Tensor:
-        """(R, 1, M, width + M) bool: each row's committed slots (real prefix slots only) + block visibility."""
-        width, dev = self.cache.length, self.device
-        lengths = self._rows(torch.tensor(self.lengths, device=dev))  # (R,)
-        slots = torch.arange(width, device=dev)
-        committed = slots[None, :] < lengths[:, None]  # (R, width)
-        committed[:, : self.prefix_ok.shape[1]] &= self.prefix_ok
-        if allowed is None:
-            allowed = torch.ones(m, m, dtype=torch.bool, device=dev).tril_().expand(len(lengths), m, m)
-        else:
-            allowed = self._rows(allowed.to(dev))
-        r = len(lengths)
-        return torch.cat([committed[:, None, :].expand(r, m, width), allowed], dim=-1)[:, None]
-
-    def forward_block(self, tokens: torch.Tensor, offsets: torch.Tensor,
-                      allowed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append a (B, M) block at positions lengths[b] + offsets (B, M); allowed (B, M, M) or None (causal).
-        Returns guided logits (B, M, V) and features (B, M, D or 2D)."""
-        dev = self.device
-        m = tokens.shape[1]
-        pos = torch.tensor(self.lengths, device=dev)[:, None] + offsets.to(dev)  # (B, M)
-        top = int(pos.max())
-        if top >= self.config.max_seq_len:
-            raise ContextOverflowError(f"block reaches position {top}, past the image's last position "
-                                       f"{self.config.max_seq_len - 1}")
-        mask = self.block_mask(allowed, m)
-        out = self._forward(self._rows(tokens.to(dev)), None, self._rows(pos), mask)
-        return self._combine(out.logits, out.hidden)
-
-    def keep(self, keep: Sequence[Sequence[int]], block_start: int) -> None:
-        """Row b keeps block slots keep[b] (indices within the block appended at `block_start`, ascending) right
-        after its committed slots; everything else written since is dropped."""
-        start = min(self.lengths)
-        index = [list(range(start, n)) + [block_start + j for j in ks] for n, ks in zip(self.lengths, keep)]
-        width = max(len(ix) for ix in index)
-        if width == 0:
-            self.cache.crop(start)
-        else:
-            padded = [ix + [ix[-1] if ix else 0] * (width - len(ix)) for ix in index]  # pads are never visible
-            self.cache.compact(start, self._rows(torch.tensor(padded, dtype=torch.long)))
-        self.lengths = [n + len(ks) for n, ks in zip(self.lengths, keep)]
-
-    def rollback(self, lengths: Sequence[int]) -> None:
-        """Forget each row's slots past lengths[b] (<= its current length): a drafter dropping rejected tokens."""
-        if any(n > old for n, old in zip(lengths, self.lengths)):
-            raise InvalidInputError(f"rollback to {list(lengths)} past the committed lengths {self.lengths}")
-        self.lengths = list(lengths)
-        self.cache.crop(max(self.lengths))
-
-    def select_rows(self, rows: Sequence[int]) -> None:
-        rows = list(rows)
-        b = len(self.lengths)
-        full = both_halves(rows, b, self.guidance_scale)
-        self.cache.select_rows(full)
-        self.prefix_ok = self.prefix_ok[torch.tensor(full, device=self.prefix_ok.device)]
-        self.lengths = [self.lengths[r] for r in rows]
 
 
 class RunnerTarget:
@@ -188,7 +93,7 @@ class RunnerTarget:
     scale, forward time, commit (keep the pending slot + accepted path of the last block) and select_rows. The
     guidance scale a generation runs with comes with its requests (the runner holds it for that stream)."""
 
-    runner: LlamaGenRunner
+    runner: BufferRunner
     _block_start = 0
 
     @property

@@ -21,8 +21,8 @@ import math
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
+from mmspec.eagle_loss import eagle_loss, full_distribution
 from mmspec.errors import DatasetError, InvalidInputError
 from mmspec.guidance import combine_logits
 
@@ -106,7 +106,9 @@ def teacher(target_model: LlamaGen, cond: torch.Tensor, tokens: torch.Tensor, gu
 
 def head_loss(head: ImageHead, tokens: torch.Tensor, feats: torch.Tensor, p: torch.Tensor, guidance_scale: float,
               w_cls: float, noise: float = 0.0, generator: torch.Generator | None = None) -> dict:
-    """EAGLE's loss on one batch: tokens (B, N), target features (R, N, D), target guided probabilities (B, N-1, V)."""
+    """EAGLE's loss (`mmspec.eagle_loss`) on one batch: tokens (B, N), target features (R, N, D), target guided
+    probabilities (B, N-1, V), which the head's guided distribution is trained to match (cross-entropy; the KL it
+    differs from by the target's entropy is reported)."""
     n_cells, cls = tokens.shape[1], head.config.cls_token_num
     guided = guidance_scale != 1.0
     rows = torch.cat([tokens, tokens]) if guided else tokens  # (R, N)
@@ -115,13 +117,13 @@ def head_loss(head: ImageHead, tokens: torch.Tensor, feats: torch.Tensor, p: tor
         inputs = inputs + (torch.rand(inputs.shape, generator=generator, device=inputs.device) - 0.5) * 2 * noise
     pos = cls + torch.arange(n_cells - 1, device=tokens.device)  # each pair at its token's position
     pred = head(rows[:, :-1].to(head.device), inputs, pos)  # (R, N - 1, D) ~ features[:, 1:]
-    feature_loss = F.smooth_l1_loss(pred.float(), feats[:, 1:].float())
     logits = head.logits(pred)  # (R, N - 1, V)
     if guided:
         logits = combine_logits(logits, guidance_scale)  # (B, N - 1, V)
-    log_q = logits.log_softmax(-1).flatten(0, 1)  # (B (N - 1), V)
-    kl = F.kl_div(log_q, p.flatten(0, 1), reduction="batchmean")
-    return {"loss": feature_loss + w_cls * kl, "feature_loss": feature_loss, "kl": kl}
+    ids, logp = full_distribution(p)
+    loss, reg, ce = eagle_loss(pred, feats[:, 1:], logits, ids, logp, w_cls=w_cls)
+    entropy = -(p * logp).sum(-1).mean()  # the target's: CE - H(p) = KL(p || q), what the history reports
+    return {"loss": loss, "feature_loss": reg, "kl": ce - entropy}
 
 
 def train_head(target_model: LlamaGen, head: ImageHead, *, class_labels=None, tokens: torch.Tensor | None = None,

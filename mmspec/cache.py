@@ -1,4 +1,6 @@
-"""KV-cache bookkeeping for ragged batches on transformers caches (DynamicCache and StaticCache).
+"""KV-cache bookkeeping for ragged batches, on two storage backends: transformers' caches (DynamicCache and
+StaticCache, :class:`RaggedCache`) and preallocated per-layer buffers moved by index (:class:`BufferCache` with
+:class:`RaggedRows`, for models written against it).
 
 Layout (one cache tensor per layer, (B, H, T, D)): row b's committed keys live in slots [0, length[b]); slots
 [length[b], width) of a shorter row are holes, hidden by the attention mask. A verification block of M slots is
@@ -15,7 +17,8 @@ from typing import Sequence
 import torch
 from transformers import Cache, DynamicCache, StaticCache
 
-from .errors import UnsupportedModelError
+from .errors import InvalidInputError, UnsupportedModelError
+from .guidance import both_halves, double_rows
 from .inference import inference
 
 
@@ -163,3 +166,151 @@ class RaggedCache:
                 if t is not None:
                     total += t.untyped_storage().nbytes()
         return total
+
+
+# --- preallocated buffers moved by index (gpt-fast's layout) ---------------------------------------------------------
+class BufferCache:
+    """Keys and values of every layer in one buffer per layer, (B, H_kv, capacity, head_dim), moved by a pointer.
+
+    The storage backend for models written against it (image_ar's LlamaGen, ContinuousAR and image head): the model's
+    attention calls ``update(layer, k, v)`` and the model calls ``advance(t)`` once after its last layer, so a
+    forward that fails half-way leaves the cache as it was. Slots [0, length) are in use for every row; a slot's
+    position is whatever the forward said when it was written (positions are not stored). Rollback is moving the
+    pointer (`crop`); compaction is one gather into the same buffer (`compact`). Buffers are allocated on the first
+    write (device / dtype of the keys) and grow by doubling.
+    """
+
+    def __init__(self, n_layer: int, capacity: int = 0):
+        self.keys: list[torch.Tensor | None] = [None] * n_layer
+        self.values: list[torch.Tensor | None] = [None] * n_layer
+        self.length = 0
+        self.capacity = int(capacity)
+
+    @property
+    def batch_size(self) -> int | None:
+        return None if self.keys[0] is None else self.keys[0].shape[0]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, H_kv, T, Dh) at [length, length + T); return the layer's (B, H_kv, length + T, Dh) views."""
+        end = self.length + k.shape[2]
+        buf = self.keys[layer]
+        if buf is None or end > buf.shape[2]:
+            self._grow(layer, k, max(end, self.capacity, 2 * (0 if buf is None else buf.shape[2])))
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def _grow(self, layer: int, k: torch.Tensor, capacity: int) -> None:
+        b, h, _, d = k.shape
+        for bufs in (self.keys, self.values):
+            new = k.new_zeros(b, h, capacity, d)
+            if bufs[layer] is not None:
+                new[:, :, :self.length] = bufs[layer][:, :, :self.length]
+            bufs[layer] = new
+
+    def advance(self, t: int) -> None:
+        """Commit the t slots the last forward wrote in every layer."""
+        self.length += t
+
+    def crop(self, length: int) -> None:
+        """Keep slots [0, length) (length <= current length)."""
+        if not 0 <= length <= self.length:
+            raise InvalidInputError(f"{type(self).__name__}.crop({length}): must be in [0, {self.length}]")
+        self.length = length
+
+    def gather(self, index: torch.Tensor) -> None:
+        """Keep exactly the slots `index` (S',) or (B, S') per row, in that order, at [0, S')."""
+        self.compact(0, index)
+
+    def compact(self, start: int, index: torch.Tensor) -> None:
+        """Move slots `index` (n,) or (B, n) per row to [start, start + n) and make that the new length.
+
+        After acceptance: `compact(prefix_len, accepted_slots)` keeps prefix + accepted path, copying only n slots.
+        """
+        index = torch.as_tensor(index, dtype=torch.long)
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.length):
+            raise InvalidInputError(f"{type(self).__name__} slots {index.tolist()} out of range [0, {self.length})")
+        if not 0 <= start <= self.length:
+            raise InvalidInputError(f"{type(self).__name__}.compact start={start}: must be in [0, {self.length}]")
+        n = index.shape[-1]
+        if torch.equal(index, torch.arange(start, start + n, device=index.device).expand_as(index)):
+            self.length = start + n  # the kept slots are already in place (a row that accepted a prefix)
+            return
+        for bufs in (self.keys, self.values):
+            for layer, buf in enumerate(bufs):
+                if buf is None:
+                    continue
+                b, h, _, d = buf.shape
+                idx = index.to(buf.device).expand(b, n)[:, None, :, None].expand(b, h, n, d)  # (B, H, n, Dh)
+                buf[:, :, start:start + n] = buf.gather(2, idx)  # gather copies first: overlap-safe
+        self.length = start + n
+
+    def select_rows(self, rows) -> None:
+        """Keep only the given batch rows (e.g. finished requests leave the batch)."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        for bufs in (self.keys, self.values):
+            for layer, buf in enumerate(bufs):
+                if buf is not None:
+                    bufs[layer] = buf[rows.to(buf.device)]
+
+
+class RaggedRows:
+    """Per-request committed lengths over a :class:`BufferCache` whose rows may be doubled for guidance.
+
+    Request b owns cache rows ``both_halves([b])`` ([cond; uncond] when guided) and their slots [0, lengths[b]),
+    hole-free; a block appended at the cache's length is shared by every row. `keep` moves each request's kept block
+    slots right after its committed ones with one gather (`BufferCache.compact`); `rollback` moves lengths back.
+    The bookkeeping of every ragged runner over a BufferCache (image_ar's LlamaGen target and drafters, the image
+    head drafter).
+    """
+
+    def __init__(self, cache: BufferCache, lengths, scale: float = 1.0):
+        self.cache, self.lengths, self.scale = cache, [int(n) for n in lengths], scale
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-request rows -> cache rows (doubled when guided)."""
+        return double_rows(x, self.scale)
+
+    def committed(self, device, prefix_ok: torch.Tensor | None = None) -> torch.Tensor:
+        """(R, width) bool: each cache row's committed slots; prefix_ok (R, L) further hides padded prefix slots."""
+        lengths = self.rows(torch.tensor(self.lengths, device=device))
+        seen = torch.arange(self.cache.length, device=device)[None, :] < lengths[:, None]
+        if prefix_ok is not None:
+            seen[:, : prefix_ok.shape[1]] &= prefix_ok
+        return seen
+
+    def keep(self, keep: Sequence[Sequence[int]], block_start: int) -> None:
+        """Request b keeps block slots keep[b] (indices within the block appended at `block_start`, ascending) right
+        after its committed slots; everything else written since is dropped."""
+        start = min(self.lengths)
+        index = [list(range(start, n)) + [block_start + j for j in ks] for n, ks in zip(self.lengths, keep)]
+        width = max(len(ix) for ix in index)
+        if width == 0:
+            self.cache.crop(start)
+        else:
+            padded = [ix + [ix[-1] if ix else 0] * (width - len(ix)) for ix in index]  # pads are never visible
+            self.cache.compact(start, self.rows(torch.tensor(padded, dtype=torch.long)))
+        self.lengths = [n + len(ks) for n, ks in zip(self.lengths, keep)]
+
+    def keep_first(self, counts: Sequence[int], block_start: int) -> None:
+        """Request b keeps the first counts[b] slots of the block appended at `block_start`."""
+        self.keep([range(n) for n in counts], block_start)
+
+    def discard(self) -> None:
+        """Forget every slot written since the last keep (drafted slots): the cache ends at max(lengths)."""
+        self.cache.crop(max(self.lengths, default=0))
+
+    def rollback(self, lengths: Sequence[int]) -> None:
+        """Forget each request's slots past lengths[b] (<= its current length)."""
+        if any(n > old for n, old in zip(lengths, self.lengths)):
+            raise InvalidInputError(f"rollback to {list(lengths)} past the committed lengths {self.lengths}")
+        self.lengths = list(lengths)
+        self.cache.crop(max(self.lengths))
+
+    def select_rows(self, rows: Sequence[int]) -> list[int]:
+        """Keep the given requests; returns the cache rows kept (both halves when guided)."""
+        rows = list(rows)
+        full = both_halves(rows, len(self.lengths), self.scale)
+        self.cache.select_rows(full)
+        self.lengths = [self.lengths[r] for r in rows]
+        return full

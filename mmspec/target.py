@@ -140,9 +140,6 @@ class CausalLMRunner(StreamStateful):
         mask = None if allowed is None else self._float_mask(allowed)
         return {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
 
-    def after_forward(self, out) -> None:
-        """Hook called with the model's raw output after every block (feature drafters keep their hidden state)."""
-
     # --- masks and positions ------------------------------------------------------------------------------------
     def _float_mask(self, allowed: torch.Tensor) -> torch.Tensor:
         """bool (B, M, K) -> additive float mask (B, 1, M, K) in the model's dtype. A float mask is taken to be that
@@ -247,7 +244,6 @@ class CausalLMRunner(StreamStateful):
         out = self.model(**inputs, **{self._cache_arg: kv.cache}, use_cache=True)
         self.forward_time += sync_time(self.device) - t0
         kv.appended(1)
-        self.after_forward(out)
         return self._fit(out.logits)
 
     def _fit(self, logits: torch.Tensor) -> torch.Tensor:
@@ -260,13 +256,15 @@ class CausalLMRunner(StreamStateful):
     @inference
     def forward_block(self, tokens: torch.Tensor, offsets: torch.Tensor, block_allowed: torch.Tensor | None,
                       want_hidden: bool = False, existing: torch.Tensor | str | None = None,
-                      full_mask: torch.Tensor | None = None, keep_last: int | None = None) -> BlockOutput:
+                      full_mask: torch.Tensor | None = None, keep_last: int | None = None,
+                      inputs: dict | None = None) -> BlockOutput:
         """Append a (B, M) block: tokens, position offsets (B, M), intra-block visibility (B, M, M) or None for
         causal, and which already-written slots each block token sees (see `block_mask`); or the whole visibility
         at once as `full_mask`: (B, M, K) bool (see `empty_mask`) or an additive float (B, 1, M, K) mask.
 
         keep_last: compute logits only for the last `keep_last` positions (transformers' `logits_to_keep`), so a
-        long prompt never materialises a (T, V) logits tensor; the returned logits are (B, keep_last, V)."""
+        long prompt never materialises a (T, V) logits tensor; the returned logits are (B, keep_last, V).
+        inputs: more keyword arguments of the model's forward for this block (a feature drafter's `features`)."""
         kv = self.kv
         m = tokens.shape[1]
         if kv.static and kv.width + m > kv.key_len:
@@ -276,15 +274,16 @@ class CausalLMRunner(StreamStateful):
         if self.out_vocab and self.out_vocab > self.vocab_size:  # a drafter with a smaller vocabulary than the
             tokens = tokens.masked_fill(tokens >= self.vocab_size, 0)  # target's: ids it cannot embed become 0
         allowed = full_mask if full_mask is not None else self.block_mask(block_allowed, existing, m)
-        inputs = self.model_inputs(tokens.to(self.device), allowed, self.positions(offsets))
+        model_in = self.model_inputs(tokens.to(self.device), allowed, self.positions(offsets))
+        if inputs:
+            model_in.update(inputs)
         t0 = sync_time(self.device)
         extra = {"logits_to_keep": keep_last} if keep_last and self._takes_logits_to_keep else {}
-        out = self.model(**inputs, **{self._cache_arg: kv.cache}, use_cache=True,
+        out = self.model(**model_in, **{self._cache_arg: kv.cache}, use_cache=True,
                          output_hidden_states=bool(want_hidden),
                          **extra)
         self.forward_time += sync_time(self.device) - t0
         kv.appended(m)
-        self.after_forward(out)
         hidden = select_hidden(out.hidden_states, want_hidden) if want_hidden else None
         logits = out.logits[:, -keep_last:] if keep_last and out.logits.shape[1] > keep_last else out.logits
         return BlockOutput(self._fit(logits), hidden)

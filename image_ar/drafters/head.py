@@ -29,23 +29,24 @@ a 4-D mask hides the others' slots, positions are explicit (the `LlamaGenRunner`
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import nn
 
+from mmspec.cache import BufferCache, RaggedRows
 from mmspec.drafters.base import DraftContext, DrafterCounters, RowUpdate
-from mmspec.checkpoint import read_kind_config, read_safetensors
+from mmspec.drafters.features import committed_features, padded_features, padded_tokens
+from mmspec.checkpoint import checkpoint_kind, read_kind_config, read_safetensors, write_checkpoint
 from mmspec.errors import (CheckpointError, IncompatibleModelsError, InvalidInputError, UnsupportedModelError,
                            VocabularyMismatchError)
-from mmspec.guidance import both_halves, combine_logits, double_rows, is_guided, split_halves
+from mmspec.guidance import combine_logits, double_rows, is_guided, split_halves
 from mmspec.target import BlockOutput, sync_time
 from mmspec.tree import Draft
 
 from .model import chains, check_draft_depth, draw_step
-from ..models.llamagen import KVCache, LlamaGen, LlamaGenConfig, TransformerBlock, causal_mask, rope_2d
+from ..models.llamagen import LlamaGen, LlamaGenConfig, TransformerBlock, causal_mask, rope_2d
 from ..target import batch_conditions
 
 CONFIG_NAME, WEIGHTS_NAME, KIND = "config.json", "model.safetensors", "image_ar.head"
@@ -80,11 +81,11 @@ class ImageHead(nn.Module):
     def device(self) -> torch.device:
         return self.fc.weight.device
 
-    def new_cache(self) -> KVCache:
-        return KVCache(self.config.n_layer, self.config.num_image_tokens)
+    def new_cache(self) -> BufferCache:
+        return BufferCache(self.config.n_layer, self.config.num_image_tokens)
 
     def forward(self, tokens: torch.Tensor, features: torch.Tensor, input_pos: torch.Tensor,
-                cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+                cache: BufferCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         r, t = tokens.shape
         if features.shape != (r, t, self.config.dim):
             raise InvalidInputError(f"features must be (R, T, D) = ({r}, {t}, {self.config.dim}) for tokens "
@@ -109,14 +110,8 @@ class ImageHead(nn.Module):
     def save_pretrained(self, directory) -> Path:
         """Write `config.json` ({"kind": "image_ar.head", "config": the blocks' LlamaGenConfig}) + `model.safetensors`
         (fc and blocks only: the shared target layers are not copied)."""
-        from safetensors.torch import save_file
-
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(out / WEIGHTS_NAME))
-        (out / CONFIG_NAME).write_text(json.dumps({"kind": KIND, "config": dataclasses.asdict(self.config)},
-                                                  indent=2))
-        return out
+        return write_checkpoint(directory, KIND, {"config": dataclasses.asdict(self.config)}, self.state_dict(),
+                                config_name=CONFIG_NAME, weights_name=WEIGHTS_NAME)
 
     @classmethod
     def from_pretrained(cls, directory, target_model: LlamaGen) -> "ImageHead":
@@ -161,11 +156,7 @@ def check_identity(head: LlamaGenConfig, target: LlamaGenConfig, what: str) -> N
 
 def is_head_checkpoint(path) -> bool:
     """Whether `path` is a directory holding an ImageHead checkpoint (config.json with kind "image_ar.head")."""
-    cfg = Path(path) / CONFIG_NAME
-    try:
-        return cfg.is_file() and json.loads(cfg.read_text()).get("kind") == KIND
-    except (ValueError, UnicodeDecodeError, AttributeError, OSError):
-        return False
+    return checkpoint_kind(path) == KIND
 
 
 # --- the drafter ------------------------------------------------------------------------------------------------------
@@ -173,7 +164,8 @@ class ImageHeadDrafter:
     """The engine's Drafter protocol for an ImageHead on an image_ar `LlamaGenTarget`: chains of k tokens.
 
     State: a KV cache with [cond; uncond] rows (guided) whose row b holds, hole-free in slots [0, lengths[b]), the
-    pairs fed with true target features; `unfed[b]` the known pairs not yet in it (features (D or 2D,), token).
+    pairs fed with true target features; `unfed_tokens[b]` / `unfed_features[b]` (n, D or 2D) the known pairs not yet in
+    it (the engine's feature-drafter core, `mmspec.drafters.features`).
     """
 
     needs_hidden = True
@@ -216,9 +208,9 @@ class ImageHeadDrafter:
             raise InvalidInputError(f"the target's prefill features must be (B, 1, {d}) for B={len(ctx.history)} at "
                                     f"guidance_scale={self.scale}; got "
                                     f"{None if hidden is None else tuple(hidden.shape)}")
-        self.cache = self.head.new_cache()
-        self.lengths = [0] * len(ctx.history)
-        self.unfed = [[(hidden[b, -1], h[-1])] for b, h in enumerate(ctx.history)]
+        self.ragged = RaggedRows(self.head.new_cache(), [0] * len(ctx.history), self.scale)
+        self.unfed_tokens = [[h[-1]] for h in ctx.history]
+        self.unfed_features = [hidden[b, -1:] for b in range(len(ctx.history))]
 
     @torch.no_grad()
     def propose(self, budgets: Sequence[int]) -> list[Draft]:
@@ -227,7 +219,7 @@ class ImageHeadDrafter:
             return [Draft.empty() for _ in budgets]
         spec, gens = self.ctx.spec, self.ctx.generators
         feats = self._feed_known()  # (R, D): predicted features after each row's last true pair
-        base = list(self.lengths)
+        base = list(self.ragged.lengths)
         toks, qs = [], []
         for step in range(depth):
             logits = self.head.logits(feats)  # (R, V)
@@ -237,7 +229,7 @@ class ImageHeadDrafter:
             qs.append(q)
             if step < depth - 1:  # the pair (own predicted feature, drafted token) at the next position
                 feats = self._append(tok[:, None], feats[:, None], [n + step for n in base], causal=False)[:, -1]
-        self.cache.crop(max(self.lengths))  # forget the drafted pairs: only true features stay
+        self.ragged.discard()  # forget the drafted pairs: only true features stay
         return chains(toks, qs, [min(depth, n) for n in budgets])
 
     def commit(self, updates: Sequence[RowUpdate], verify_out: BlockOutput | None) -> None:
@@ -247,30 +239,27 @@ class ImageHeadDrafter:
                                     "row(s) (the loop asks for them: needs_hidden = True); got "
                                     f"{None if hidden is None else tuple(hidden.shape)}")
         for b, up in enumerate(updates):
-            self.unfed[b] += [(hidden[b, j], t) for j, t in enumerate(up.tokens)]  # f after token j -> token j+1
+            self.unfed_tokens[b] = self.unfed_tokens[b] + list(up.tokens)
+            self.unfed_features[b] = torch.cat([self.unfed_features[b], committed_features(up, hidden[b])])
 
     def select_rows(self, rows: Sequence[int]) -> None:
-        rows = list(rows)
-        b = len(self.lengths)
-        self.cache.select_rows(both_halves(rows, b, self.scale))
-        self.lengths = [self.lengths[r] for r in rows]
-        self.unfed = [self.unfed[r] for r in rows]
+        self.ragged.select_rows(rows)
+        self.unfed_tokens = [self.unfed_tokens[r] for r in rows]
+        self.unfed_features = [self.unfed_features[r] for r in rows]
 
     # --- the ragged cache -----------------------------------------------------------------------------------------
     def _feed_known(self) -> torch.Tensor:
         """Append each row's unfed true pairs (right-padded), keep the real ones; predicted features (R, D) at each
         row's last one. Every row has at least one unfed pair (the step's correction or bonus token)."""
-        n = [len(u) for u in self.unfed]
-        m, dev = max(n), self.head.device
-        tokens = torch.zeros(len(n), m, dtype=torch.long, device=dev)
-        feats = torch.zeros(len(n), m, self.unfed[0][0][0].shape[-1], dtype=self.unfed[0][0][0].dtype, device=dev)
-        for b, pairs in enumerate(self.unfed):
-            tokens[b, : n[b]] = torch.tensor([t for _, t in pairs], device=dev)
-            feats[b, : n[b]] = torch.stack([f for f, _ in pairs]).to(dev)
-        start = self.cache.length
-        out = self._append(tokens, self._split(feats), self.lengths, causal=True)  # (R, m, D)
-        self._keep(n, start)
-        self.unfed = [[] for _ in n]
+        n = [len(u) for u in self.unfed_tokens]
+        dev = self.head.device
+        tokens = padded_tokens(self.unfed_tokens, dev)
+        feats = padded_features(self.unfed_features).to(dev)
+        start = self.ragged.cache.length
+        out = self._append(tokens, self._split(feats), self.ragged.lengths, causal=True)  # (R, m, D)
+        self.ragged.keep_first(n, start)
+        self.unfed_tokens = [[] for _ in n]
+        self.unfed_features = [f[:0] for f in self.unfed_features]
         last = self._rows(torch.tensor(n, device=out.device) - 1)  # (R,)
         return out[torch.arange(len(last), device=out.device), last]
 
@@ -279,11 +268,12 @@ class ImageHeadDrafter:
         width. A row sees its committed slots, then (causal=False: drafting) the slots drafted since, then the block
         causally. Positions past the image are clamped: only drafts beyond a row's budget get there (discarded)."""
         cfg, dev = self.head.config, self.head.device
-        width, m = self.cache.length, tokens.shape[1]
-        lengths = self._rows(torch.tensor(self.lengths, device=dev))  # (R,)
+        cache = self.ragged.cache
+        width, m = cache.length, tokens.shape[1]
+        lengths = self._rows(torch.tensor(self.ragged.lengths, device=dev))  # (R,)
         first = self._rows(torch.tensor(list(first), device=dev))  # (R,)
         slots = torch.arange(width, device=dev)
-        seen = slots[None] < lengths[:, None]  # (R, width): committed slots
+        seen = self.ragged.committed(dev)  # (R, width): committed slots
         if not causal:  # this row's drafted slots: the tail of the cache written since the feed
             drafted = width - (first - lengths)  # (R,) where this row's drafted slots start
             seen |= slots[None] >= drafted[:, None]
@@ -292,16 +282,7 @@ class ImageHeadDrafter:
         pos = (cfg.cls_token_num + first[:, None] + torch.arange(m, device=dev)).clamp(max=cfg.max_seq_len - 1)
         t0 = sync_time(dev)
         with torch.no_grad():
-            out = self.head(self._rows(tokens.to(dev)), feats, pos, cache=self.cache, mask=mask)
+            out = self.head(self._rows(tokens.to(dev)), feats, pos, cache=cache, mask=mask)
         self.forward_time += sync_time(dev) - t0
         self.counters.forwards += 1
         return out
-
-    def _keep(self, n: Sequence[int], start: int) -> None:
-        """Move row b's first n[b] block slots (appended at `start`) right after its committed slots."""
-        low = min(self.lengths)
-        index = [list(range(low, c)) + list(range(start, start + k)) for c, k in zip(self.lengths, n)]
-        width = max(len(ix) for ix in index)
-        padded = [ix + [ix[-1]] * (width - len(ix)) for ix in index]  # pads are past the row's length: never seen
-        self.cache.compact(low, self._rows(torch.tensor(padded, dtype=torch.long)))
-        self.lengths = [c + k for c, k in zip(self.lengths, n)]

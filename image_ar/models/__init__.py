@@ -1,6 +1,5 @@
 """Visual autoregressive models and image tokenizers (own modules where no library has them)."""
 from .llamagen import (
-    KVCache,
     LlamaGen,
     LlamaGenConfig,
     LlamaGenOutput,
@@ -10,5 +9,5 @@ from .llamagen import (
 )
 from .vq import VQTokenizer, load_vq, to_pil
 
-__all__ = ["KVCache", "LlamaGen", "LlamaGenConfig", "LlamaGenOutput", "causal_mask", "cfg_logits",
+__all__ = ["LlamaGen", "LlamaGenConfig", "LlamaGenOutput", "causal_mask", "cfg_logits",
            "generate_tokens", "VQTokenizer", "load_vq", "to_pil"]

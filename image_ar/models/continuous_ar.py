@@ -26,12 +26,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mmspec.cache import BufferCache
 from mmspec.errors import CheckpointError, ContextOverflowError, InvalidInputError, UnsupportedModelError
 from mmspec.guidance import pair_halves
 
 from .diffusion import SCHEDULES
 from .diffusion_head import TokenDiffusion
-from .llamagen import (CONFIG_NAME, WEIGHTS_NAME, KVCache, LlamaGenConfig, RMSNorm, TransformerBlock, causal_mask,
+from .llamagen import (CONFIG_NAME, WEIGHTS_NAME, LlamaGenConfig, RMSNorm, TransformerBlock, causal_mask,
                        load_checked, read_config, read_state_dict, rope_2d, save_directory)
 
 KIND = "image_ar.continuous_ar"
@@ -130,10 +131,10 @@ class ContinuousAR(nn.Module):
     def head(self) -> TokenDiffusion:
         return self.diffloss
 
-    def new_cache(self, capacity: int | None = None) -> KVCache:
-        return KVCache(self.config.n_layer, self.config.max_seq_len if capacity is None else capacity)
+    def new_cache(self, capacity: int | None = None) -> BufferCache:
+        return BufferCache(self.config.n_layer, self.config.max_seq_len if capacity is None else capacity)
 
-    def forward(self, tokens: torch.Tensor | None = None, cond=None, *, input_pos=None, cache: KVCache | None = None,
+    def forward(self, tokens: torch.Tensor | None = None, cond=None, *, input_pos=None, cache: BufferCache | None = None,
                 mask: torch.Tensor | None = None, cond_drop: torch.Tensor | None = None) -> ContinuousAROutput:
         h = self.embed(tokens, cond, cond_drop)
         b, t, _ = h.shape

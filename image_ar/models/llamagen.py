@@ -14,7 +14,7 @@ Kept from the reference on purpose, so that released checkpoints give the same l
 - t2i: caption embeddings (B, L, caption_dim) go through `cap_proj` (Linear, GELU-tanh, Linear; no biases); the
   unconditional caption is the learned buffer `cls_embedding.uncond_embedding` (L, caption_dim).
 Ours: explicit positions and 4-D boolean masks (tree verification), an appendable / croppable / gatherable
-`KVCache`, typed errors, the loaders, and `generate_tokens`, the plain AR reference sampler (CFG as a batched
+`BufferCache`, typed errors, the loaders, and `generate_tokens`, the plain AR reference sampler (CFG as a batched
 [cond; uncond] pass, logits `u + s (c - u)` before temperature / top-k / top-p, as in the reference's generate.py).
 The reference's dropout / drop-path (training regularisers) are left out; class dropout is explicit (`cond_drop`).
 """
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -32,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmspec.checkpoint import read_kind_config
+from mmspec.cache import BufferCache
+from mmspec.checkpoint import checkpoint_kind, read_kind_config, write_checkpoint
 from mmspec.errors import CheckpointError, ContextOverflowError, InvalidInputError, UnsupportedModelError
 from mmspec.guidance import combine_logits
 from mmspec.sampling import SamplingSpec, make_generators, sample_from
@@ -135,90 +135,6 @@ class LlamaGenOutput:
     hidden: torch.Tensor  # (B, T, D) last hidden states after the final RMSNorm (the output head's input)
 
 
-# --- KV cache ------------------------------------------------------------------------------------------------------
-class KVCache:
-    """Keys and values of every layer in one buffer per layer, (B, H_kv, capacity, head_dim), moved by a pointer.
-
-    Slots [0, length) are in use for every row. A forward writes its T new slots at [length, length + T) in each
-    layer and moves the pointer once, after the last layer: a forward that fails half-way leaves the cache as it
-    was. A slot's position is whatever `input_pos` said when it was written; the cache does not store positions.
-    Buffers are allocated on the first write (device / dtype of the keys) and grow by doubling.
-    """
-
-    def __init__(self, n_layer: int, capacity: int = 0):
-        self.keys: list[torch.Tensor | None] = [None] * n_layer
-        self.values: list[torch.Tensor | None] = [None] * n_layer
-        self.length = 0
-        self.capacity = int(capacity)
-
-    @property
-    def batch_size(self) -> int | None:
-        return None if self.keys[0] is None else self.keys[0].shape[0]
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, H_kv, T, Dh) at [length, length + T); return the layer's (B, H_kv, length + T, Dh) views."""
-        end = self.length + k.shape[2]
-        buf = self.keys[layer]
-        if buf is None or end > buf.shape[2]:
-            self._grow(layer, k, max(end, self.capacity, 2 * (0 if buf is None else buf.shape[2])))
-        self.keys[layer][:, :, self.length:end] = k
-        self.values[layer][:, :, self.length:end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
-
-    def _grow(self, layer: int, k: torch.Tensor, capacity: int) -> None:
-        b, h, _, d = k.shape
-        for bufs in (self.keys, self.values):
-            new = k.new_zeros(b, h, capacity, d)
-            if bufs[layer] is not None:
-                new[:, :, :self.length] = bufs[layer][:, :, :self.length]
-            bufs[layer] = new
-
-    def advance(self, t: int) -> None:
-        """Commit the t slots the last forward wrote in every layer."""
-        self.length += t
-
-    def crop(self, length: int) -> None:
-        """Keep slots [0, length) (length <= current length)."""
-        if not 0 <= length <= self.length:
-            raise InvalidInputError(f"KVCache.crop({length}): must be in [0, {self.length}]")
-        self.length = length
-
-    def gather(self, index: torch.Tensor) -> None:
-        """Keep exactly the slots `index` (S',) or (B, S') per row, in that order, at [0, S')."""
-        self.compact(0, index)
-
-    def compact(self, start: int, index: torch.Tensor) -> None:
-        """Move slots `index` (n,) or (B, n) per row to [start, start + n) and make that the new length.
-
-        After acceptance: `compact(prefix_len, accepted_slots)` keeps prefix + accepted path, copying only n slots.
-        """
-        index = torch.as_tensor(index, dtype=torch.long)
-        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.length):
-            raise InvalidInputError(f"KVCache slots {index.tolist()} out of range [0, {self.length})")
-        if not 0 <= start <= self.length:
-            raise InvalidInputError(f"KVCache.compact start={start}: must be in [0, {self.length}]")
-        n = index.shape[-1]
-        if torch.equal(index, torch.arange(start, start + n, device=index.device).expand_as(index)):
-            self.length = start + n  # the kept slots are already in place (a row that accepted a prefix)
-            return
-        for bufs in (self.keys, self.values):
-            for layer, buf in enumerate(bufs):
-                if buf is None:
-                    continue
-                b, h, _, d = buf.shape
-                idx = index.to(buf.device).expand(b, n)[:, None, :, None].expand(b, h, n, d)  # (B, H, n, Dh)
-                buf[:, :, start:start + n] = buf.gather(2, idx)  # gather copies first: overlap-safe
-        self.length = start + n
-
-    def select_rows(self, rows) -> None:
-        """Keep only the given batch rows (e.g. finished requests leave the batch)."""
-        rows = torch.as_tensor(rows, dtype=torch.long)
-        for bufs in (self.keys, self.values):
-            for layer, buf in enumerate(bufs):
-                if buf is not None:
-                    bufs[layer] = buf[rows.to(buf.device)]
-
-
 # --- layers ----------------------------------------------------------------------------------------------------------
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5):
@@ -271,7 +187,7 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(config.dim, (config.n_head + 2 * config.kv_heads) * config.head_dim, bias=False)
         self.wo = nn.Linear(config.dim, config.dim, bias=False)
 
-    def forward(self, x, rope, mask, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, rope, mask, cache: BufferCache | None = None, layer: int = 0):
         b, t, _ = x.shape
         kv = self.n_kv_head * self.head_dim
         qk, v = self.wqkv(x).split([self.dim + kv, kv], dim=-1)
@@ -357,12 +273,12 @@ class LlamaGen(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.output.weight.dtype
 
-    def new_cache(self, capacity: int | None = None) -> KVCache:
+    def new_cache(self, capacity: int | None = None) -> BufferCache:
         """An empty cache; capacity defaults to the whole sequence (prefix + image tokens)."""
-        return KVCache(self.config.n_layer, self.config.max_seq_len if capacity is None else capacity)
+        return BufferCache(self.config.n_layer, self.config.max_seq_len if capacity is None else capacity)
 
     def forward(self, idx: torch.Tensor | None = None, cond=None, *, input_pos: torch.Tensor | None = None,
-                cache: KVCache | None = None, mask: torch.Tensor | None = None,
+                cache: BufferCache | None = None, mask: torch.Tensor | None = None,
                 cond_drop: torch.Tensor | None = None) -> LlamaGenOutput:
         h = self.embed(idx, cond, cond_drop)  # (B, T, D)
         b, t, _ = h.shape
@@ -619,22 +535,13 @@ def infer_config(state: dict, path, preset: str | None = None, **overrides) -> L
 
 def save_directory(model: nn.Module, directory, kind: str) -> Path:
     """`model.safetensors` (the state dict) + `config.json` ({"kind": kind, **config fields}) in directory."""
-    from safetensors.torch import save_file
-
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(out / WEIGHTS_NAME))
-    (out / CONFIG_NAME).write_text(json.dumps({"kind": kind, **dataclasses.asdict(model.config)}, indent=2))
-    return out
+    return write_checkpoint(directory, kind, dataclasses.asdict(model.config), model.state_dict(),
+                            config_name=CONFIG_NAME, weights_name=WEIGHTS_NAME)
 
 
 def directory_kind(path) -> str | None:
     """The "kind" a `save_directory` folder declares, or None for anything else."""
-    try:
-        raw = json.loads((Path(path) / CONFIG_NAME).read_text())
-    except (OSError, ValueError):
-        return None
-    return raw.get("kind") if isinstance(raw, dict) else None
+    return checkpoint_kind(path)
 
 
 def read_config(path: Path, kind: str, config_cls, owner: str):

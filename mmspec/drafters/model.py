@@ -49,6 +49,8 @@ class ModelDrafter:
     lean_chain = True  # greedy chains of one request may take `_greedy_chain` (no per-token host round trip)
     lean_tree = True  # greedy static trees of one request may take the compiled `TreePlan` (`_propose_planned`)
     trusted = True  # its drafts are well-formed and within the budgets by construction: the loop skips checking them
+    feeds_features = False  # a feature drafter (EAGLE): every fed block takes `inputs` (its features) and returns the
+    # model's predicted features, kept in `fed_features` (B, M, H) until the next feed
 
     def __init__(self, model: torch.nn.Module | None = None, tree: StaticTree | DynamicTree | int = 4,
                  cache: str = "dynamic", *, runner: CausalLMRunner | None = None,
@@ -159,12 +161,21 @@ class ModelDrafter:
         self.uncached = [self.uncached[r] for r in rows]
 
     # --- drafting -----------------------------------------------------------------------------------------------
-    def _feed_uncached(self) -> torch.Tensor:
-        """Feed every row's not-yet-cached committed tokens; returns logits (B, V) at the last of them."""
+    def _run(self, tokens, offsets, allowed, inputs: dict | None, **kw):
+        """One forward of the drafter's model over a block; a feature drafter's `inputs` go with it and the model's
+        predicted features come back into `fed_features`."""
+        out = self.runner.forward_block(tokens, offsets, allowed, want_hidden=self.feeds_features, inputs=inputs,
+                                        **kw)
+        self.fed_features = out.hidden
+        return out
+
+    def _feed_uncached(self, inputs: dict | None = None) -> torch.Tensor:
+        """Feed every row's not-yet-cached committed tokens; returns logits (B, V) at the last of them. inputs:
+        more model inputs for the block (a feature drafter's features of those tokens)."""
         kv = self.runner.kv
         n = [len(u) for u in self.uncached]
         b, m = len(n), max(n)
-        if b == 1 and m == 1 and not kv.static:  # the usual chain step: one pending token, the lean path
+        if b == 1 and m == 1 and not kv.static and not self.feeds_features:  # the usual chain step: the lean path
             self.round = _Round(kv.width, n, [dict()], kv.lengths)
             runner = self.runner
             logits = runner.forward_token(torch.tensor([self.uncached[0]], device=runner.device),
@@ -180,14 +191,15 @@ class ModelDrafter:
             allowed = causal & ((k_idx.unsqueeze(0) < lens[:, None, None]) | (q_idx == k_idx).unsqueeze(0))
         self.round = _Round(kv.width, n, [dict() for _ in range(b)], kv.lengths)
         keep = m - min(n) + 1  # logits only at each row's last uncached token
-        out = self.runner.forward_block(tokens, chain_offsets(m).expand(b, m), allowed, keep_last=keep)
+        out = self._run(tokens, chain_offsets(m).expand(b, m), allowed, inputs, keep_last=keep)
         self.counters.forwards += 1
         if b == 1:
             return out.logits[:, -1]  # (1, V)
         last = torch.tensor(n, device=out.logits.device) - 1 - (m - keep)
         return out.logits[torch.arange(b, device=out.logits.device), last]  # (B, V)
 
-    def _feed_nodes(self, feed: list[list[tuple[int, int, list[int]]]]) -> list[torch.Tensor]:
+    def _feed_nodes(self, feed: list[list[tuple[int, int, list[int]]]],
+                    inputs: dict | None = None) -> list[torch.Tensor]:
         """Feed draft nodes. feed[b] = [(node id, token, ancestor node ids)]; node depth = len(ancestors) + 1.
 
         Each node sees its row's committed prefix, its uncached block, its fed ancestors and itself. Returns per row
@@ -199,13 +211,13 @@ class ModelDrafter:
         if b == 1 and m == 1 and len(feed[0][0][2]) == len(rnd.slot[0]):
             # A chain step of one request: the node sees every slot written so far, so no mask is needed.
             node, tok, anc = feed[0][0]
-            out = runner.forward_block(torch.tensor([[tok]]), torch.tensor([[rnd.n_uncached[0] + len(anc)]]),
-                                       None, existing="all")
+            out = self._run(torch.tensor([[tok]]), torch.tensor([[rnd.n_uncached[0] + len(anc)]]), None, inputs,
+                            existing="all")
             self.counters.forwards += 1
             rnd.slot[0][node] = start
             return [out.logits[0, :1]]
         if b == 1 and rnd.length[0] == rnd.start and not runner.kv.static:
-            return self._feed_nodes_one(feed[0], start)
+            return self._feed_nodes_one(feed[0], start, inputs)
         tokens = [[0] * m for _ in range(b)]
         offsets = [[0] * m for _ in range(b)]
         allowed = runner.empty_mask(b, m)  # (B, M, K) bool, all False
@@ -222,14 +234,15 @@ class ModelDrafter:
             for j in range(len(row), m):  # padding sees only itself
                 ii.append(i), jj.append(j), kk.append(start + j)
         allowed[ii, jj, kk] = True
-        out = runner.forward_block(torch.tensor(tokens), torch.tensor(offsets), None, full_mask=allowed)
+        out = self._run(torch.tensor(tokens), torch.tensor(offsets), None, inputs, full_mask=allowed)
         self.counters.forwards += 1
         for i, row in enumerate(feed):
             for j, (node, _, _) in enumerate(row):
                 rnd.slot[i][node] = start + j
         return [out.logits[i, : len(row)] for i, row in enumerate(feed)]
 
-    def _feed_nodes_one(self, row: list[tuple[int, int, list[int]]], start: int) -> list[torch.Tensor]:
+    def _feed_nodes_one(self, row: list[tuple[int, int, list[int]]], start: int,
+                        inputs: dict | None = None) -> list[torch.Tensor]:
         """`_feed_nodes` for one request over a hole-free cache: every node sees all slots before this round's
         drafted ones; the part over the drafted slots and the position offsets depend only on the tree's shape, so
         they are built once per shape (an additive float template on the device) and reused."""
@@ -251,7 +264,7 @@ class ModelDrafter:
             entry = templates[key] = (runner.additive(t).unsqueeze(1), offsets)
         m = len(row)
         allowed = torch.cat([runner.open_prefix(1, m, visible), entry[0]], dim=-1)  # (1, 1, M, K) additive
-        out = runner.forward_block(torch.tensor([[tok for _, tok, _ in row]]), entry[1], None, full_mask=allowed)
+        out = self._run(torch.tensor([[tok for _, tok, _ in row]]), entry[1], None, inputs, full_mask=allowed)
         self.counters.forwards += 1
         for j, (node, _, _) in enumerate(row):
             rnd.slot[0][node] = start + j
@@ -288,9 +301,9 @@ class ModelDrafter:
         return Draft(torch.tensor(toks), torch.arange(-1, len(toks) - 1), torch.stack(qs) if qs else None,
                      siblings="without_replacement")
 
-    def _chain_feed(self, tok: int, offset: int) -> torch.Tensor:
+    def _chain_feed(self, tok: int, offset: int, inputs: dict | None = None) -> torch.Tensor:
         """Feed one chain node (it sees every slot written so far); its logits (V,)."""
-        out = self.runner.forward_block(torch.tensor([[tok]]), torch.tensor([[offset]]), None, existing="all")
+        out = self._run(torch.tensor([[tok]]), torch.tensor([[offset]]), None, inputs, existing="all")
         return out.logits[0, 0]
 
     def _greedy_chain(self, logits: torch.Tensor, cap: int) -> Draft:

@@ -8,7 +8,8 @@ import pathlib
 import pytest
 import torch
 
-from image_ar.models import KVCache, LlamaGen, LlamaGenConfig, cfg_logits, generate_tokens
+from image_ar.models import LlamaGen, LlamaGenConfig, cfg_logits, generate_tokens
+from mmspec.cache import BufferCache
 from image_ar.models.llamagen import infer_config
 from image_ar.testing import tiny_llamagen
 from mmspec.errors import (
@@ -380,7 +381,7 @@ def test_checkpoint_errors_are_typed_and_name_the_file(c2i, tmp_path):
 
 
 def test_kv_cache_standalone_shapes():
-    cache = KVCache(n_layer=1)
+    cache = BufferCache(n_layer=1)
     k = torch.randn(2, 3, 4, 5)
     keys, values = cache.update(0, k, k + 1)
     assert keys.shape == (2, 3, 4, 5) and cache.length == 0  # committed only by advance

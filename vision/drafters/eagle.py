@@ -12,7 +12,6 @@ drafter sees the image through the target's features (the compressors of vision.
 """
 from __future__ import annotations
 
-import json
 from itertools import groupby
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,8 +21,9 @@ from torch import nn
 from transformers import LlamaConfig, LlamaModel
 
 from mmspec.cache import RaggedCache
+from mmspec.drafters.features import committed_features, padded_features
 from mmspec.drafters.model import ModelDrafter
-from mmspec.checkpoint import read_kind_config, read_safetensors
+from mmspec.checkpoint import read_kind_config, read_safetensors, write_checkpoint
 from mmspec.compat import cache_kwargs
 from mmspec.errors import CheckpointError, IncompatibleModelsError, UnsupportedModelError
 from mmspec.target import BlockOutput, CausalLMRunner, text_config
@@ -73,18 +73,12 @@ class EagleHead(nn.Module):
 
     # --- checkpoints: safetensors weights + a config.json naming the target they were trained for ---------------
     def save_pretrained(self, directory) -> Path:
-        from safetensors.torch import save_file
-
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        weights = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()
-                   if not k.startswith("body.embed_tokens")}
-        save_file(weights, str(out / self.WEIGHTS_NAME))
-        cfg = {"kind": self.KIND, "layers": self.layers, "taps": list(self.taps) if self.taps else None,
+        weights = {k: v for k, v in self.state_dict().items() if not k.startswith("body.embed_tokens")}
+        cfg = {"layers": self.layers, "taps": list(self.taps) if self.taps else None,
                "image_token_id": self.image_token_id, "target": self.target_identity,
                "compressor": self.compressor.config() if self.compressor is not None else None}
-        (out / self.CONFIG_NAME).write_text(json.dumps(cfg, indent=2))
-        return out
+        return write_checkpoint(directory, self.KIND, cfg, weights, config_name=self.CONFIG_NAME,
+                                weights_name=self.WEIGHTS_NAME)
 
     @classmethod
     def from_pretrained(cls, directory, target: nn.Module) -> "EagleHead":
@@ -185,27 +179,11 @@ def compressed_view(tokens: list[int], feats: torch.Tensor, compressor, image_to
     return out_tok, torch.cat(out_feat), torch.tensor(source, dtype=torch.long), g
 
 
-class _EagleRunner(CausalLMRunner):
-    """Feeds each block with its features (set by the drafter just before) and keeps the predicted features."""
-
-    def __init__(self, head: EagleHead):
-        super().__init__(head)
-        self.features: torch.Tensor | None = None  # (B, M, H) for the next block
-        self.last_hidden: torch.Tensor | None = None  # (B, M, H) predicted features of the last block
-
-    def model_inputs(self, ids, allowed, positions) -> dict:
-        inputs = super().model_inputs(ids, allowed, positions)
-        inputs["features"] = self.features
-        return inputs
-
-    def after_forward(self, out) -> None:
-        self.last_hidden = out.hidden_states[-1]
-
-
 class EagleDrafter(ModelDrafter):
     """The EAGLE drafter in the engine's Drafter protocol (chains, static trees, EAGLE-2 dynamic trees)."""
 
     needs_hidden = True
+    feeds_features = True  # every block is fed with its features (`inputs`) and returns predicted ones
     lean_chain = False  # every chain step needs its parent's feature: the generic loop with `_chain_feed`
     lean_tree = False  # likewise every tree level (`_feed_nodes` carries the features)
 
@@ -213,7 +191,7 @@ class EagleDrafter(ModelDrafter):
         """compressor: a vision.compressors module that shortens the drafter's view of each image (None: the
         drafter reads every image position's feature). image_token_id: the target's image placeholder id (read
         from the target's config when the drafter is checked against it)."""
-        super().__init__(runner=_EagleRunner(head), tree=tree)
+        super().__init__(runner=CausalLMRunner(head), tree=tree)
         compressor = compressor if compressor is not None else head.compressor
         self.head, self.compressor, self.image_token_id = head, compressor, image_token_id
         self.needs_hidden = head.taps if head.taps else True  # what the target hands over: last layer or taps
@@ -271,9 +249,7 @@ class EagleDrafter(ModelDrafter):
         """Drop every drafted slot; the committed tokens are fed next time with the target's own features."""
         rnd = self.round
         for b, upd in enumerate(updates):
-            hidden = verify_out.hidden[b]  # (M, H): [pending, nodes...] of the verify block
-            prev = [0] + [1 + n for n in upd.path]  # feature before each committed token
-            feats = self._fuse(self._head_features(hidden[prev[: len(upd.tokens)]]), self.global_vecs[b])
+            feats = self._fuse(self._head_features(committed_features(upd, verify_out.hidden[b])), self.global_vecs[b])
             if rnd is None:  # nothing was fed this step: keep the old uncached block too
                 self.uncached[b] = self.uncached[b] + list(upd.tokens)
                 self.uncached_feats[b] = torch.cat([self.uncached_feats[b], feats])
@@ -291,21 +267,17 @@ class EagleDrafter(ModelDrafter):
         self.global_vecs = [self.global_vecs[r] for r in rows]
 
     # --- feeding ------------------------------------------------------------------------------------------------
-    def _feed_uncached(self) -> torch.Tensor:
+    def _feed_uncached(self, inputs: dict | None = None) -> torch.Tensor:
         """The base feed, each uncached token with its target feature; the root's predicted feature is kept."""
         n = [len(u) for u in self.uncached]
-        feats = self.uncached_feats[0].new_zeros(len(n), max(n), self.uncached_feats[0].shape[-1])
-        for i, f in enumerate(self.uncached_feats):
-            feats[i, : f.shape[0]] = f
-        self.runner.features = feats
-        logits = super()._feed_uncached()
-        hidden = self.runner.last_hidden  # (B, M, H) of the fed block
+        logits = super()._feed_uncached({"features": padded_features(self.uncached_feats)})
+        hidden = self.fed_features  # (B, M, H) predicted features of the fed block
         last = torch.tensor(n, device=hidden.device) - 1
         self._root_hidden = hidden[torch.arange(len(n), device=hidden.device), last]
         self._node_hidden = [dict() for _ in n]
         return logits
 
-    def _feed_nodes(self, feed):
+    def _feed_nodes(self, feed, inputs: dict | None = None):
         """Each fed node reads its parent's predicted feature (the root's for depth 1)."""
         m, h = max(len(f) for f in feed), self._root_hidden.shape[-1]
         feats = self._root_hidden.new_zeros(len(feed), m, h)
@@ -313,18 +285,17 @@ class EagleDrafter(ModelDrafter):
             for j, (node, _, anc) in enumerate(row):
                 parent = self._node_hidden[r][anc[-1]] if anc else self._root_hidden[r]
                 feats[r, j] = self._fuse(parent[None], self.global_vecs[r])[0]
-        self.runner.features = feats
-        logits = super()._feed_nodes(feed)
+        logits = super()._feed_nodes(feed, {"features": feats})
         for r, row in enumerate(feed):
             for j, (node, _, _) in enumerate(row):
-                self._node_hidden[r][node] = self.runner.last_hidden[r, j]
+                self._node_hidden[r][node] = self.fed_features[r, j]
         return logits
 
-    def _chain_feed(self, tok: int, offset: int) -> torch.Tensor:
+    def _chain_feed(self, tok: int, offset: int, inputs: dict | None = None) -> torch.Tensor:
         """A chain node reads its parent's predicted feature (the root's for depth 1)."""
         first = offset == self.round.n_uncached[0]  # depth 1
         parent = (self._root_hidden[0] if first else self._chain_feature).view(1, -1)
-        self.runner.features = self._fuse(parent, self.global_vecs[0]).unsqueeze(0)  # (1, 1, H)
-        logits = super()._chain_feed(tok, offset)
-        self._chain_feature = self.runner.last_hidden[0, 0]
+        features = self._fuse(parent, self.global_vecs[0]).unsqueeze(0)  # (1, 1, H)
+        logits = super()._chain_feed(tok, offset, {"features": features})
+        self._chain_feature = self.fed_features[0, 0]
         return logits

@@ -1,8 +1,7 @@
 """Loading a saved feature drafter (EAGLE, EAGLE-3, MSD or DREAM head, with its compressor) by what its config says."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
+from mmspec.checkpoint import checkpoint_kind
 
 from .dream import DreamDrafter, DreamHead
 from .eagle import EagleDrafter, EagleHead
@@ -12,13 +11,7 @@ KINDS = {EagleHead.KIND: (EagleHead, EagleDrafter), DreamHead.KIND: (DreamHead, 
 
 def feature_drafter_kind(path) -> str | None:
     """The kind recorded in `path`/config.json when it is a feature-drafter checkpoint, else None."""
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
-        return None
-    try:
-        kind = json.loads(cfg.read_text()).get("kind")
-    except (ValueError, UnicodeDecodeError, AttributeError):
-        return None
+    kind = checkpoint_kind(path)
     return kind if kind in KINDS else None
 
 

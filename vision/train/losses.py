@@ -1,6 +1,7 @@
 """Losses for feature drafters, per position, then averaged with the batch's weights.
 
-* EAGLE (Li et al. 2024, section 4.3): L = SmoothL1(f̂_{t+1}, f_{t+1}) + w_cls * CE(p_{t+2}, p̂_{t+2}), w_cls = 0.1;
+* EAGLE (Li et al. 2024, section 4.3; `mmspec.eagle_loss`, shared with image_ar's head):
+  L = SmoothL1(f̂_{t+1}, f_{t+1}) + w_cls * CE(p_{t+2}, p̂_{t+2}), w_cls = 0.1;
   the regression is averaged over the hidden dimension, the classification is a cross-entropy from the target's
   next-token distribution to the head's (logits through the target's frozen LM head). Only the target's top-k is
   stored (`features.Example`), so its distribution is taken as the top-k renormalised (k = 1: the greedy token).
@@ -17,26 +18,14 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from mmspec.eagle_loss import eagle_loss, feature_loss, token_ce, weighted_mean  # noqa: F401 (re-exported)
 from mmspec.errors import InvalidInputError
 
 from .features import Batch
 
 LOSSES = ("eagle", "vispec", "dream")
 RANK_TOP = 10
-
-
-def feature_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """SmoothL1 per position, averaged over the hidden dimension: (B, L, H) x2 -> (B, L)."""
-    return F.smooth_l1_loss(pred.float(), target.float(), reduction="none").mean(-1)
-
-
-def token_ce(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor) -> torch.Tensor:
-    """-sum_k p_target(k) log p_head(k) over the target's top-k (renormalised): (B, L, V) -> (B, L)."""
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, topk_ids)  # (B, L, k)
-    p = torch.softmax(topk_logprobs, dim=-1)  # (B, L, k)
-    return -(p * logp).sum(-1)
 
 
 def prob_l1(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor) -> torch.Tensor:
@@ -57,10 +46,6 @@ def rank_loss(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch
     return (pair * above).sum((-1, -2)) / above.sum((-1, -2)).clamp_min(1)
 
 
-def weighted_mean(per_position: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    return (per_position * weights).sum() / weights.sum().clamp_min(1e-6)
-
-
 def drafter_loss(features: torch.Tensor, logits: torch.Tensor, batch: Batch, kind: str = "eagle",
                  w_cls: float = 0.1, w_prob: float = 1.0, *, w_reg: float = 1.0, w_rank: float = 0.1,
                  w_mid: float = 0.1, cross_hidden: torch.Tensor | None = None,
@@ -74,9 +59,8 @@ def drafter_loss(features: torch.Tensor, logits: torch.Tensor, batch: Batch, kin
         raise InvalidInputError("loss='dream' needs a DreamHead (cross-attention output) and examples with "
                                 "mid_features (make_example(..., mid_features=True))")
     w = batch.weights if weights is None else weights
-    reg = weighted_mean(feature_loss(features, batch.target_features), w)
-    cls = weighted_mean(token_ce(logits, batch.topk_ids, batch.topk_logprobs), w)
-    loss = w_reg * reg + w_cls * cls
+    loss, reg, cls = eagle_loss(features, batch.target_features, logits, batch.topk_ids, batch.topk_logprobs,
+                                w_cls=w_cls, w_reg=w_reg, weights=w)
     parts = {"reg": reg.item(), "cls": cls.item()}
     if kind == "vispec":
         prob = weighted_mean(prob_l1(logits, batch.topk_ids, batch.topk_logprobs), w)
