@@ -20,6 +20,7 @@ from transformers import Cache, DynamicCache, StaticCache
 from .errors import InvalidInputError, UnsupportedModelError
 from .guidance import both_halves, double_rows
 from .inference import inference
+from .state import take_rows
 
 
 def kv_layers(cache: Cache) -> list:
@@ -155,7 +156,7 @@ class RaggedCache:
             layer.values = layer.values[idx.to(layer.values.device)]
             if hasattr(layer, "batch_size"):
                 layer.batch_size = len(idx)
-        self.lengths = [self.lengths[r] for r in rows]
+        take_rows(self, rows, "lengths")
         self._truncate(max(self.lengths, default=0))
 
     def slot_bytes(self) -> int:
@@ -312,5 +313,5 @@ class RaggedRows:
         rows = list(rows)
         full = both_halves(rows, len(self.lengths), self.scale)
         self.cache.select_rows(full)
-        self.lengths = [self.lengths[r] for r in rows]
+        take_rows(self, rows, "lengths")
         return full

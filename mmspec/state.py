@@ -55,3 +55,12 @@ def restore(obj, state: dict) -> None:
             restore(value.obj, value.state)
             value = value.obj
         setattr(obj, name, value)
+
+
+def take_rows(obj, rows, *names: str) -> None:
+    """Keep the given rows of each per-row list attribute `names` of `obj` (finished requests leave the batch): the
+    one rule every component's select_rows applies to its per-row state."""
+    rows = list(rows)
+    for name in names:
+        values = getattr(obj, name)
+        setattr(obj, name, [values[r] for r in rows])

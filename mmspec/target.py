@@ -24,7 +24,7 @@ from .compat import cache_name
 from .errors import ContextOverflowError, EmptyPromptError, UnsupportedModelError
 from .inference import inference
 from .request import Request, prompt_ids
-from .state import StreamStateful
+from .state import StreamStateful, take_rows
 from .tree import Draft, ancestor_mask
 
 
@@ -335,7 +335,7 @@ class CausalLMRunner(StreamStateful):
 
     def select_rows(self, rows: Sequence[int]) -> None:
         self.kv.select_rows(rows)
-        self.next_positions = [self.next_positions[r] for r in rows]
+        take_rows(self, rows, "next_positions")
 
 
 @functools.lru_cache(maxsize=64)

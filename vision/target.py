@@ -26,6 +26,7 @@ from mmspec.cache import RaggedCache
 from mmspec.compat import cache_kwargs
 from mmspec.errors import ContextOverflowError, EmptyPromptError
 from mmspec.request import Request
+from mmspec.state import take_rows
 from mmspec.target import BlockOutput, CausalLMRunner, CausalLMTarget, select_hidden, sync_time, text_config
 
 from .attention_probe import AttentionProbe, last_query_mass
@@ -232,7 +233,7 @@ class VLMRunner(CausalLMRunner):
 
     def select_rows(self, rows: Sequence[int]) -> None:
         super().select_rows(rows)
-        self.row_ids = [self.row_ids[r] for r in rows]
+        take_rows(self, rows, "row_ids")
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

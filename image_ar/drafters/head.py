@@ -42,6 +42,7 @@ from mmspec.checkpoint import checkpoint_kind, read_kind_config, read_safetensor
 from mmspec.errors import (CheckpointError, IncompatibleModelsError, InvalidInputError, UnsupportedModelError,
                            VocabularyMismatchError)
 from mmspec.guidance import combine_logits, double_rows, is_guided, split_halves
+from mmspec.state import take_rows
 from mmspec.target import BlockOutput, sync_time
 from mmspec.tree import Draft
 
@@ -244,8 +245,7 @@ class ImageHeadDrafter:
 
     def select_rows(self, rows: Sequence[int]) -> None:
         self.ragged.select_rows(rows)
-        self.unfed_tokens = [self.unfed_tokens[r] for r in rows]
-        self.unfed_features = [self.unfed_features[r] for r in rows]
+        take_rows(self, rows, "unfed_tokens", "unfed_features")
 
     # --- the ragged cache -----------------------------------------------------------------------------------------
     def _feed_known(self) -> torch.Tensor:

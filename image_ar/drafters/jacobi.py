@@ -23,6 +23,7 @@ import torch
 from mmspec.drafters.base import DraftContext, DrafterCounters, RowUpdate
 from mmspec.errors import InvalidInputError
 from mmspec.target import BlockOutput
+from mmspec.state import take_rows
 from mmspec.tree import Draft
 
 INITS = ("random", "neighbour")
@@ -110,6 +111,4 @@ class JacobiDrafter:
             self.pending[b] = list(zip(toks, probs))
 
     def select_rows(self, rows: Sequence[int]) -> None:
-        self.prompt_len = [self.prompt_len[r] for r in rows]
-        self.pending = [self.pending[r] for r in rows]
-        self.last = [self.last[r] for r in rows]
+        take_rows(self, rows, "prompt_len", "pending", "last")

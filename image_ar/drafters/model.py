@@ -14,6 +14,7 @@ import torch
 
 from mmspec.drafters.base import DraftContext, DrafterCounters, RowUpdate
 from mmspec.errors import InvalidInputError, UnsupportedModelError
+from mmspec.state import take_rows
 from mmspec.target import BlockOutput
 from mmspec.tree import Draft
 
@@ -146,6 +147,4 @@ class ImageModelDrafter:
 
     def select_rows(self, rows: Sequence[int]) -> None:
         self.runner.select_rows(rows)
-        self.uncached = [self.uncached[r] for r in rows]
-        self.base = [self.base[r] for r in rows]
-        self.carry = [self.carry[r] for r in rows]
+        take_rows(self, rows, "uncached", "base", "carry")

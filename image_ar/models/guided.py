@@ -15,6 +15,7 @@ import torch
 from mmspec.errors import ContextOverflowError, EmptyPromptError, GenerationConfigError, InvalidInputError
 from mmspec.guidance import both_halves, double_rows, pair_halves, per_row
 from mmspec.request import Request
+from mmspec.state import take_rows
 from mmspec.target import BlockOutput, CausalLMRunner, draft_block
 from mmspec.tree import Draft
 
@@ -174,9 +175,7 @@ class GuidedImageTarget:
         rows = list(rows)
         b = len(self.image_pos)
         self.runner.select_rows(both_halves(rows, b, self._scale))
-        self.image_pos = [self.image_pos[r] for r in rows]
-        if self._conditions is not None:
-            self._conditions = [self._conditions[r] for r in rows]
+        take_rows(self, rows, "image_pos", *(("_conditions",) if self._conditions is not None else ()))
 
     # --- helpers --------------------------------------------------------------------------------------------------
     def _combine(self, logits: torch.Tensor, image_pos: torch.Tensor) -> torch.Tensor:

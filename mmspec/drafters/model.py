@@ -17,6 +17,7 @@ import torch
 
 from ..errors import ContextOverflowError, DeviceMismatchError, VocabularyMismatchError
 from ..request import Request
+from ..state import take_rows
 from ..target import BlockOutput, CausalLMRunner, chain_offsets
 from ..tree import Draft, DynamicTree, StaticTree, expand_dynamic
 from .base import DraftContext, DrafterCounters, RowUpdate
@@ -158,7 +159,7 @@ class ModelDrafter:
 
     def select_rows(self, rows: Sequence[int]) -> None:
         self.runner.select_rows(rows)
-        self.uncached = [self.uncached[r] for r in rows]
+        take_rows(self, rows, "uncached")
 
     # --- drafting -----------------------------------------------------------------------------------------------
     def _run(self, tokens, offsets, allowed, inputs: dict | None, **kw):

@@ -26,6 +26,7 @@ from mmspec.drafters.model import ModelDrafter
 from mmspec.checkpoint import read_kind_config, read_safetensors, write_checkpoint
 from mmspec.compat import cache_kwargs
 from mmspec.errors import CheckpointError, IncompatibleModelsError, UnsupportedModelError
+from mmspec.state import take_rows
 from mmspec.target import BlockOutput, CausalLMRunner, text_config
 
 
@@ -263,8 +264,7 @@ class EagleDrafter(ModelDrafter):
 
     def select_rows(self, rows) -> None:
         super().select_rows(rows)
-        self.uncached_feats = [self.uncached_feats[r] for r in rows]
-        self.global_vecs = [self.global_vecs[r] for r in rows]
+        take_rows(self, rows, "uncached_feats", "global_vecs")
 
     # --- feeding ------------------------------------------------------------------------------------------------
     def _feed_uncached(self, inputs: dict | None = None) -> torch.Tensor:
