@@ -21,7 +21,8 @@ from .drafters.base import DraftContext, DrafterCounters, RowUpdate
 from .inference import inference
 from .errors import (ContextOverflowError, DeviceMismatchError, DraftError, EmptyPromptError, GenerationConfigError,
                      InvalidInputError)
-from .kernels import accept_greedy, greedy_walk, select_kernel
+from .flat_acceptance import accept_chains, draw_coins, draw_from_cdf
+from .kernels import Verdict, accept_greedy, greedy_walk, select_kernel
 from .request import Request, as_request
 from .sampling import SamplingSpec, check_finite, make_generators, sample_from
 from .state import capture, restore
@@ -317,6 +318,56 @@ class Stream:
             check_finite(logits)  # raises NonFiniteLogitsError with the count
         return top.tolist()  # (B, M)
 
+    def _batched_sampling(self, logits: torch.Tensor, drafts: list[Draft], gens) -> dict[int, tuple[int, int]] | None:
+        """Sampling over chains with the lossless rules: one batched call (`mmspec.flat_acceptance`) for every row
+        that drafted, with that row's own coins; {row: (accepted, next token)} after one host transfer. Rows that
+        drafted nothing sample as target-only decoding does (one multinomial draw), so a request draws the same
+        alone and in any batch. None where the per-row walk applies (greedy, trees, history-dependent processors,
+        plug-in or relaxed rules)."""
+        spec = self.spec
+        if spec.greedy or spec.uses_history or self.acceptance is not None or self._vector_rule is not None:
+            return None
+        live = [i for i, d in enumerate(drafts) if len(d)]
+        if not live or not all(drafts[i].is_chain for i in live):
+            return None
+        k = max(len(drafts[i]) for i in live)
+        num = [len(drafts[i]) for i in live]
+        dev = logits.device
+        tokens = torch.zeros(len(live), k, dtype=torch.long)
+        for j, i in enumerate(live):
+            tokens[j, : num[j]] = drafts[i].tokens.cpu()
+        p = spec.probs(logits[live, : k + 1])  # (L, K + 1, V)
+        q = None
+        if any(drafts[i].q is not None for i in live):  # a point-mass row is the one-hot proposal of its tokens
+            q = torch.zeros(len(live), k, p.shape[-1], device=dev)
+            for j, i in enumerate(live):
+                d = drafts[i]
+                q[j, : num[j]] = d.q.to(dev, torch.float32) if d.q is not None else \
+                    torch.nn.functional.one_hot(d.tokens.to(dev), p.shape[-1]).float()
+        coins = draw_coins([gens[i] for i in live], num, k, dev)
+        n_acc, nxt = accept_chains(tokens, torch.tensor(num), p, q, coins, False)
+        return dict(zip(live, zip(n_acc.tolist(), nxt.tolist())))  # the step's one host transfer
+
+    def _walk(self, kernel, d: Draft, p: torch.Tensor, gen) -> Verdict:
+        """A per-row tree walk. Sampling over a non-empty draft takes the coins the batched kernel would: N + 1
+        uniforms from the row's generator, the uncertain decisions using them in order and the next token the
+        last one (inverse CDF), so both paths draw alike. Greedy rows and empty drafts keep their own draws (an
+        empty draft samples as target-only decoding does: one multinomial draw)."""
+        n = len(d)
+        if self.spec.greedy or n == 0:
+            return kernel(d, p, generator=gen)
+        coins = torch.rand(n + 1, generator=gen, device=gen.device if gen is not None else p.device)
+        decisions = iter(coins[:n].tolist())
+
+        def coin(prob: float) -> bool:  # a plug-in rule asking for more than N decisions draws the rest afresh
+            u = next(decisions, None)
+            return (float(torch.rand((), generator=gen, device=coins.device)) if u is None else u) < prob
+
+        verdict = kernel(d, p, generator=gen, coin=coin)
+        if verdict.next_token is None:
+            verdict.next_token = int(draw_from_cdf(verdict.residual, coins[n]))
+        return verdict
+
     @property
     def _vector_rule(self):
         """The acceptance rule of a continuous-token target (vector tokens; its 'logits' are the rule's inputs), or
@@ -410,6 +461,7 @@ class Stream:
         st.target_forwards += 1
         paths, updates, events = [], [], []
         top = self._batched_argmax(out.logits, drafts)
+        flat = self._batched_sampling(out.logits, drafts, ctx.generators)
         rule, verdicts = self._vector_rule, None
         if rule is not None:  # continuous tokens: the rule reads the target's rows as they are, for the whole batch
             verdicts = rule.verify_rows(drafts, [out.logits[i, : len(d) + 1] for i, d in enumerate(drafts)],
@@ -425,9 +477,13 @@ class Stream:
             elif kernel is accept_greedy and top is not None:
                 verdict = greedy_walk(d, top[i][: n + 1])
                 toks = [d.token_list[j] for j in verdict.path] + [verdict.next_token]
+            elif flat is not None and i in flat:
+                accepted, nxt = flat[i]
+                verdict = Verdict(list(range(accepted)), d.token_list[:accepted], None, nxt)
+                toks = verdict.tokens + [nxt]
             else:
                 p = self._probs(out.logits[i, : n + 1], row.history, d, argmax_only=kernel is accept_greedy)
-                verdict = kernel(d, p, generator=ctx.generators[i])
+                verdict = self._walk(kernel, d, p, ctx.generators[i])
                 toks = [d.token_list[j] for j in verdict.path] + [verdict.next_token]
             kept = self._cut(row, toks)
             st.record_step(d.depth, len(verdict.path), len(kept), n)
