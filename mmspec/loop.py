@@ -169,10 +169,14 @@ class SpeculativeDecoder:
     causal LM sharing the target's tokenizer, or any object implementing the Drafter protocol. tree: chain length
     (int), StaticTree or DynamicTree for model drafters. acceptance: None picks the lossless rule for the sampling
     mode; "typical" opts into Medusa's lossy typical acceptance; a callable with the kernel signature is a plug-in
-    (it counts as lossy unless it sets ``lossless = True``).
+    (it counts as lossy unless it sets ``lossless = True``). batched_acceptance: sampled chains are accepted for the
+    whole batch in one call without a host sync (`mmspec.flat_acceptance`) instead of walked per request; None =
+    on for accelerators, off on CPU, where the per-request walk costs fewer ops. The two draw alike (same coins),
+    so the choice never changes an output.
     """
 
-    def __init__(self, target, drafter=None, *, tree=4, acceptance: str | None = None, cache: str = "dynamic"):
+    def __init__(self, target, drafter=None, *, tree=4, acceptance: str | None = None, cache: str = "dynamic",
+                 batched_acceptance: bool | None = None):
         from .drafters import ModelDrafter, NGramDrafter
 
         self.target = target if hasattr(target, "verify") else CausalLMTarget(target, cache=cache)
@@ -189,6 +193,10 @@ class SpeculativeDecoder:
         self.acceptance = acceptance
         if acceptance is not None:
             select_kernel(False, False, acceptance)  # validate the name now
+        if batched_acceptance is not None and not isinstance(batched_acceptance, bool):
+            raise InvalidInputError(f"batched_acceptance={batched_acceptance!r}: expected True, False or None (auto)")
+        self.batched_acceptance = (torch.device(self.target.device).type != "cpu" if batched_acceptance is None
+                                   else batched_acceptance)
 
     def generate(self, input_ids, **kwargs) -> GenerationOutput:
         stream = self.stream(input_ids, **kwargs)
@@ -325,7 +333,8 @@ class Stream:
         alone and in any batch. None where the per-row walk applies (greedy, trees, history-dependent processors,
         plug-in or relaxed rules)."""
         spec = self.spec
-        if spec.greedy or spec.uses_history or self.acceptance is not None or self._vector_rule is not None:
+        if (not self.dec.batched_acceptance or spec.greedy or spec.uses_history or self.acceptance is not None
+                or self._vector_rule is not None):
             return None
         live = [i for i, d in enumerate(drafts) if len(d)]
         if not live or not all(drafts[i].is_chain for i in live):

@@ -118,3 +118,28 @@ def test_acceptance_is_a_per_call_setting(target, drafters, prompts):
     with pytest.raises(GenerationConfigError, match="'bogus'"):
         dec.stream(ids, acceptance="bogus", **kw)
     assert dec.generate(ids, **kw).sequences == fresh.sequences
+
+
+@pytest.mark.parametrize("name", ["chain-speculative", "ngram-chain"])
+def test_batched_acceptance_matches_target_and_draws_what_the_walk_draws(target, drafters, joint, prompts, name):
+    """The batched flat kernel (forced on, as on accelerators) samples the target's distribution, draws exactly
+    what the per-request walk draws with the same seeds, and gives each request the same draws alone and in a batch
+    of 8."""
+    def make(batched):
+        drafter = drafters["noisy"] if name == "chain-speculative" else NGramDrafter(k=3, branches=1)
+        return SpeculativeDecoder(target, drafter, tree=3, batched_acceptance=batched)
+
+    batched = make(True)
+    stat, threshold, outside = chi_square(sample(batched, n=1200), joint)
+    assert outside == 0 and stat < threshold, (stat, threshold)
+    kw = dict(max_new_tokens=20, temperature=1.0, top_k=20)
+    gens = [torch.Generator().manual_seed(40 + i) for i in range(8)]
+    together = batched.generate(prompts[:8], generator=gens, **kw)
+    walked = make(False).generate(prompts[:8], generator=[torch.Generator().manual_seed(40 + i) for i in range(8)],
+                                  **kw)
+    assert together.sequences == walked.sequences and together.stats.accepted_tokens > 0
+    for i in (0, 5):
+        alone = batched.generate(prompts[i: i + 1], generator=torch.Generator().manual_seed(40 + i), **kw)
+        assert alone.sequences[0] == together.sequences[i]
+    with pytest.raises(Exception, match="batched_acceptance"):
+        SpeculativeDecoder(target, None, batched_acceptance="yes")
