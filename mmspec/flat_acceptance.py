@@ -42,10 +42,11 @@ def accept_chains(draft_tokens: torch.Tensor, num_drafts: torch.Tensor, p: torch
     b, k = draft_tokens.shape
     dev, v = p.device, p.shape[-1]
     rows = torch.arange(b, device=dev)
+    some_greedy = greedy if isinstance(greedy, bool) else True  # a tensor is not read on the host (no sync)
     greedy = torch.as_tensor(greedy, device=dev).expand(b)
     draft_tokens, num_drafts = draft_tokens.to(dev), num_drafts.to(dev)
     valid = torch.arange(k, device=dev)[None, :] < num_drafts[:, None]  # (B, K)
-    accept = (p[:, :k].argmax(-1) == draft_tokens) if bool(greedy.any()) else torch.zeros_like(valid)
+    accept = (p[:, :k].argmax(-1) == draft_tokens) if some_greedy else torch.zeros_like(valid)
     if coins is not None:
         coins = coins.to(dev)
         p_x = p[:, :k].gather(-1, draft_tokens[..., None])[..., 0].float()  # (B, K)

@@ -342,10 +342,12 @@ class Stream:
         k = max(len(drafts[i]) for i in live)
         num = [len(drafts[i]) for i in live]
         dev = logits.device
-        tokens = torch.zeros(len(live), k, dtype=torch.long)
+        tokens = torch.zeros(len(live), k, dtype=torch.long, device=dev)
         for j, i in enumerate(live):
-            tokens[j, : num[j]] = drafts[i].tokens.cpu()
-        p = spec.probs(logits[live, : k + 1])  # (L, K + 1, V)
+            tokens[j, : num[j]] = drafts[i].tokens.to(dev)
+        rows = logits[live, : k + 1]
+        total = rows.float().sum()  # NaN / +inf anywhere shows here; read with the tokens, not before
+        p = spec.probs(rows, check=False)  # (L, K + 1, V)
         q = None
         if any(drafts[i].q is not None for i in live):  # a point-mass row is the one-hot proposal of its tokens
             q = torch.zeros(len(live), k, p.shape[-1], device=dev)
@@ -354,8 +356,12 @@ class Stream:
                 q[j, : num[j]] = d.q.to(dev, torch.float32) if d.q is not None else \
                     torch.nn.functional.one_hot(d.tokens.to(dev), p.shape[-1]).float()
         coins = draw_coins([gens[i] for i in live], num, k, dev)
-        n_acc, nxt = accept_chains(tokens, torch.tensor(num), p, q, coins, False)
-        return dict(zip(live, zip(n_acc.tolist(), nxt.tolist())))  # the step's one host transfer
+        n_acc, nxt = accept_chains(tokens, torch.tensor(num, device=dev), p, q, coins, False)
+        host = torch.cat([n_acc.double(), nxt.double(), total.double().view(1)]).tolist()  # the step's one transfer
+        if host[-1] != host[-1] or host[-1] == math.inf:
+            check_finite(rows)  # raises NonFiniteLogitsError with the count
+        m = len(live)
+        return {i: (int(host[j]), int(host[m + j])) for j, i in enumerate(live)}
 
     def _walk(self, kernel, d: Draft, p: torch.Tensor, gen) -> Verdict:
         """A per-row tree walk. Sampling over a non-empty draft takes the coins the batched kernel would: N + 1

@@ -53,17 +53,20 @@ class SamplingSpec:
     def uses_history(self) -> bool:
         return self.repetition_penalty != 1.0
 
-    def processed_logits(self, logits: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits after the repetition penalty, the only history-dependent step. logits (..., V), seen (..., V) bool."""
-        check_finite(logits)
+    def processed_logits(self, logits: torch.Tensor, seen: torch.Tensor | None = None,
+                         check: bool = True) -> torch.Tensor:
+        """Logits after the repetition penalty, the only history-dependent step. logits (..., V), seen (..., V) bool.
+        check: raise on NaN / +inf here (a host sync); callers that check later pass False."""
+        if check:
+            check_finite(logits)
         logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
         if self.uses_history and seen is not None:
             logits = apply_repetition_penalty(logits, seen, self.repetition_penalty)
         return logits
 
-    def probs(self, logits: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
+    def probs(self, logits: torch.Tensor, seen: torch.Tensor | None = None, check: bool = True) -> torch.Tensor:
         """Distribution to sample from, (..., V). Greedy specs give the one-hot argmax distribution."""
-        logits = self.processed_logits(logits, seen)
+        logits = self.processed_logits(logits, seen, check)
         shape = logits.shape
         flat = logits.reshape(-1, shape[-1])
         if self.greedy:

@@ -180,6 +180,21 @@ def test_nan_logits_from_the_target(nan_target, drafters, prompts, reference, de
     assert_usable(dec, prompts, reference)  # another decoder on the healthy target is unaffected
 
 
+@pytest.mark.parametrize("batched", [True, False])
+def test_nan_logits_in_a_verification_step(target, drafters, prompts, reference, dec, batched):
+    """NaN that appears only in a verification forward is reported, also by the batched sampling path, which reads
+    its finiteness check together with the tokens (no extra host sync)."""
+    class Flaky(CausalLMTarget):
+        def verify(self, pending, drafts, want_hidden=False):
+            out = super().verify(pending, drafts, want_hidden)
+            out.logits[..., 7] = float("nan")
+            return out
+
+    bad = SpeculativeDecoder(Flaky(target), drafters["noisy"], tree=3, batched_acceptance=batched)
+    raises(bad, NonFiniteLogitsError, "NaN", input_ids=prompts[:2], max_new_tokens=6, temperature=1.0, seed=0)
+    assert_usable(dec, prompts, reference)
+
+
 def test_nan_in_every_weight(target):
     bad = copy.deepcopy(target)
     with torch.no_grad():
