@@ -142,22 +142,15 @@ def _drain(stream) -> list[list[int]]:
 def test_interleaved_streams_with_different_settings_equal_each_alone(target, drafters, prompts, drafter):
     """Two streams on one decoder, read alternately event by event, each with its own settings, give what each gives
     alone; a half-read stream resumed after a generate() on the same decoder goes on as if read straight through."""
+    from interleave import read_alternately
+
     dec = SpeculativeDecoder(target, drafters[drafter] if drafter != "ngram" else "ngram", tree=3)
     kw_a = dict(max_new_tokens=16)
     kw_b = dict(max_new_tokens=12, temperature=1.0, top_k=20, seed=5)
     alone_a = dec.generate(prompts[0:2], **kw_a).sequences
     alone_b = dec.generate(prompts[2:3], **kw_b).sequences
     a, b = dec.stream(prompts[0:2], **kw_a), dec.stream(prompts[2:3], **kw_b)
-    got_a, got_b = {}, {}
-    live = [(a, got_a), (b, got_b)]
-    while live:
-        for pair in list(live):
-            try:
-                e = next(pair[0])
-            except StopIteration:
-                live.remove(pair)
-                continue
-            pair[1].setdefault(e.request, []).extend(e.tokens)
+    got_a, got_b = read_alternately(a, b)
     assert [got_a[0], got_a[1]] == alone_a and [got_b[0]] == alone_b
     assert a.output.sequences == alone_a and b.output.sequences == alone_b
     half = dec.stream(prompts[0:2], **kw_a)

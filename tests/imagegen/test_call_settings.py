@@ -8,6 +8,7 @@ import torch
 from image_ar import SpeculativeImagePipeline
 from image_ar.testing import perturbed, tiny_continuous
 from image_ar.testing.tiny import tiny_llamagen, tiny_vq
+from interleave import read_alternately
 from mmspec.errors import InvalidInputError
 
 
@@ -103,13 +104,7 @@ def test_interleaved_image_streams_with_different_settings_equal_each_alone(targ
     kw_b = dict(class_labels=[5], temperature=0.0, num_tokens=11, output_type="tokens")
     alone_a, alone_b = pipe(**kw_a).tokens, pipe(**kw_b).tokens
     a, b = pipe.stream(**kw_a), pipe.stream(**kw_b)
-    live = [a, b]
-    while live:
-        for s in list(live):
-            try:
-                next(s)
-            except StopIteration:
-                live.remove(s)
+    read_alternately(a, b)
     assert torch.equal(a.output.tokens, alone_a) and torch.equal(b.output.tokens, alone_b)
     half = pipe.stream(**kw_a)
     next(half)
@@ -127,11 +122,5 @@ def test_interleaved_continuous_streams_with_different_settings_equal_each_alone
                 prefill_ratio=0.25, output_type="tokens")
     alone_a, alone_b = pipe(**kw_a).tokens, pipe(**kw_b).tokens
     a, b = pipe.stream(**kw_a), pipe.stream(**kw_b)
-    live = [a, b]
-    while live:
-        for s in list(live):
-            try:
-                next(s)
-            except StopIteration:
-                live.remove(s)
+    read_alternately(a, b)
     assert torch.equal(a.output.tokens, alone_a) and torch.equal(b.output.tokens, alone_b)
