@@ -37,12 +37,11 @@ from torch import nn
 
 from mmspec.cache import BufferCache, RaggedRows
 from mmspec.drafters.base import DraftContext, DrafterCounters, RowUpdate
-from mmspec.drafters.features import committed_features, padded_features, padded_tokens
+from mmspec.drafters.features import PendingPairs
 from mmspec.checkpoint import checkpoint_kind, read_kind_config, read_safetensors, write_checkpoint
 from mmspec.errors import (CheckpointError, IncompatibleModelsError, InvalidInputError, UnsupportedModelError,
                            VocabularyMismatchError)
 from mmspec.guidance import combine_logits, double_rows, is_guided, split_halves
-from mmspec.state import take_rows
 from mmspec.target import BlockOutput, sync_time
 from mmspec.tree import Draft
 
@@ -165,8 +164,8 @@ class ImageHeadDrafter:
     """The engine's Drafter protocol for an ImageHead on an image_ar `LlamaGenTarget`: chains of k tokens.
 
     State: a KV cache with [cond; uncond] rows (guided) whose row b holds, hole-free in slots [0, lengths[b]), the
-    pairs fed with true target features; `unfed_tokens[b]` / `unfed_features[b]` (n, D or 2D) the known pairs not yet in
-    it (the engine's feature-drafter core, `mmspec.drafters.features`).
+    pairs fed with true target features; `pairs` the known pairs not yet in it (features (D or 2D,) per token: the
+    engine's feature-drafter core, `mmspec.drafters.features.PendingPairs`, which vision's EAGLE drafters use too).
     """
 
     needs_hidden = True
@@ -210,8 +209,7 @@ class ImageHeadDrafter:
                                     f"guidance_scale={self.scale}; got "
                                     f"{None if hidden is None else tuple(hidden.shape)}")
         self.ragged = RaggedRows(self.head.new_cache(), [0] * len(ctx.history), self.scale)
-        self.unfed_tokens = [[h[-1]] for h in ctx.history]
-        self.unfed_features = [hidden[b, -1:] for b in range(len(ctx.history))]
+        self.pairs = PendingPairs([[h[-1]] for h in ctx.history], [hidden[b, -1:] for b in range(len(ctx.history))])
 
     @torch.no_grad()
     def propose(self, budgets: Sequence[int]) -> list[Draft]:
@@ -239,27 +237,20 @@ class ImageHeadDrafter:
             raise InvalidInputError(f"ImageHeadDrafter.commit needs the verification's features for {len(updates)} "
                                     "row(s) (the loop asks for them: needs_hidden = True); got "
                                     f"{None if hidden is None else tuple(hidden.shape)}")
-        for b, up in enumerate(updates):
-            self.unfed_tokens[b] = self.unfed_tokens[b] + list(up.tokens)
-            self.unfed_features[b] = torch.cat([self.unfed_features[b], committed_features(up, hidden[b])])
+        self.pairs.append_committed(updates, hidden)
 
     def select_rows(self, rows: Sequence[int]) -> None:
         self.ragged.select_rows(rows)
-        take_rows(self, rows, "unfed_tokens", "unfed_features")
+        self.pairs.select_rows(rows)
 
     # --- the ragged cache -----------------------------------------------------------------------------------------
     def _feed_known(self) -> torch.Tensor:
         """Append each row's unfed true pairs (right-padded), keep the real ones; predicted features (R, D) at each
         row's last one. Every row has at least one unfed pair (the step's correction or bonus token)."""
-        n = [len(u) for u in self.unfed_tokens]
-        dev = self.head.device
-        tokens = padded_tokens(self.unfed_tokens, dev)
-        feats = padded_features(self.unfed_features).to(dev)
+        tokens, feats, n = self.pairs.take(self.head.device)
         start = self.ragged.cache.length
         out = self._append(tokens, self._split(feats), self.ragged.lengths, causal=True)  # (R, m, D)
         self.ragged.keep_first(n, start)
-        self.unfed_tokens = [[] for _ in n]
-        self.unfed_features = [f[:0] for f in self.unfed_features]
         last = self._rows(torch.tensor(n, device=out.device) - 1)  # (R,)
         return out[torch.arange(len(last), device=out.device), last]
 

@@ -14,6 +14,7 @@ from typing import Sequence
 
 import torch
 
+from ..state import take_rows
 from .base import RowUpdate
 
 
@@ -37,3 +38,43 @@ def padded_tokens(tokens: Sequence[Sequence[int]], device=None) -> torch.Tensor:
     """Per-row token lists -> (B, max n_b) long, right-padded with 0."""
     m = max(len(t) for t in tokens)
     return torch.tensor([list(t) + [0] * (m - len(t)) for t in tokens], dtype=torch.long, device=device)
+
+
+class PendingPairs:
+    """Per row, the pairs (token, the target's feature before it) a feature drafter has not fed yet.
+
+    `begin` seeds them from the prompt, `append_committed` adds each step's committed tokens with their features
+    from the verification, `take` hands them over for one feed (and empties them), `select_rows` drops finished
+    rows. Features are (n, H) tensors per row; tokens lists of ids.
+    """
+
+    def __init__(self, tokens: Sequence[Sequence[int]], features: Sequence[torch.Tensor]):
+        self.tokens = [list(t) for t in tokens]
+        self.features = list(features)
+
+    def counts(self) -> list[int]:
+        return [len(t) for t in self.tokens]
+
+    def append_committed(self, updates: Sequence[RowUpdate], hidden: torch.Tensor, transform=None) -> None:
+        """Add each row's committed tokens with the verification's features before them (`committed_features`);
+        transform(b, features) maps them into the drafter's space first (EAGLE-3 taps, ViSpec's fusion)."""
+        for b, up in enumerate(updates):
+            feats = committed_features(up, hidden[b])
+            if transform is not None:
+                feats = transform(b, feats)
+            self.tokens[b] = self.tokens[b] + list(up.tokens)
+            self.features[b] = torch.cat([self.features[b], feats.to(self.features[b].dtype)])
+
+    def take(self, device=None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """(tokens (B, M), features (B, M, H), counts): every row's pairs right-padded; the rows are emptied."""
+        n = self.counts()
+        tokens, feats = padded_tokens(self.tokens, device), padded_features(self.features)
+        self.clear()
+        return tokens, (feats if device is None else feats.to(device)), n
+
+    def clear(self) -> None:
+        self.tokens = [[] for _ in self.tokens]
+        self.features = [f[:0] for f in self.features]
+
+    def select_rows(self, rows: Sequence[int]) -> None:
+        take_rows(self, rows, "tokens", "features")

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaModel
 
 from mmspec.cache import RaggedCache
-from mmspec.drafters.features import committed_features, padded_features
+from mmspec.drafters.features import PendingPairs, padded_features
 from mmspec.drafters.model import ModelDrafter
 from mmspec.checkpoint import read_kind_config, read_safetensors, write_checkpoint
 from mmspec.compat import cache_kwargs
@@ -234,28 +234,34 @@ class EagleDrafter(ModelDrafter):
         b = len(ctx.history)
         self.runner.kv = RaggedCache.new(self.head, b)
         self.runner.next_positions = [0] * b
-        self.uncached, self.uncached_feats, self.global_vecs = [], [], []
+        tokens, feats, self.global_vecs = [], [], []
         for i, h in enumerate(ctx.history):  # pairs (x_{t+1}, f_t): prompt[1:] + the first generated token
             with torch.inference_mode():
                 att = prefill.attention[i, 1: len(h)] if prefill.attention is not None else None
-                feats = self._head_features(prefill.hidden[i, : len(h) - 1])
-                tokens, feats, g = self._view(list(h[1:]), feats, att)
-            self.uncached.append(tokens)
-            self.uncached_feats.append(feats)
+                f = self._head_features(prefill.hidden[i, : len(h) - 1])
+                t, f, g = self._view(list(h[1:]), f, att)
+            tokens.append(t)
+            feats.append(f)
             self.global_vecs.append(g)
-        self.prompt_slots = [len(u) for u in self.uncached]
+        self.pairs = PendingPairs(tokens, feats)
+        self.prompt_slots = self.pairs.counts()
         self.round = None
+
+    @property
+    def uncached(self) -> list[list[int]]:
+        """The tokens of the pending pairs (what ModelDrafter's feed reads)."""
+        return self.pairs.tokens
+
+    @property
+    def uncached_feats(self) -> list[torch.Tensor]:
+        """The features (n, H) of the pending pairs, per row, as the head fuses them."""
+        return self.pairs.features
 
     def commit(self, updates, verify_out: BlockOutput | None) -> None:
         """Drop every drafted slot; the committed tokens are fed next time with the target's own features."""
         rnd = self.round
-        for b, upd in enumerate(updates):
-            feats = self._fuse(self._head_features(committed_features(upd, verify_out.hidden[b])), self.global_vecs[b])
-            if rnd is None:  # nothing was fed this step: keep the old uncached block too
-                self.uncached[b] = self.uncached[b] + list(upd.tokens)
-                self.uncached_feats[b] = torch.cat([self.uncached_feats[b], feats])
-            else:
-                self.uncached[b], self.uncached_feats[b] = list(upd.tokens), feats
+        self.pairs.append_committed(updates, verify_out.hidden,
+                                    lambda b, f: self._fuse(self._head_features(f), self.global_vecs[b]))
         if rnd is not None:
             keep = [list(range(rnd.start, rnd.start + n)) for n in rnd.n_uncached]
             self.runner.kv.compact(keep)
@@ -263,14 +269,16 @@ class EagleDrafter(ModelDrafter):
         self.round = None
 
     def select_rows(self, rows) -> None:
-        super().select_rows(rows)
-        take_rows(self, rows, "uncached_feats", "global_vecs")
+        self.runner.select_rows(rows)
+        self.pairs.select_rows(rows)
+        take_rows(self, rows, "global_vecs")
 
     # --- feeding ------------------------------------------------------------------------------------------------
     def _feed_uncached(self, inputs: dict | None = None) -> torch.Tensor:
         """The base feed, each uncached token with its target feature; the root's predicted feature is kept."""
-        n = [len(u) for u in self.uncached]
-        logits = super()._feed_uncached({"features": padded_features(self.uncached_feats)})
+        n = self.pairs.counts()
+        logits = super()._feed_uncached({"features": padded_features(self.pairs.features)})
+        self.pairs.clear()  # fed: the next pairs are this step's committed tokens
         hidden = self.fed_features  # (B, M, H) predicted features of the fed block
         last = torch.tensor(n, device=hidden.device) - 1
         self._root_hidden = hidden[torch.arange(len(n), device=hidden.device), last]
