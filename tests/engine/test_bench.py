@@ -59,7 +59,19 @@ def test_markdown(quick_result):
     assert md == to_markdown(result)
     assert "| method | batch | tokens/s | speedup vs HF greedy |" in md
     assert "## Memory" in md and "## Engine overhead per step" in md
+    assert "efficiency vs forwards alone" in md
     assert "WARNING" not in md
+
+
+def test_efficiency_against_forwards_timed_alone(quick_result):
+    """Both efficiencies are reported for the bs=1 mmspec rows that speculate; the standalone forward costs they use
+    are measured for every block size those rows verify (values are never asserted, only that they exist)."""
+    _, result = quick_result
+    by = {(r["method"], r["batch"]): r for r in result["rows"]}
+    for name in ("mmspec-chain4", "mmspec-tree221", "mmspec-eagle2", "mmspec-ngram4"):
+        r = by[(name, 1)]
+        assert r["ideal_speedup_alone"] > 0 and r["efficiency_alone"] > 0, name
+    assert by[("mmspec-chain4", 2)]["efficiency_alone"] is None and by[("hf-assisted", 1)]["efficiency_alone"] is None
 
 
 def test_markdown_shouts_on_mismatch(quick_result):
