@@ -6,9 +6,10 @@ the plain sampler ``generate_tokens`` does (ALGORITHMS.md section 5, CFG). Draft
 side by side: ``hidden`` is (B, M, 2D) = [cond features, uncond features] when guided, (B, M, D) otherwise.
 
 Requests carry no text: :meth:`LlamaGenTarget.requests` puts each condition (class label or caption embeddings, its
-mask) and the guidance scale in a :class:`~mmspec.request.Request` whose prompt is one placeholder token. Image position ``i`` (raster order) is sequence position
-``cls_token_num + i``; rows accept different numbers of tokens, so each row has its own committed length and the
-4-D masks hide the other rows' slots (``LlamaGenRunner``).
+mask) and the guidance scale in a :class:`~mmspec.request.Request` whose prompt is one placeholder token. Image
+position ``i`` (raster order) is sequence position ``cls_token_num + i``; rows accept different numbers of tokens, so
+each row has its own committed length and the 4-D masks hide the other rows' slots (the engine's
+``mmspec.buffer_runner.BufferRunner``, which ``LlamaGenRunner`` extends with LlamaGen's prefix).
 """
 from __future__ import annotations
 

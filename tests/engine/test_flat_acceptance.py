@@ -1,10 +1,11 @@
 """The batched flat acceptance kernel (mmspec.flat_acceptance) by exact enumeration against the tree walk.
 
 The kernel's only randomness is its coins: one uniform per uncertain decision, in order, and one for the next token
-(inverse CDF), so its output is piecewise constant in them. Evaluating it at the midpoint of every cell between the breakpoints a
-correct kernel can have (each decision's acceptance probability; every cumulative sum of each distribution the next
-token can come from) and weighting by the cell's size gives its exact output distribution, which must equal the one
-`enumerate_verdicts` gives for the tree-walk kernels (`accept_speculative`, `accept_point_mass`).
+(inverse CDF), so its output is piecewise constant in them. Evaluating it just inside both ends of every cell between
+the breakpoints a correct kernel can have (each decision's acceptance probability; every cumulative sum of each
+distribution the next token can come from), requiring the two to agree, and weighting by the cell's size gives its
+exact output distribution, which must equal the one `enumerate_verdicts` gives for the tree-walk kernels
+(`accept_speculative`, `accept_point_mass`).
 """
 from __future__ import annotations
 
