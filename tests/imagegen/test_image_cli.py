@@ -88,7 +88,9 @@ def test_zoo_target_is_accepted_by_every_drafter():
     labels = list(range(10))
     ref = generate_tokens(target, torch.tensor(labels), guidance_scale=4.0, temperature=0)
     assert len({tuple(r) for r in ref.tolist()}) == 10  # one distinct image per class
-    for drafter, least in (("jacobi", 1.2), (ImageModelDrafter(draft, 4), 2.0), (ImageHeadDrafter(head, 4), 2.0)):
+    # least: a floor under each drafter's greedy tau on the zoo. The draft LlamaGen's cut recipe (150 steps, to keep the
+    # whole zoo under 30 minutes) reaches 1.70 here; SJD 1.54, the head 3.26 (measured 2026-12-07).
+    for drafter, least in (("jacobi", 1.2), (ImageModelDrafter(draft, 4), 1.5), (ImageHeadDrafter(head, 4), 2.0)):
         out = SpeculativeImagePipeline(target, drafter=drafter)(class_labels=labels, temperature=0,
                                                                 output_type="tokens")
         assert out.tokens.tolist() == ref.tolist()
