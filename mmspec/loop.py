@@ -88,6 +88,7 @@ class GenerationOutput:
 class _Row:
     index: int
     history: list[int]
+    spec: SamplingSpec
     generated: list[int] = field(default_factory=list)
     finish: str | None = None
 
@@ -231,6 +232,10 @@ class SpeculativeDecoder:
             raise ContextOverflowError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the "
                                        f"model's context of {limit} positions; shorten the prompt or max_new_tokens")
         spec = SamplingSpec(temperature, top_k, top_p, repetition_penalty)
+        bad = [i for i, r in enumerate(requests) if r.sampling is not None and not isinstance(r.sampling, SamplingSpec)]
+        if bad:
+            raise GenerationConfigError(f"request(s) {bad} have sampling of another type; pass a "
+                                        "mmspec.SamplingSpec(temperature=..., top_k=..., top_p=...) or None")
         gens = make_generators(seed, len(prompts), self.target.device, generator)
         gens = [g if r.generator is None else r.generator for g, r in zip(gens, requests)]
         for g in gens:
@@ -252,6 +257,7 @@ class Stream:
                  eos: set[int], acceptance=None):
         self.dec, self.requests, self.max_new, self.spec, self.gens, self.eos = dec, requests, max_new, spec, gens, eos
         self.prompts = [r.prompt for r in requests]
+        self.specs = [spec if r.sampling is None else r.sampling for r in requests]  # per request
         self.acceptance = acceptance
         self.stats = GenerationStats(requests=len(requests))
         self.output: GenerationOutput | None = None
@@ -297,11 +303,11 @@ class Stream:
         return sync_time(self.dec.target.device)
 
     def _probs(self, logits: torch.Tensor, history: list[int], draft: Draft | None,
-               argmax_only: bool = True) -> torch.Tensor:
-        """p for the root (row 0) and after each draft node: (N + 1, V). History-dependent processors use each
-        node's own prefix (ALGORITHMS.md §3.1). With a greedy spec and `argmax_only`, processed logits are returned
-        (their argmax is all the greedy rule reads)."""
-        spec = self.spec
+               argmax_only: bool = True, spec: SamplingSpec | None = None) -> torch.Tensor:
+        """p for the root (row 0) and after each draft node: (N + 1, V), under `spec` (the row's; default: the
+        stream's). History-dependent processors use each node's own prefix (ALGORITHMS.md §3.1). With a greedy spec
+        and `argmax_only`, processed logits are returned (their argmax is all the greedy rule reads)."""
+        spec = spec or self.spec
         seen = None
         if spec.uses_history:
             v = logits.shape[-1]
@@ -316,9 +322,9 @@ class Stream:
             return spec.processed_logits(logits, seen)
         return spec.probs(logits, seen)
 
-    def _batched_argmax(self, logits: torch.Tensor, drafts: list[Draft]) -> list[list[int]] | None:
+    def _batched_argmax(self, logits: torch.Tensor, rows: list[_Row]) -> list[list[int]] | None:
         """Greedy without history-dependent processors: one argmax and one host transfer for the whole batch."""
-        if not self.spec.greedy or self.spec.uses_history or self.acceptance is not None:
+        if self.acceptance is not None or not all(r.spec.greedy and not r.spec.uses_history for r in rows):
             return None
         values, top = logits.max(-1)  # a NaN row's max is NaN and a +inf logit is its row's max, so the sum of the
         total = sum(map(sum, values.tolist()))  # maxima (in float64: no overflow) is NaN or +inf when any logit is
@@ -326,15 +332,16 @@ class Stream:
             check_finite(logits)  # raises NonFiniteLogitsError with the count
         return top.tolist()  # (B, M)
 
-    def _batched_sampling(self, logits: torch.Tensor, drafts: list[Draft], gens) -> dict[int, tuple[int, int]] | None:
+    def _batched_sampling(self, logits: torch.Tensor, drafts: list[Draft], gens,
+                          rows: list[_Row]) -> dict[int, tuple[int, int]] | None:
         """Sampling over chains with the lossless rules: one batched call (`mmspec.flat_acceptance`) for every row
         that drafted, with that row's own coins; {row: (accepted, next token)} after one host transfer. Rows that
         drafted nothing sample as target-only decoding does (one multinomial draw), so a request draws the same
         alone and in any batch. None where the per-row walk applies (greedy, trees, history-dependent processors,
         plug-in or relaxed rules)."""
-        spec = self.spec
-        if (not self.dec.batched_acceptance or spec.greedy or spec.uses_history or self.acceptance is not None
-                or self._vector_rule is not None):
+        specs = [r.spec for r in rows]
+        if (not self.dec.batched_acceptance or all(s.greedy for s in specs) or any(s.uses_history for s in specs)
+                or self.acceptance is not None or self._vector_rule is not None):
             return None
         live = [i for i, d in enumerate(drafts) if len(d)]
         if not live or not all(drafts[i].is_chain for i in live):
@@ -345,9 +352,14 @@ class Stream:
         tokens = torch.zeros(len(live), k, dtype=torch.long, device=dev)
         for j, i in enumerate(live):
             tokens[j, : num[j]] = drafts[i].tokens.to(dev)
-        rows = logits[live, : k + 1]
-        total = rows.float().sum()  # NaN / +inf anywhere shows here; read with the tokens, not before
-        p = spec.probs(rows, check=False)  # (L, K + 1, V)
+        block = logits[live, : k + 1]
+        total = block.float().sum()  # NaN / +inf anywhere shows here; read with the tokens, not before
+        mine = [specs[i] for i in live]
+        if all(s == mine[0] for s in mine):
+            p = mine[0].probs(block, check=False)  # (L, K + 1, V)
+        else:  # requests with their own settings: each row warped by its own
+            p = torch.stack([s.probs(block[j], check=False) for j, s in enumerate(mine)])
+        greedy = torch.tensor([s.greedy for s in mine], device=dev)
         q = None
         if any(drafts[i].q is not None for i in live):  # a point-mass row is the one-hot proposal of its tokens
             q = torch.zeros(len(live), k, p.shape[-1], device=dev)
@@ -356,20 +368,20 @@ class Stream:
                 q[j, : num[j]] = d.q.to(dev, torch.float32) if d.q is not None else \
                     torch.nn.functional.one_hot(d.tokens.to(dev), p.shape[-1]).float()
         coins = draw_coins([gens[i] for i in live], num, k, dev)
-        n_acc, nxt = accept_chains(tokens, torch.tensor(num, device=dev), p, q, coins, False)
+        n_acc, nxt = accept_chains(tokens, torch.tensor(num, device=dev), p, q, coins, greedy)
         host = torch.cat([n_acc.double(), nxt.double(), total.double().view(1)]).tolist()  # the step's one transfer
         if host[-1] != host[-1] or host[-1] == math.inf:
-            check_finite(rows)  # raises NonFiniteLogitsError with the count
+            check_finite(block)  # raises NonFiniteLogitsError with the count
         m = len(live)
         return {i: (int(host[j]), int(host[m + j])) for j, i in enumerate(live)}
 
-    def _walk(self, kernel, d: Draft, p: torch.Tensor, gen) -> Verdict:
+    def _walk(self, kernel, d: Draft, p: torch.Tensor, gen, spec: SamplingSpec) -> Verdict:
         """A per-row tree walk. Sampling over a non-empty draft takes the coins the batched kernel would: N + 1
         uniforms from the row's generator, the uncertain decisions using them in order and the next token the
         last one (inverse CDF), so both paths draw alike. Greedy rows and empty drafts keep their own draws (an
         empty draft samples as target-only decoding does: one multinomial draw)."""
         n = len(d)
-        if self.spec.greedy or n == 0:
+        if spec.greedy or n == 0:
             return kernel(d, p, generator=gen)
         coins = torch.rand(n + 1, generator=gen, device=gen.device if gen is not None else p.device)
         decisions = iter(coins[:n].tolist())
@@ -396,8 +408,8 @@ class Stream:
             return list(rule.first_rows(logits.reshape(len(rows), -1, logits.shape[-1])[:, -1], self.gens))
         out = []
         for i, row in enumerate(rows):
-            p = self._probs(logits[i: i + 1], row.history, None)[0]
-            out.append(int(p.argmax()) if self.spec.greedy else sample_from(p, self.gens[i]))
+            p = self._probs(logits[i: i + 1], row.history, None, spec=row.spec)[0]
+            out.append(int(p.argmax()) if row.spec.greedy else sample_from(p, self.gens[i]))
         return out
 
     def _cut(self, row: _Row, tokens: list[int]) -> list[int]:
@@ -418,7 +430,7 @@ class Stream:
         target, drafter = dec.target, dec.drafter
         f0 = drafter.counters.forwards
         t_start = self._sync()
-        rows = [_Row(i, list(p)) for i, p in enumerate(self.prompts)]
+        rows = [_Row(i, list(p), s) for i, (p, s) in enumerate(zip(self.prompts, self.specs))]
         reserve = static_reserve(self.max_new, drafter, len(self.prompts))
         self._own(target, drafter)
         pre = target.prefill(self.requests, want_hidden=drafter.needs_hidden, reserve=reserve)
@@ -427,7 +439,8 @@ class Stream:
             row.history.append(tok)
             row.generated.extend(self._cut(row, [tok]))
             st.new_tokens += len(row.generated)
-        ctx = DraftContext(self.spec, list(self.gens), [r.history for r in rows], list(self.requests))
+        ctx = DraftContext(self.spec, list(self.gens), [r.history for r in rows], list(self.requests),
+                           [r.spec for r in rows])
         drafter.begin(ctx, pre)
         st.time_prefill = self._sync() - t_start
         tm0, dm0 = model_time(target), model_time(drafter)
@@ -454,6 +467,7 @@ class Stream:
             ctx.history[:] = [ctx.history[i] for i in keep]
             ctx.generators[:] = [ctx.generators[i] for i in keep]
             ctx.requests[:] = [ctx.requests[i] for i in keep]
+            ctx.specs[:] = [ctx.specs[i] for i in keep]
         return [rows[i] for i in keep]
 
     @inference  # one mode switch per step (the runners' own are then skipped); none under generate(), which keeps
@@ -475,15 +489,15 @@ class Stream:
         t2 = self._sync()
         st.target_forwards += 1
         paths, updates, events = [], [], []
-        top = self._batched_argmax(out.logits, drafts)
-        flat = self._batched_sampling(out.logits, drafts, ctx.generators)
+        top = self._batched_argmax(out.logits, rows)
+        flat = self._batched_sampling(out.logits, drafts, ctx.generators, rows)
         rule, verdicts = self._vector_rule, None
         if rule is not None:  # continuous tokens: the rule reads the target's rows as they are, for the whole batch
             verdicts = rule.verify_rows(drafts, [out.logits[i, : len(d) + 1] for i, d in enumerate(drafts)],
                                         ctx.generators)  # at once, and returns the tokens
         for i, (row, d) in enumerate(zip(rows, drafts)):
             n = len(d)
-            kernel = select_kernel(self.spec.greedy, d.q is not None, self.acceptance)
+            kernel = select_kernel(row.spec.greedy, d.q is not None, self.acceptance)
             if n:
                 st.note_kernel(getattr(kernel, "name", "custom"), getattr(kernel, "lossless", False))
             if verdicts is not None:
@@ -497,8 +511,9 @@ class Stream:
                 verdict = Verdict(list(range(accepted)), d.token_list[:accepted], None, nxt)
                 toks = verdict.tokens + [nxt]
             else:
-                p = self._probs(out.logits[i, : n + 1], row.history, d, argmax_only=kernel is accept_greedy)
-                verdict = self._walk(kernel, d, p, ctx.generators[i])
+                p = self._probs(out.logits[i, : n + 1], row.history, d, argmax_only=kernel is accept_greedy,
+                                spec=row.spec)
+                verdict = self._walk(kernel, d, p, ctx.generators[i], row.spec)
                 toks = [d.token_list[j] for j in verdict.path] + [verdict.next_token]
             kept = self._cut(row, toks)
             st.record_step(d.depth, len(verdict.path), len(kept), n)

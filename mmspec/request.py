@@ -27,6 +27,8 @@ class Request:
       ``prefill_ratio``).
     generator: this request's own random generator (None: one derived from the stream's seed / generator).
     session: a conversation this request continues; a target may resume the cache the same session left.
+    sampling: this request's own `SamplingSpec` (temperature, top-k, top-p, repetition penalty); None: the stream's.
+      Requests of one batch may differ; each then draws what it would draw alone.
     """
 
     prompt: list[int]
@@ -35,6 +37,7 @@ class Request:
     draft_inputs: dict = field(default_factory=dict)
     generator: torch.Generator | None = None
     session: object | None = None
+    sampling: object | None = None  # mmspec.sampling.SamplingSpec
 
     @property
     def drafter_view(self) -> list[int]:

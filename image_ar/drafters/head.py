@@ -216,7 +216,7 @@ class ImageHeadDrafter:
         depth = min(self.k, max(budgets, default=0))
         if depth <= 0:  # nothing to draft: the known pairs wait for the next step
             return [Draft.empty() for _ in budgets]
-        spec, gens = self.ctx.spec, self.ctx.generators
+        spec, gens = [self.ctx.spec_of(b) for b in range(len(budgets))], self.ctx.generators
         feats = self._feed_known()  # (R, D): predicted features after each row's last true pair
         base = list(self.ragged.lengths)
         toks, qs = [], []

@@ -77,11 +77,11 @@ class JacobiDrafter:
                 known.append(tok)
                 state.append((tok, None))
             self.pending[b], self.last[b] = state, n
-            out.append(Draft.chain([t for t, _ in state], self._q(state)))
+            out.append(Draft.chain([t for t, _ in state], self._q(state, b)))
         return out
 
-    def _q(self, state) -> torch.Tensor | None:
-        if self.ctx.spec.greedy or not state:
+    def _q(self, state, row: int) -> torch.Tensor | None:
+        if self.ctx.spec_of(row).greedy or not state:
             return None
         rows = [q for _, q in state if q is not None]
         ref = rows[0] if rows else None
@@ -96,8 +96,8 @@ class JacobiDrafter:
 
     # --- the Jacobi update ----------------------------------------------------------------------------------------
     def commit(self, updates: Sequence[RowUpdate], verify_out: BlockOutput | None) -> None:
-        spec = self.ctx.spec
         for b, up in enumerate(updates):
+            spec = self.ctx.spec_of(b)
             a, n = len(up.path), self.last[b]
             if a >= n:  # everything accepted: the window restarts fresh after the bonus token
                 self.pending[b] = []

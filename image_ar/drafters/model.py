@@ -28,13 +28,21 @@ def check_draft_depth(k) -> int:
     return k
 
 
-def draw_step(spec, logits: torch.Tensor, gens) -> tuple[torch.Tensor, torch.Tensor | None]:
+def draw_step(specs, logits: torch.Tensor, gens) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One draft token per row from guided logits (B, V): the argmax at temperature 0 (q None), else a sample from
-    q = spec.probs(logits) with the row's own generator; returns (tokens (B,), q (B, V) or None)."""
-    if spec.greedy:
-        return spec.processed_logits(logits).argmax(-1), None
-    q = spec.probs(logits)
-    return torch.cat([torch.multinomial(q[b], 1, generator=gens[b]) for b in range(len(q))]), q
+    q = spec.probs(logits) with the row's own generator; returns (tokens (B,), q (B, V) or None). specs: one
+    SamplingSpec for every row, or a list with one per row (requests with their own settings; a greedy row among
+    sampled ones takes its argmax, recorded as a one-hot q, which greedy verification ignores)."""
+    specs = specs if isinstance(specs, (list, tuple)) else [specs] * len(logits)
+    if all(s.greedy for s in specs):
+        return specs[0].processed_logits(logits).argmax(-1), None
+    if all(s == specs[0] for s in specs):
+        q = specs[0].probs(logits)
+        return torch.cat([torch.multinomial(q[b], 1, generator=gens[b]) for b in range(len(q))]), q
+    q = torch.stack([s.probs(logits[b]) for b, s in enumerate(specs)])
+    toks = [q[b].argmax().view(1) if s.greedy else torch.multinomial(q[b], 1, generator=gens[b])
+            for b, s in enumerate(specs)]
+    return torch.cat(toks), q
 
 
 def chains(toks: list[torch.Tensor], qs: list[torch.Tensor | None], lengths: Sequence[int]) -> list[Draft]:
@@ -119,7 +127,7 @@ class ImageModelDrafter:
         return out
 
     def propose(self, budgets: Sequence[int]) -> list[Draft]:
-        spec, gens = self.ctx.spec, self.ctx.generators
+        spec, gens = [self.ctx.spec_of(b) for b in range(len(budgets))], self.ctx.generators
         want = [min(self.k, b) for b in budgets]  # rows near the image's end draft less (and feed nothing past it)
         logits = self._begin_step(want)
         if logits is None:

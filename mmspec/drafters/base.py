@@ -28,6 +28,18 @@ class DraftContext:
     generators: list[torch.Generator]
     history: list[list[int]]  # per row: prompt + committed tokens (the last one is pending: not yet verified)
     requests: list[Request] = field(default_factory=list)  # per row: the request (the drafter's view, its inputs)
+    specs: list[SamplingSpec] = field(default_factory=list)  # per row: its sampling settings (empty: `spec` for all)
+
+    def spec_of(self, row: int) -> SamplingSpec:
+        """Row `row`'s sampling settings (a request's own, or the stream's)."""
+        return self.specs[row] if self.specs else self.spec
+
+    @property
+    def uniform(self) -> SamplingSpec | None:
+        """The settings every row shares, or None when rows differ."""
+        if not self.specs or all(s == self.specs[0] for s in self.specs):
+            return self.specs[0] if self.specs else self.spec
+        return None
 
 
 @dataclass

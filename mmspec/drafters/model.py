@@ -124,11 +124,12 @@ class ModelDrafter:
         if isinstance(self.tree, DynamicTree):
             return self._propose_dynamic(root_logits, caps)
         if len(caps) == 1 and self.tree.is_chain:
-            if self.ctx.spec.greedy and self.lean_chain:
+            if self.ctx.spec_of(0).greedy and self.lean_chain:
                 return [self._greedy_chain(root_logits, caps[0])]
             return [self._propose_chain(root_logits[0], caps[0])]
         if (len(caps) == 1 and self._plan is not None and self.lean_tree and caps[0] >= self.tree.depth
-                and self.ctx.spec.greedy and not self.runner.kv.static and self.round.length[0] == self.round.start):
+                and self.ctx.spec_of(0).greedy and not self.runner.kv.static
+                and self.round.length[0] == self.round.start):
             return [self._propose_planned(root_logits)]
         return self._propose_static(root_logits, caps)
 
@@ -274,18 +275,26 @@ class ModelDrafter:
     def _children(self, logits: torch.Tensor, n: int, rows: list[int]) -> tuple[list[list[int]], torch.Tensor | None]:
         """First n children for each of P nodes from their draft logits (P, V): top ranks (greedy) or draws without
         replacement from the warped q (sampling, with each request's generator). Returns tokens and q (P, V)."""
-        spec = self.ctx.spec
-        if spec.greedy:
+        specs = [self.ctx.spec_of(r) for r in rows]
+        if all(s.greedy for s in specs):
             return logits.topk(n, dim=-1).indices.tolist(), None
-        q = spec.probs(logits)  # (P, V)
-        support = (q > 0).sum(-1).tolist()
-        picks = [torch.multinomial(q[i], min(n, support[i]), replacement=False,
-                                   generator=self.ctx.generators[r]).tolist() for i, r in enumerate(rows)]
+        if all(s == specs[0] for s in specs):
+            q = specs[0].probs(logits)  # (P, V)
+        else:  # requests with their own settings: a greedy row's children are its top ranks (q None)
+            q = [None if s.greedy else s.probs(logits[i]) for i, s in enumerate(specs)]
+        picks = []
+        for i, (r, s) in enumerate(zip(rows, specs)):
+            if s.greedy:
+                picks.append(logits[i].topk(n).indices.tolist())
+                continue
+            support = int((q[i] > 0).sum())
+            picks.append(torch.multinomial(q[i], min(n, support), replacement=False,
+                                           generator=self.ctx.generators[r]).tolist())
         return picks, q
 
     def _propose_chain(self, logits: torch.Tensor, cap: int) -> Draft:
         """One request, chain draft: the lean path (no masks, no per-level bookkeeping), k - 1 single-token feeds."""
-        spec, rnd, runner = self.ctx.spec, self.round, self.runner
+        spec, rnd, runner = self.ctx.spec_of(0), self.round, self.runner
         toks, qs = [], []
         for depth in range(1, cap + 1):
             if spec.greedy:
@@ -405,9 +414,8 @@ class ModelDrafter:
         return Draft(tokens, parents, q, siblings="without_replacement")
 
     def _propose_dynamic(self, root_logits: torch.Tensor, caps: list[int]) -> list[Draft]:
-        spec = self.ctx.spec
-
-        def logprobs(logits: torch.Tensor) -> torch.Tensor:
+        def logprobs(logits: torch.Tensor, row: int) -> torch.Tensor:
+            spec = self.ctx.spec_of(row)
             if spec.greedy:
                 return torch.log_softmax(logits.float(), -1)
             return spec.probs(logits).log()
@@ -423,9 +431,10 @@ class ModelDrafter:
                         a = parents[r][a]
                     row.append((f, tokens[r][f], anc[::-1]))
                 feed.append(row)
-            return [logprobs(lg) for lg in self._feed_nodes(feed)]
+            return [logprobs(lg, r) for r, lg in enumerate(self._feed_nodes(feed))]
 
-        trees = expand_dynamic(self.tree, logprobs(root_logits), step, caps)
+        root = torch.stack([logprobs(root_logits[r], r) for r in range(len(caps))])
+        trees = expand_dynamic(self.tree, root, step, caps)
         drafts = []
         for r, (tokens, parents, kept) in enumerate(trees):
             remap = {old: new for new, old in enumerate(kept)}

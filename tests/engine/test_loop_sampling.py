@@ -143,3 +143,33 @@ def test_batched_acceptance_matches_target_and_draws_what_the_walk_draws(target,
         assert alone.sequences[0] == together.sequences[i]
     with pytest.raises(Exception, match="batched_acceptance"):
         SpeculativeDecoder(target, None, batched_acceptance="yes")
+
+
+MIXED = [dict(), dict(temperature=1.0, top_k=20), dict(temperature=0.7, top_p=0.9), dict(temperature=1.3)]
+
+
+@pytest.mark.parametrize("tree", ["chain", "static", "dynamic", "ngram"])
+@pytest.mark.parametrize("batched", [True, False])
+def test_requests_with_their_own_settings_draw_alone_what_they_draw_in_a_batch(target, drafters, prompts, tree,
+                                                                                batched):
+    """A batch of 8 requests whose sampling settings differ (greedy, top-k, top-p, temperatures): each request
+    gives what it gives alone under its settings and generator, on every proposal path."""
+    from mmspec import Request
+    from mmspec.sampling import SamplingSpec
+
+    shape = {"chain": 3, "static": StaticTree.full((2, 2)), "dynamic": DynamicTree(topk=3, depth=3, total=8),
+             "ngram": 3}[tree]
+    dec = SpeculativeDecoder(target, "ngram" if tree == "ngram" else drafters["noisy"], tree=shape,
+                             batched_acceptance=batched)
+    specs = [SamplingSpec(**MIXED[i % len(MIXED)]) for i in range(8)]
+    reqs = [Request(list(p), sampling=s, generator=torch.Generator().manual_seed(70 + i))
+            for i, (p, s) in enumerate(zip(prompts[:8], specs))]
+    together = dec.generate(reqs, max_new_tokens=16)
+    for i in range(8):
+        alone = dec.generate([Request(list(prompts[i]), sampling=specs[i],
+                                      generator=torch.Generator().manual_seed(70 + i))], max_new_tokens=16)
+        assert alone.sequences[0] == together.sequences[i], (tree, i, specs[i])
+    greedy = SpeculativeDecoder(target, None).generate(prompts[:1], max_new_tokens=16)  # row 0 is greedy
+    assert together.sequences[0] == greedy.sequences[0]
+    with pytest.raises(Exception, match="SamplingSpec"):
+        dec.generate([Request([1, 2, 3], sampling={"temperature": 1.0})], max_new_tokens=2)
