@@ -22,7 +22,7 @@ from mmspec.tree import Draft
 
 from .acceptance.cspd import head_rows
 from .models.continuous_ar import CFG_SCHEDULES, ContinuousAR, guidance_scales
-from .target import PLACEHOLDER, LlamaGenRunner, RunnerTarget, check_guidance
+from .target import PLACEHOLDER, LlamaGenRunner, RunnerTarget, batch_guidance_scale, check_guidance
 
 
 def check_temperature(temperature) -> float:
@@ -120,7 +120,8 @@ class ContinuousARTarget(RunnerTarget):
         return head_rows(z, token_scales(self._request, token_index.to(z.device), self.num_image_tokens))
 
     def prefill(self, requests: Sequence[Request], want_hidden: bool = False, reserve: int = 0) -> BlockOutput:
-        settings = {sampling_settings(r) for r in requests} if all(isinstance(r, Request) for r in requests) else ()
+        batch_guidance_scale(requests)  # every request has a condition (a typed error names the ones without)
+        settings = {sampling_settings(r) for r in requests}
         if len(settings) > 1:
             raise InvalidInputError(f"the requests of one batch must share guidance and temperature; got "
                                     f"{sorted(settings)}")

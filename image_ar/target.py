@@ -32,6 +32,18 @@ PLACEHOLDER = 0  # the loop's one-token "prompt" per image; the condition travel
 def batch_conditions(requests) -> tuple[torch.Tensor, torch.Tensor | None, float]:
     """The requests' conditions stacked (class labels (B,) or caption embeddings (B, L, C)), their caption masks
     ((B, L) or None) and the guidance scale they share (typed errors name what is missing or differs)."""
+    scale = batch_guidance_scale(requests)
+    cond = torch.stack([torch.as_tensor(r.inputs["condition"]) for r in requests])
+    masks = [r.inputs.get("condition_mask") for r in requests]
+    mask = None if all(m is None for m in masks) else torch.stack([
+        torch.ones(cond.shape[1], dtype=torch.bool) if m is None else torch.as_tensor(m, dtype=torch.bool).cpu()
+        for m in masks])
+    return cond, mask, scale
+
+
+def batch_guidance_scale(requests) -> float:
+    """The guidance scale image requests share (typed errors for requests without a condition or with differing
+    scales)."""
     missing = [i for i, r in enumerate(requests) if not isinstance(r, Request) or "condition" not in r.inputs]
     if missing:
         raise InvalidInputError(f"request(s) {missing} carry no condition: build image requests with "
@@ -39,12 +51,7 @@ def batch_conditions(requests) -> tuple[torch.Tensor, torch.Tensor | None, float
     scales = {float(r.inputs.get("guidance_scale", 1.0)) for r in requests}
     if len(scales) != 1:
         raise InvalidInputError(f"the requests of one batch must share guidance_scale; got {sorted(scales)}")
-    cond = torch.stack([torch.as_tensor(r.inputs["condition"]) for r in requests])
-    masks = [r.inputs.get("condition_mask") for r in requests]
-    mask = None if all(m is None for m in masks) else torch.stack([
-        torch.ones(cond.shape[1], dtype=torch.bool) if m is None else torch.as_tensor(m, dtype=torch.bool).cpu()
-        for m in masks])
-    return cond, mask, scales.pop()
+    return scales.pop()
 
 
 def check_guidance(model: LlamaGen, guidance_scale) -> float:

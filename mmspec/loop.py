@@ -24,7 +24,7 @@ from .errors import (ContextOverflowError, DeviceMismatchError, DraftError, Empt
 from .flat_acceptance import accept_chains, draw_coins, draw_from_cdf
 from .kernels import Verdict, accept_greedy, greedy_walk, select_kernel
 from .request import Request, as_request
-from .sampling import SamplingSpec, check_finite, make_generators, sample_from
+from .sampling import SamplingSpec, check_finite, make_generators, probs_by_row, sample_from
 from .state import capture, restore
 from .stats import GenerationStats
 from .target import CausalLMTarget, sync_time
@@ -355,10 +355,7 @@ class Stream:
         block = logits[live, : k + 1]
         total = block.float().sum()  # NaN / +inf anywhere shows here; read with the tokens, not before
         mine = [specs[i] for i in live]
-        if all(s == mine[0] for s in mine):
-            p = mine[0].probs(block, check=False)  # (L, K + 1, V)
-        else:  # requests with their own settings: each row warped by its own
-            p = torch.stack([s.probs(block[j], check=False) for j, s in enumerate(mine)])
+        p = probs_by_row(mine, block, check=False)  # (L, K + 1, V), each row under its own settings
         greedy = torch.tensor([s.greedy for s in mine], device=dev)
         q = None
         if any(drafts[i].q is not None for i in live):  # a point-mass row is the one-hot proposal of its tokens

@@ -10,7 +10,6 @@ streams (vLLM's ``SamplingParams`` + multimodal data per request plays the same 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Sequence
 
 import torch
 
@@ -58,6 +57,3 @@ def prompt_ids(request) -> list[int]:
 def as_request(value) -> Request:
     return value if isinstance(value, Request) else Request(list(value))
 
-
-def as_requests(values: Sequence) -> list[Request]:
-    return [as_request(v) for v in values]

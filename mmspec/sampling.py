@@ -80,6 +80,14 @@ class SamplingSpec:
         return torch.softmax(flat, dim=-1).reshape(shape)
 
 
+def probs_by_row(specs, logits: torch.Tensor, check: bool = True) -> torch.Tensor:
+    """Distributions (P, ..., V) with row i warped by specs[i]: one batched call when every row shares its settings,
+    else one per row (requests with their own settings)."""
+    if all(s == specs[0] for s in specs):
+        return specs[0].probs(logits, check=check)
+    return torch.stack([s.probs(logits[i], check=check) for i, s in enumerate(specs)])
+
+
 def check_finite(logits: torch.Tensor, what: str = "logits") -> None:
     """Raise NonFiniteLogitsError on NaN / +inf (−inf is a legitimate masked logit)."""
     total = float(logits.sum())  # one reduction: NaN or +inf anywhere shows here (and -inf alone does not)

@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 
 from mmspec.errors import GenerationConfigError, UnsupportedModelError
+from mmspec.state import take_rows
 from mmspec.tree import Draft
 
 from ..acceptance.cspd import TrajectoryDraft, head_rows, sample_chains
@@ -63,12 +64,21 @@ class ContinuousDrafter(ImageModelDrafter):
                 tokens[i, : len(f)] = torch.stack([t.detach().float().cpu() for t in f])
         return tokens
 
+    def begin(self, ctx, prefill) -> None:
+        """ImageModelDrafter's prefill, and each request's first drafted image index (its `prefill_ratio`, read and
+        checked once here rather than every step)."""
+        super().begin(ctx, prefill)
+        self.first_drafted = [
+            math.ceil(check_prefill_ratio(r.draft_inputs.get("prefill_ratio", self.prefill_ratio))
+                      * self.num_image_tokens) for r in ctx.requests]
+
+    def select_rows(self, rows: Sequence[int]) -> None:
+        super().select_rows(rows)
+        take_rows(self, rows, "first_drafted")
+
     def _wants(self, budgets: Sequence[int]) -> list[int]:
-        out = []
-        for h, r, bud in zip(self.ctx.history, self.ctx.requests, budgets):
-            ratio = check_prefill_ratio(r.draft_inputs.get("prefill_ratio", self.prefill_ratio))
-            out.append(0 if len(h) - 1 < math.ceil(ratio * self.num_image_tokens) else min(self.k, bud))
-        return out
+        return [0 if len(h) - 1 < first else min(self.k, bud)
+                for h, first, bud in zip(self.ctx.history, self.first_drafted, budgets)]
 
     def propose(self, budgets: Sequence[int]) -> list[Draft]:
         want = self._wants(budgets)

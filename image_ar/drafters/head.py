@@ -47,7 +47,7 @@ from mmspec.tree import Draft
 
 from .model import chains, check_draft_depth, draw_step
 from ..models.llamagen import LlamaGen, LlamaGenConfig, TransformerBlock, causal_mask, rope_2d
-from ..target import batch_conditions
+from ..target import batch_guidance_scale
 
 CONFIG_NAME, WEIGHTS_NAME, KIND = "config.json", "model.safetensors", "image_ar.head"
 IDENTITY = ("vocab_size", "dim", "grid_size", "cls_token_num")  # what a head must share with its target
@@ -201,7 +201,7 @@ class ImageHeadDrafter:
     # --- protocol -------------------------------------------------------------------------------------------------
     def begin(self, ctx: DraftContext, prefill: BlockOutput) -> None:
         self.ctx = ctx
-        self.scale = batch_conditions(ctx.requests)[2]  # the guidance scale the target runs this batch with
+        self.scale = batch_guidance_scale(ctx.requests)  # the scale the target runs this batch with
         d = self.head.config.dim * (2 if self.guided else 1)
         hidden = prefill.hidden
         if hidden is None or hidden.shape[0] != len(ctx.history) or hidden.shape[-1] != d:

@@ -14,6 +14,7 @@ import torch
 
 from mmspec.drafters.base import DraftContext, DrafterCounters, RowUpdate
 from mmspec.errors import InvalidInputError, UnsupportedModelError
+from mmspec.sampling import probs_by_row
 from mmspec.state import take_rows
 from mmspec.target import BlockOutput
 from mmspec.tree import Draft
@@ -36,10 +37,7 @@ def draw_step(specs, logits: torch.Tensor, gens) -> tuple[torch.Tensor, torch.Te
     specs = specs if isinstance(specs, (list, tuple)) else [specs] * len(logits)
     if all(s.greedy for s in specs):
         return specs[0].processed_logits(logits).argmax(-1), None
-    if all(s == specs[0] for s in specs):
-        q = specs[0].probs(logits)
-        return torch.cat([torch.multinomial(q[b], 1, generator=gens[b]) for b in range(len(q))]), q
-    q = torch.stack([s.probs(logits[b]) for b, s in enumerate(specs)])
+    q = probs_by_row(specs, logits)
     toks = [q[b].argmax().view(1) if s.greedy else torch.multinomial(q[b], 1, generator=gens[b])
             for b, s in enumerate(specs)]
     return torch.cat(toks), q

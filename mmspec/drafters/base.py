@@ -34,13 +34,6 @@ class DraftContext:
         """Row `row`'s sampling settings (a request's own, or the stream's)."""
         return self.specs[row] if self.specs else self.spec
 
-    @property
-    def uniform(self) -> SamplingSpec | None:
-        """The settings every row shares, or None when rows differ."""
-        if not self.specs or all(s == self.specs[0] for s in self.specs):
-            return self.specs[0] if self.specs else self.spec
-        return None
-
 
 @dataclass
 class RowUpdate:

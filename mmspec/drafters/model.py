@@ -17,6 +17,7 @@ import torch
 
 from ..errors import ContextOverflowError, DeviceMismatchError, VocabularyMismatchError
 from ..request import Request
+from ..sampling import probs_by_row
 from ..state import take_rows
 from ..target import BlockOutput, CausalLMRunner, chain_offsets
 from ..tree import Draft, DynamicTree, StaticTree, expand_dynamic
@@ -278,18 +279,14 @@ class ModelDrafter:
         specs = [self.ctx.spec_of(r) for r in rows]
         if all(s.greedy for s in specs):
             return logits.topk(n, dim=-1).indices.tolist(), None
-        if all(s == specs[0] for s in specs):
-            q = specs[0].probs(logits)  # (P, V)
-        else:  # requests with their own settings: a greedy row's children are its top ranks (q None)
-            q = [None if s.greedy else s.probs(logits[i]) for i, s in enumerate(specs)]
-        picks = []
-        for i, (r, s) in enumerate(zip(rows, specs)):
-            if s.greedy:
-                picks.append(logits[i].topk(n).indices.tolist())
-                continue
-            support = int((q[i] > 0).sum())
-            picks.append(torch.multinomial(q[i], min(n, support), replacement=False,
-                                           generator=self.ctx.generators[r]).tolist())
+        q = probs_by_row(specs, logits)  # (P, V)
+        support = (q > 0).sum(-1).tolist()
+        picks = [logits[i].topk(n).indices.tolist() if s.greedy else
+                 torch.multinomial(q[i], min(n, support[i]), replacement=False,
+                                   generator=self.ctx.generators[r]).tolist()
+                 for i, (r, s) in enumerate(zip(rows, specs))]
+        if any(s.greedy for s in specs):  # a greedy row among sampled ones: its top ranks, a deterministic draft
+            q = [None if s.greedy else q[i] for i, s in enumerate(specs)]
         return picks, q
 
     def _propose_chain(self, logits: torch.Tensor, cap: int) -> Draft:
