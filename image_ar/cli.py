@@ -39,7 +39,7 @@ def run_image(args) -> int:
         tree = args.window - 1
     pipe = SpeculativeImagePipeline.from_pretrained(
         target, vq=resolve(args.vq), drafter=None if drafter == "none" else resolve(drafter), device_map=args.device,
-        tree=tree,
+        tree=tree, compile=getattr(args, "compile", None),
         target_config=None if args.grid_size is None else {"grid_size": args.grid_size})
     out = pipe(class_labels=args.class_label, num_images_per_prompt=args.num_images,
                guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

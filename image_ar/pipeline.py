@@ -114,11 +114,14 @@ class SpeculativeImagePipeline:
 
     Continuous targets (a ContinuousAR or ContinuousARTarget): vae (or vq, the same slot) is an AutoencoderKL or
     anything ``load_kl_vae`` takes; drafter is None, a ContinuousAR or its directory; cspd_max_candidates bounds the
-    residual sampler (see image_ar.acceptance.cspd)."""
+    residual sampler (see image_ar.acceptance.cspd). compile: decode over a static cache with compiled forwards
+    (`mmspec.compile`; None = on for CUDA where the target and drafter can: Janus and Emu3 targets can, LlamaGen's
+    buffer-cache models not yet)."""
 
     def __init__(self, target, vq=None, drafter=None, *, vae=None, tree: int | None = None,
                  jacobi_init: str = "random", neighbours_cache: str | Path | None = None,
-                 cspd_max_candidates: int = 1 << 16, draft_tokens: int | None = None, window: int | None = None):
+                 cspd_max_candidates: int = 1 << 16, draft_tokens: int | None = None, window: int | None = None,
+                 compile: bool | None = None):
         from mmspec.compat import renamed
 
         tree = renamed("tree", tree, "draft_tokens", draft_tokens)
@@ -154,7 +157,7 @@ class SpeculativeImagePipeline:
         self.tree, self.jacobi_init = tree, jacobi_init
         self.neighbours_cache = neighbours_cache
         self._drafter = self._make_drafter(drafter)
-        self.decoder = SpeculativeDecoder(self.target, self._drafter)
+        self.decoder = SpeculativeDecoder(self.target, self._drafter, compile=compile)
 
     @classmethod
     def from_pretrained(cls, target, vq=None, drafter=None, *, dtype=torch.float32, device_map=None,

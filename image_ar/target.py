@@ -121,6 +121,10 @@ class RunnerTarget:
     def forward_time(self) -> float:
         return self.runner.forward_time
 
+    def cannot_compile(self) -> str | None:
+        return (f"{type(self.runner).__name__}'s BufferCache attends over the slots written so far, a length that "
+                "grows every step; the compiled path needs attention over a fixed-size buffer")
+
     def _start(self, requests, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
         cond, cond_mask, scale = batch_conditions(requests)
         self.runner.guidance_scale = check_guidance(self.model, scale)

@@ -32,11 +32,12 @@ from typing import Callable
 
 import torch
 
+from .compile import resolve_compile
 from .loop import SpeculativeDecoder
-from .drafters import NGramDrafter
+from .drafters import ModelDrafter, NGramDrafter
 from .testing.pairs import distinct_fraction, layer_pair
 from .tree import DynamicTree, StaticTree
-from .target import model_device, sync_time
+from .target import CausalLMRunner, CausalLMTarget, model_device, sync_time
 
 CHAIN_K = 4
 STATIC_TREE = StaticTree.full((2, 2, 1))
@@ -54,6 +55,9 @@ METHODS: dict[str, str] = {
     "mmspec-eagle2": "model drafter, EAGLE-2 DynamicTree(topk=4, depth=4, total=16)",
     "mmspec-ngram4": f"NGramDrafter(k={CHAIN_K}, max_ngram=3)",
 }
+COMPILED = ("mmspec-plain", "mmspec-chain4", "mmspec-tree221", "mmspec-eagle2")  # rows with a compiled twin
+METHODS.update({f"{n}-compiled": f"{METHODS[n]}, compiled (static cache, torch.compile; `mmspec.compile`)"
+                for n in COMPILED})
 HF_METHODS = ("hf-greedy", "hf-assisted", "hf-prompt-lookup")
 MEMORY_METHODS = ("mmspec-plain", "mmspec-chain4", "mmspec-tree221", "mmspec-eagle2")
 
@@ -216,7 +220,7 @@ def _mm_metrics(stats: list) -> dict:
                 batched_steps=sum(max(x.target_forwards - 1, 0) for x in stats),
                 time_target_model=s("time_target_model"), time_drafter_model=s("time_drafter_model"),
                 time_draft=s("time_draft"), time_verify=s("time_verify"), time_accept=s("time_accept"),
-                time_engine=s("time_engine"), time_prefill=s("time_prefill"),
+                time_engine=s("time_engine"), time_prefill=s("time_prefill"), time_compile=s("time_compile"),
                 lossless=all(x.lossless for x in stats), acceptance="+".join(names))
 
 
@@ -227,7 +231,7 @@ def _mm_run(dec: SpeculativeDecoder, prompts, bs: int, new_tokens: int) -> _Rep:
         out = dec.generate(prompts[i: i + bs], max_new_tokens=new_tokens, temperature=0.0)
         seqs.extend(out.sequences)
         stats.append(out.stats)
-    wall = time.perf_counter() - t0
+    wall = time.perf_counter() - t0 - sum(x.time_compile for x in stats)  # compile time is reported apart
     return _Rep(wall, seqs, _mm_metrics(stats))
 
 
@@ -279,6 +283,7 @@ def _row(name: str, bs: int, reps: list[_Rep], reference: list[list[int]], new_t
         **{f"{part}_ms": (_per_step(reps, fn) if split else None) for part, fn in _PHASES.items()},
         target_model_ms=_per_step(reps, "time_target_model"),
         drafter_model_ms=_per_step(reps, "time_drafter_model"),
+        compile_s=sum(r.m.get("time_compile", 0.0) for r in reps),
         equal=bool(equal and full_length), mismatched_prompts=mismatches,
         deterministic=all(r.sequences == reps[0].sequences for r in reps),
         lossless=bool(m["lossless"]), acceptance=m["acceptance"],
@@ -353,7 +358,7 @@ def _bytes_per_slot(model) -> int:
 def _efficiency_alone(rows: list[dict], target, drafter, prompt: list[int]) -> None:
     """The bs=1 engine efficiency against forwards timed outside the loop (`standalone_costs`): measured speedup
     / (tau * t_fwd(1) / (t_fwd(block) + drafter forwards per step * t_draft)), block = 1 + draft nodes per step."""
-    mine = [r for r in rows if not r["hf"] and r["batch"] == 1 and r["steps"]]
+    mine = [r for r in rows if not r["hf"] and r["batch"] == 1 and r["steps"] and not r["method"].endswith("-compiled")]
     sizes = sorted({1} | {1 + round(r["draft_nodes_per_step"]) for r in mine})
     costs = standalone_costs(target, drafter, prompt, sizes)
     for r in rows:
@@ -366,10 +371,21 @@ def _efficiency_alone(rows: list[dict], target, drafter, prompt: list[int]) -> N
             r["efficiency_alone"] = r["speedup_vs_mmspec_plain"] / r["ideal_speedup_alone"]
 
 
+def compiled_decoders(target, drafter) -> dict[str, SpeculativeDecoder]:
+    """The compiled twins of the COMPILED rows, sharing one target adapter and one drafter runner, so each model's
+    shapes are compiled once for all of them."""
+    tgt, runner = CausalLMTarget(target), CausalLMRunner(drafter)
+    trees = {"mmspec-chain4": CHAIN_K, "mmspec-tree221": STATIC_TREE, "mmspec-eagle2": DYNAMIC_TREE}
+    out = {"mmspec-plain-compiled": SpeculativeDecoder(tgt, None, compile=True)}
+    out.update({f"{n}-compiled": SpeculativeDecoder(tgt, ModelDrafter(runner=runner, tree=t), compile=True)
+                for n, t in trees.items()})
+    return out
+
+
 def run_engine_benchmark(out_dir="bench_out/engine", new_tokens: int = 128, n_prompts: int = 8,
                          batch_sizes=(1, 4), repeats: int = 3, quick: bool = False, progress: bool = True,
                          device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                         pair: dict | None = None) -> dict:
+                         pair: dict | None = None, compile: bool | None = None) -> dict:
     """Run every method (see METHODS) greedily on the same prompts; write result.json / result.md into out_dir.
 
     HF rows run at batch size 1 (transformers' assisted generation takes one sequence); mmspec rows at each batch
@@ -377,7 +393,9 @@ def run_engine_benchmark(out_dir="bench_out/engine", new_tokens: int = 128, n_pr
     prompts, the repeats going round-robin over the methods; the median wall time is reported. quick=True shrinks
     everything for tests (16 tokens, 2 prompts, 1 repeat, batch sizes (1, 2)). device/dtype place the pair
     (greedy equality with transformers is only expected in float32); pair: keyword arguments for `layer_pair`
-    (e.g. hidden=512, layers=8). Returns the result dict (also written as JSON).
+    (e.g. hidden=512, layers=8). compile: also run the compiled twins of the mmspec rows ("-compiled", compared
+    with mmspec-plain-compiled; their compile time is reported apart, `compile_s`); None = on for CUDA. Returns the
+    result dict (also written as JSON).
     """
     from tqdm.auto import tqdm
 
@@ -398,6 +416,9 @@ def run_engine_benchmark(out_dir="bench_out/engine", new_tokens: int = 128, n_pr
         "mmspec-eagle2": SpeculativeDecoder(target, drafter, tree=DYNAMIC_TREE),
         "mmspec-ngram4": SpeculativeDecoder(target, NGramDrafter(k=CHAIN_K, max_ngram=3)),
     }
+    compiled = resolve_compile(compile, target.device)
+    if compiled:
+        decoders.update(compiled_decoders(target, drafter))
     jobs = [(name, 1) for name in HF_METHODS] + [(name, bs) for name in decoders for bs in batch_sizes]
     saved_gen_cfg = drafter.generation_config
     assistant_cfg = copy.deepcopy(saved_gen_cfg)
@@ -423,6 +444,7 @@ def run_engine_benchmark(out_dir="bench_out/engine", new_tokens: int = 128, n_pr
             lambda ps, n=name, b=bs: _mm_run(decoders[n], ps, b, new_tokens))
     reps: dict[tuple[str, int], list[_Rep]] = {job: [] for job in jobs}
     job_s: dict[str, float] = {f"{n} bs={b}": 0.0 for n, b in jobs}
+    warm_compile: dict[tuple[str, int], float] = {}  # compile seconds of each warm-up
     log: list = []
     bar = tqdm(total=len(jobs) * (1 + repeats) + 1, desc="engine bench", disable=not progress, leave=False)
     t_start = time.perf_counter()
@@ -436,7 +458,8 @@ def run_engine_benchmark(out_dir="bench_out/engine", new_tokens: int = 128, n_pr
                     bar.set_postfix_str(f"{name} bs={bs}" + (" warm-up" if rep < 0 else f" run {rep + 1}"))
                     t0 = time.perf_counter()
                     if rep < 0:
-                        runs[(name, bs)](prompts[:bs])  # warm-up on the first batch
+                        warm = runs[(name, bs)](prompts[:bs])  # warm-up on the first batch
+                        warm_compile[(name, bs)] = warm.m.get("time_compile", 0.0)
                     else:
                         reps[(name, bs)].append(runs[(name, bs)](prompts))
                     job_s[f"{name} bs={bs}"] += time.perf_counter() - t0
@@ -452,6 +475,8 @@ def run_engine_benchmark(out_dir="bench_out/engine", new_tokens: int = 128, n_pr
 
     reference = reps[("hf-greedy", 1)][0].sequences
     rows = [_row(name, bs, reps[(name, bs)], reference, new_tokens) for name, bs in jobs]
+    for r in rows:
+        r["compile_s"] += warm_compile.get((r["method"], r["batch"]), 0.0)
     by = {(r["method"], r["batch"]): r for r in rows}
     plain1 = by[("mmspec-plain", 1)]
     t_fwd1 = plain1["target_model_ms"]  # = time_target_model / (target_forwards - 1), median over repeats
@@ -459,13 +484,16 @@ def run_engine_benchmark(out_dir="bench_out/engine", new_tokens: int = 128, n_pr
         base = by.get(("hf-greedy", r["batch"]), by[("hf-greedy", 1)])
         r["speedup_baseline"] = f"hf-greedy bs={base['batch']}"
         r["speedup_vs_hf"] = r["tokens_per_s"] / base["tokens_per_s"]
-        plain = by.get(("mmspec-plain", r["batch"]))
+        compiled_row = r["method"].endswith("-compiled")  # compared with plain decoding compiled alike
+        plain_name = "mmspec-plain-compiled" if compiled_row else "mmspec-plain"
+        plain = by.get((plain_name, r["batch"]))
         r["speedup_vs_mmspec_plain"] = r["tokens_per_s"] / plain["tokens_per_s"] if plain else None
+        own_fwd1 = by[(plain_name, 1)]["target_model_ms"]
         for key in ("overhead", "draft_side", "verify_side", "accept", "other"):
-            r[f"{key}_pct"] = 100.0 * r[f"{key}_ms"] / t_fwd1 if (t_fwd1 and r[f"{key}_ms"] is not None) else None
+            r[f"{key}_pct"] = 100.0 * r[f"{key}_ms"] / own_fwd1 if (own_fwd1 and r[f"{key}_ms"] is not None) else None
         # ALGORITHMS.md §7: measured speedup / (tau * t_fwd(1) / (t_verify(k) + t_draft)), forwards only, bs=1
         busy = r["target_model_ms"] + r["drafter_model_ms"]
-        r["ideal_speedup"] = r["tau"] * t_fwd1 / busy if (not r["hf"] and r["batch"] == 1 and busy) else None
+        r["ideal_speedup"] = r["tau"] * own_fwd1 / busy if (not r["hf"] and r["batch"] == 1 and busy) else None
         r["efficiency"] = (r["speedup_vs_mmspec_plain"] / r["ideal_speedup"]) if r["ideal_speedup"] else None
     _efficiency_alone(rows, target, drafter, prompts[0])
 
@@ -481,7 +509,7 @@ def run_engine_benchmark(out_dir="bench_out/engine", new_tokens: int = 128, n_pr
                     target_layers=target.config.num_hidden_layers, drafter_layers=drafter.config.num_hidden_layers,
                     dtype=str(next(target.parameters()).dtype), new_tokens=new_tokens, n_prompts=n_prompts,
                     prompt_lengths=[len(p) for p in prompts], batch_sizes=list(batch_sizes), repeats=repeats,
-                    quick=quick, temperature=0.0),
+                    quick=quick, temperature=0.0, compile=compiled),
         environment=dict(torch=torch.__version__, transformers=_hf_version(), python=platform.python_version(),
                          machine=platform.machine(), threads=torch.get_num_threads(),
                          device=str(target.device), device_name=_device_name(target.device), cpus=os.cpu_count(), load_avg_start=load_start,
@@ -605,7 +633,12 @@ def to_markdown(result: dict) -> str:
             f"{_f(r['speedup_vs_mmspec_plain'], '{:.2f}x')} | {r['tau']:.2f} | {r['tau_minus_1']:.2f} | "
             f"{r['target_forwards_per_token']:.3f} | {alpha} | {r['drafter_forwards']} | {r['overhead_ms']:.2f} | "
             f"{_f(r['overhead_pct'], '{:.0f}%')} | {eq} | {'yes' if r['lossless'] else 'no'} |")
-    lines += ["", "Methods:", ""] + [f"- `{k}`: {v}" for k, v in METHODS.items()]
+    compiled = [r for r in rows if r["method"].endswith("-compiled")]
+    if compiled:
+        lines += ["", "Compiled rows (`-compiled`) are compared with mmspec-plain-compiled; their overhead % and "
+                  "efficiency use its t_fwd(1). Compile time, kept out of every timing above: "
+                  + ", ".join(f"{r['method']} bs={r['batch']} {r['compile_s']:.1f} s" for r in compiled) + "."]
+    lines += ["", "Methods:", ""] + [f"- `{k}`: {v}" for k, v in METHODS.items() if k in {r["method"] for r in rows}]
     lines += ["", "Speedup vs HF greedy uses HF greedy at the same batch size where it was run, else at bs=1. "
               "HF rows: overhead = wall time outside model forwards per target forward (prefill included)."]
 

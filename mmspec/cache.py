@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 from transformers import Cache, DynamicCache, StaticCache
 
-from .errors import InvalidInputError, UnsupportedModelError
+from .errors import ContextOverflowError, InvalidInputError, UnsupportedModelError
 from .guidance import both_halves, double_rows
 from .inference import inference
 from .state import take_rows
@@ -46,6 +46,7 @@ class RaggedCache:
     width: int = 0
     static: bool = False
     peak_width: int = 0  # largest width reached (memory accounting in benchmarks)
+    compiled: bool = False  # blocks run the compiled forward at bucketed lengths (`mmspec.compile`; static only)
     _plain: bool | None = field(default=None, repr=False, compare=False)  # see _plain_layers
 
     def __post_init__(self):
@@ -65,6 +66,33 @@ class RaggedCache:
         rc = RaggedCache(cache, [0] * batch, 0, kind == "static")
         kv_layers(cache)  # fail early on sliding layers
         return rc
+
+    @inference
+    def to_static(self, model, capacity: int) -> None:
+        """Move the cache into a transformers StaticCache of `capacity` slots (the compiled decode path's
+        preallocated buffers): every written slot is copied once; lengths and width are unchanged. A static cache
+        with enough room is kept as it is."""
+        if self.static and self.key_len >= capacity:
+            return
+        if capacity < self.width:
+            raise ContextOverflowError(f"a static cache of {capacity} slots cannot hold the {self.width} written")
+        static = StaticCache(config=model.config, max_cache_len=int(capacity))
+        old, new = kv_layers(self.cache), kv_layers(static)
+        if len(old) != len(new):
+            raise UnsupportedModelError(f"{type(model).__name__}'s cache has {len(old)} layers but a static cache for "
+                                        f"its config has {len(new)}; it cannot decode over a static cache")
+        for src, dst in zip(old, new):
+            dst.lazy_initialization(src.keys, src.values)
+            dst.keys[:, :, : self.width] = src.keys[:, :, : self.width]
+            dst.values[:, :, : self.width] = src.values[:, :, : self.width]
+            dst.cumulative_length.fill_(self.width)
+        self.cache, self.static, self._plain = static, True, None
+
+    def write_at(self, slot: int) -> None:
+        """Point a static cache's next write at `slot` (after a padded block, at `width`: its padding slots are then
+        overwritten by the next block)."""
+        for layer in kv_layers(self.cache):
+            layer.cumulative_length.fill_(slot)
 
     @property
     def length(self) -> torch.Tensor:
@@ -124,8 +152,7 @@ class RaggedCache:
         drop = self.width - width
         if drop > 0:
             if self.static:
-                for layer in kv_layers(self.cache):
-                    layer.cumulative_length.fill_(width)
+                self.write_at(width)
             elif self._plain_layers():  # the hot path: slice the plain layers' tensors directly (views, no copy)
                 for layer in self.cache.layers:
                     layer.keys = layer.keys[:, :, :width]

@@ -119,7 +119,7 @@ def cmd_generate(args) -> int:
     drafter = args.drafter
     if drafter not in (None, "ngram"):
         drafter = load("drafter", drafter, AutoModelForCausalLM, dtype=dtype).to(args.device)
-    dec = SpeculativeDecoder(target, drafter, tree=args.tree)
+    dec = SpeculativeDecoder(target, drafter, tree=args.tree, compile=args.compile)
     ids = tok(args.prompt)["input_ids"]
     stream = dec.stream([ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                         top_k=args.top_k, top_p=args.top_p, eos_token_id=tok.eos_token_id, seed=args.seed)
@@ -145,7 +145,7 @@ def cmd_chat(args) -> int:
     drafter = None if args.drafter == "none" else args.drafter
     svlm = SpeculativeVLM.from_pretrained(args.target, drafter=drafter, dtype=dtype,
                                           device_map=None if args.device == "cpu" else args.device, tree=args.tree,
-                                          trust_remote_code=args.trust_remote_code)
+                                          trust_remote_code=args.trust_remote_code, compile=args.compile)
     chat = svlm.chat(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                      top_k=args.top_k, seed=args.seed)
     question, images = args.question, args.image or None
@@ -193,7 +193,7 @@ def cmd_bench(args) -> int:
         layers = args.layers[0] if args.layers else None
         pair = {k: v for k, v in (("hidden", args.hidden), ("layers", layers)) if v is not None}
         run_engine_benchmark(out_dir=args.out or "bench_out/engine", new_tokens=args.new_tokens, quick=args.quick,
-                             device=args.device, dtype=getattr(torch, args.dtype), pair=pair)
+                             device=args.device, dtype=getattr(torch, args.dtype), pair=pair, compile=args.compile)
         return 0
     if args.what == "overhead":
         from .bench_overhead import run_overhead_sweep
@@ -209,7 +209,7 @@ def cmd_bench(args) -> int:
         run_vlm_benchmark(out_dir=args.out or "bench_out/vlm", target=args.target or "zoo:vlm",
                           drafters=args.drafter, prompts=args.prompts, new_tokens=min(args.new_tokens, 256),
                           temperatures=temps, repeats=args.repeats, k=args.k, quick=args.quick,
-                          n_prompts=args.num_prompts)
+                          n_prompts=args.num_prompts, compile=args.compile)
         return 0
     if args.what in ("image", "continuous"):
         if args.continuous or args.what == "continuous":
@@ -232,6 +232,20 @@ def cmd_bench(args) -> int:
                                   repeats=1 if args.quick else 3)
         return 0
     raise SystemExit(f"unknown benchmark {args.what!r}")
+
+
+def _compile_value(text: str):
+    values = {"auto": None, "on": True, "off": False}
+    if text.strip().lower() not in values:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected auto, on or off")
+    return values[text.strip().lower()]
+
+
+def add_compile_flag(parser) -> None:
+    """`--compile auto|on|off` (args.compile: None / True / False), the API's `compile=` (`mmspec.compile`)."""
+    parser.add_argument("--compile", type=_compile_value, default=None, metavar="{auto,on,off}",
+                        help="decode over a static cache with compiled forwards (CUDA graphs on GPU); auto (default) "
+                             "= on for CUDA. Compile time is reported apart from decode time")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -271,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint")
+    add_compile_flag(gen)
     gen.add_argument("prompt")
     gen.set_defaults(func=cmd_generate)
 
@@ -290,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--interactive", "-i", action="store_true",
                       help="keep chatting: read follow-ups from stdin ('/image PATH' attaches an image)")
     chat.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint")
+    add_compile_flag(chat)
     chat.add_argument("question")
     chat.set_defaults(func=cmd_chat)
 
@@ -329,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--layers", type=int, nargs="+", default=None,
                        help="target layers of the benchmark pair (engine: one value, default 4; overhead: the depths "
                             "to sweep, default 4 8 12)")
+    add_compile_flag(bench)  # engine: adds compiled twins of the mmspec rows; vlm: our rows compiled
     bench.set_defaults(func=cmd_bench)
     return p
 
@@ -380,6 +397,7 @@ def _add_image_parser(sub) -> None:
     img.add_argument("--seed", type=int, default=0)
     img.add_argument("--device", default="cpu")
     img.add_argument("--out", default="out.png")
+    add_compile_flag(img)
     img.set_defaults(func=cmd_image)
 
 

@@ -20,7 +20,8 @@ import torch
 from .drafters.base import DraftContext, DrafterCounters, RowUpdate
 from .inference import inference
 from .errors import (ContextOverflowError, DeviceMismatchError, DraftError, EmptyPromptError, GenerationConfigError,
-                     InvalidInputError)
+                     InvalidInputError, UnsupportedModelError)
+from .compile import bucket, resolve_compile
 from .flat_acceptance import accept_chains, draw_coins, draw_from_cdf
 from .kernels import Verdict, accept_greedy, greedy_walk, select_kernel
 from .request import Request, as_request
@@ -32,9 +33,34 @@ from .tree import Draft, ancestor_mask
 
 
 def model_time(component) -> float:
-    """Seconds a target / drafter spent inside model forwards so far (0 for train-free drafters)."""
+    """Seconds a target / drafter spent inside model forwards so far (0 for train-free drafters), compiling ones
+    excluded."""
     runner = getattr(component, "runner", component)
     return float(getattr(runner, "forward_time", 0.0))
+
+
+def compile_time(component) -> float:
+    """Seconds a target / drafter spent in forwards that compiled a shape (`mmspec.compile`)."""
+    runner = getattr(component, "runner", component)
+    return float(getattr(runner, "compile_time", 0.0))
+
+
+def compile_setting(value, target, drafter) -> bool:
+    """Resolve `compile=` for a target and drafter: None = on for CUDA where both can; True where one cannot is an
+    UnsupportedModelError naming it and why."""
+    wanted = resolve_compile(value, target.device)
+    if not wanted:
+        return False
+    for name, comp in (("target", target), ("drafter", getattr(drafter, "runner", None))):
+        if comp is None:
+            continue  # a drafter without a model runner (n-gram, none) has nothing to compile
+        why = comp.cannot_compile() if hasattr(comp, "cannot_compile") else \
+            f"{type(comp).__name__} has no compiled decode path"
+        if why and value is None:
+            return False
+        if why:
+            raise UnsupportedModelError(f"compile=True: the {name} cannot decode compiled: {why}; use compile=False")
+    return True
 
 
 _EMPTY = Draft.empty()
@@ -174,10 +200,14 @@ class SpeculativeDecoder:
     whole batch in one call without a host sync (`mmspec.flat_acceptance`) instead of walked per request; None =
     on for accelerators, off on CPU, where the per-request walk costs fewer ops. The two draw alike (same coins),
     so the choice never changes an output.
+    compile: after the prefill, decode over a static cache with the model forwards compiled at bucketed block
+    lengths (`mmspec.compile`; CUDA graphs on GPU); None = on for CUDA, off elsewhere (and off for components that
+    cannot, where True raises). Outputs are the same either way; compile time is reported apart
+    (`stats.time_compile`) and paid once per shape and model.
     """
 
     def __init__(self, target, drafter=None, *, tree=4, acceptance: str | None = None, cache: str = "dynamic",
-                 batched_acceptance: bool | None = None):
+                 batched_acceptance: bool | None = None, compile: bool | None = None):
         from .drafters import ModelDrafter, NGramDrafter
 
         self.target = target if hasattr(target, "verify") else CausalLMTarget(target, cache=cache)
@@ -198,6 +228,7 @@ class SpeculativeDecoder:
             raise InvalidInputError(f"batched_acceptance={batched_acceptance!r}: expected True, False or None (auto)")
         self.batched_acceptance = (torch.device(self.target.device).type != "cpu" if batched_acceptance is None
                                    else batched_acceptance)
+        self.compile = compile_setting(compile, self.target, self.drafter)
 
     def generate(self, input_ids, **kwargs) -> GenerationOutput:
         stream = self.stream(input_ids, **kwargs)
@@ -431,16 +462,19 @@ class Stream:
         reserve = static_reserve(self.max_new, drafter, len(self.prompts))
         self._own(target, drafter)
         pre = target.prefill(self.requests, want_hidden=drafter.needs_hidden, reserve=reserve)
+        if dec.compile:  # room for the blocks' padding too (a block is at most 1 + the drafter's nodes)
+            reserve += bucket(1 + max(getattr(drafter, "max_nodes", 0), getattr(drafter, "max_depth", 0)))
+            target.compile_decode(reserve)
         st.target_forwards += 1
         for row, tok in zip(rows, self._first_tokens(pre.logits, rows)):
             row.history.append(tok)
             row.generated.extend(self._cut(row, [tok]))
             st.new_tokens += len(row.generated)
         ctx = DraftContext(self.spec, list(self.gens), [r.history for r in rows], list(self.requests),
-                           [r.spec for r in rows])
+                           [r.spec for r in rows], compiled=dec.compile, reserve=reserve)
         drafter.begin(ctx, pre)
         st.time_prefill = self._sync() - t_start
-        tm0, dm0 = model_time(target), model_time(drafter)
+        tm0, dm0, c0 = model_time(target), model_time(drafter), self._compiling()
         for row in rows:
             yield TokenEvent(row.index, list(row.generated), row.finish is not None, row.finish)
         rows = self._drop_finished(rows, ctx)
@@ -450,8 +484,14 @@ class Stream:
             rows = self._drop_finished(rows, ctx)
         st.drafter_forwards = drafter.counters.forwards - f0
         st.time_target_model, st.time_drafter_model = model_time(target) - tm0, model_time(drafter) - dm0
-        st.time_total = self._sync() - t_start
+        st.time_compile = self._compiling() - c0
+        st.time_total = self._sync() - t_start - st.time_compile
         self.output = GenerationOutput(self._sequences, self._reasons, st)
+
+    def _compiling(self) -> float:
+        """Compile seconds of the target and drafter so far (0 without `compile`)."""
+        dec = self.dec
+        return compile_time(dec.target) + compile_time(dec.drafter) if dec.compile else 0.0
 
     def _drop_finished(self, rows: list[_Row], ctx: DraftContext) -> list[_Row]:
         for r in rows:
@@ -471,9 +511,10 @@ class Stream:
     def _step(self, rows: list[_Row], ctx: DraftContext) -> list[TokenEvent]:  # the mode on for the whole decode
         dec, st = self.dec, self.stats
         budgets = [self.max_new - len(r.generated) - 1 for r in rows]
+        c0 = self._compiling()
         t0 = self._sync()
         drafts = dec.drafter.propose(budgets)
-        t1 = self._sync()
+        t1, c1 = self._sync(), self._compiling()
         vocab = dec.target.vocab_size
         if len(drafts) != len(rows):
             raise DraftError(f"drafter returned {len(drafts)} draft(s) for {len(rows)} request(s)")
@@ -483,7 +524,7 @@ class Stream:
                 if d.max_depth() > budget:
                     raise DraftError(f"drafter proposed depth {d.max_depth()} with only {budget} token(s) left")
         out = dec.target.verify([r.history[-1] for r in rows], drafts, want_hidden=dec.drafter.needs_hidden)
-        t2 = self._sync()
+        t2, c2 = self._sync(), self._compiling()
         st.target_forwards += 1
         paths, updates, events = [], [], []
         top = self._batched_argmax(out.logits, rows)
@@ -525,8 +566,8 @@ class Stream:
         dec.target.commit(paths)
         dec.drafter.commit(updates, out)
         t3 = self._sync()
-        st.time_draft += t1 - t0
-        st.time_verify += t2 - t1
+        st.time_draft += t1 - t0 - (c1 - c0)  # compile time is reported apart (stats.time_compile)
+        st.time_verify += t2 - t1 - (c2 - c1)
         st.time_accept += t3 - t2
         st.new_tokens += sum(len(e.tokens) for e in events)
         return events

@@ -30,7 +30,8 @@ class GenerationStats:
     time_draft: float = 0.0
     time_verify: float = 0.0
     time_accept: float = 0.0
-    time_total: float = 0.0
+    time_total: float = 0.0  # decode wall time, compile time excluded
+    time_compile: float = 0.0  # forwards that compiled (or captured) a shape under `compile` (`mmspec.compile`)
     time_target_model: float = 0.0  # inside the target's forwards during decoding steps (prefill excluded)
     time_drafter_model: float = 0.0  # inside the drafter's forwards during decoding steps
     acceptance: str = ""
@@ -133,4 +134,5 @@ class GenerationStats:
                 f"target fwd={self.target_forwards} drafter fwd={self.drafter_forwards} | "
                 f"time {self.time_total * 1e3:.0f} ms (prefill {self.time_prefill * 1e3:.0f}, "
                 f"draft {self.time_draft * 1e3:.0f}, verify {self.time_verify * 1e3:.0f}, "
-                f"other {self.time_other * 1e3:.0f}; engine overhead {self.overhead_per_step * 1e3:.2f} ms/step)")
+                f"other {self.time_other * 1e3:.0f}; engine overhead {self.overhead_per_step * 1e3:.2f} ms/step)"
+                + (f" | compile {self.time_compile:.1f} s (not in the time)" if self.time_compile else ""))

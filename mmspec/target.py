@@ -21,6 +21,7 @@ from transformers import DynamicCache
 
 from .cache import RaggedCache
 from .compat import cache_name
+from .compile import CompiledForward, bucket, pad_block
 from .errors import ContextOverflowError, EmptyPromptError, UnsupportedModelError
 from .inference import inference
 from .request import Request, prompt_ids
@@ -104,7 +105,7 @@ class CausalLMRunner(StreamStateful):
     Its attributes hold one generation's state (cache, positions); streams own it (`mmspec.state`)."""
 
     persistent_attributes = frozenset({"model", "cache_kind", "max_cache_len", "device", "dtype", "vocab_size",
-                                       "out_vocab", "max_positions"})
+                                       "out_vocab", "max_positions", "compiled_forward", "compile_time"})
 
     def __init__(self, model: torch.nn.Module, cache: str = "dynamic", max_cache_len: int | None = None):
         if not hasattr(model, "config"):
@@ -118,6 +119,8 @@ class CausalLMRunner(StreamStateful):
         self.max_positions = context_limit(model)
         self.kv: RaggedCache | None = None
         self.forward_time = 0.0  # seconds spent inside the model's forward (engine overhead = the rest)
+        self.compile_time = 0.0  # seconds of forwards that compiled a shape (kept out of forward_time)
+        self.compiled_forward: CompiledForward | None = None  # made on the first compiled decode, then reused
         self._takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._cache_arg = cache_name(model)  # "cache" (transformers >= 5.24) or "past_key_values": read once
         self.next_positions: list[int] = []  # per row: position id of the next token fed
@@ -277,6 +280,8 @@ class CausalLMRunner(StreamStateful):
         model_in = self.model_inputs(tokens.to(self.device), allowed, self.positions(offsets))
         if inputs:
             model_in.update(inputs)
+        if kv.compiled:
+            return self._forward_compiled(model_in, m, want_hidden, keep_last)
         t0 = sync_time(self.device)
         extra = {"logits_to_keep": keep_last} if keep_last and self._takes_logits_to_keep else {}
         out = self.model(**model_in, **{self._cache_arg: kv.cache}, use_cache=True,
@@ -287,6 +292,40 @@ class CausalLMRunner(StreamStateful):
         hidden = select_hidden(out.hidden_states, want_hidden) if want_hidden else None
         logits = out.logits[:, -keep_last:] if keep_last and out.logits.shape[1] > keep_last else out.logits
         return BlockOutput(self._fit(logits), hidden)
+
+    def _forward_compiled(self, model_in: dict, m: int, want_hidden, keep_last: int | None) -> BlockOutput:
+        """`forward_block`'s model call on the compiled path: the block padded to its bucket (`mmspec.compile`),
+        the static cache's write pointer moved back over the padding afterwards. Logits are computed at every
+        position (one graph whatever `keep_last`) and cut to the last `keep_last` real ones."""
+        kv = self.kv
+        size = bucket(m)
+        if kv.width + size > kv.key_len:
+            raise ContextOverflowError(f"static cache of {kv.key_len} slots is full (width {kv.width} + block {m} "
+                                       f"padded to {size}); raise max_cache_len")
+        if self.compiled_forward is None:
+            self.compiled_forward = CompiledForward(self.model, self.device)
+        out, seconds, compiling = self.compiled_forward(
+            self.device, **pad_block(model_in, kv.width, size), **{self._cache_arg: kv.cache}, use_cache=True,
+            output_hidden_states=bool(want_hidden))
+        if compiling:
+            self.compile_time += seconds
+        else:
+            self.forward_time += seconds
+        kv.appended(m)
+        kv.write_at(kv.width)
+        hidden = select_hidden(out.hidden_states, want_hidden)[:, :m] if want_hidden else None
+        first = m - keep_last if keep_last and keep_last < m else 0
+        return BlockOutput(self._fit(out.logits[:, first:m]), hidden)
+
+    def cannot_compile(self) -> str | None:
+        """Why this runner cannot decode compiled (`compile_decode`), or None when it can."""
+        return None
+
+    def compile_decode(self, reserve: int) -> None:
+        """Run the rest of this generation's blocks compiled over a static cache with `reserve` free slots (see
+        `mmspec.compile`); the prefill has run. The cache's keys are copied once."""
+        self.kv.to_static(self.model, self.kv.width + reserve)
+        self.kv.compiled = True
 
     @inference
     def prefill(self, requests: Sequence[Request | Sequence[int]], want_hidden: bool = False,

@@ -148,10 +148,12 @@ def _hf(model, processor, new_tokens: int, **extra):
 
 
 def make_methods(model, processor, drafters: list[tuple[str, object, dict]], *, k: int,
-                 new_tokens: int) -> list[Method]:
+                 new_tokens: int, compile: bool | None = None) -> list[Method]:
     """Plain decoding (ours, transformers), transformers' assisted generation (with the first draft VLM among
-    `drafters`: (name, drafter, SpeculativeVLM kwargs)) and prompt lookup, then our drafters."""
-    methods = [Method("plain decoding (mmspec)", _ours(SpeculativeVLM(model, processor, None), new_tokens), True),
+    `drafters`: (name, drafter, SpeculativeVLM kwargs)) and prompt lookup, then our drafters. compile: our rows'
+    `SpeculativeVLM(compile=)`."""
+    methods = [Method("plain decoding (mmspec)",
+                      _ours(SpeculativeVLM(model, processor, None, compile=compile), new_tokens), True),
                Method("plain decoding (transformers generate)", _hf(model, processor, new_tokens), False)]
     small = next((d for _, d, _ in drafters if isinstance(d, torch.nn.Module) and is_vlm(d)), None)
     if small is not None:
@@ -164,14 +166,15 @@ def make_methods(model, processor, drafters: list[tuple[str, object, dict]], *, 
                           _hf(model, processor, new_tokens, prompt_lookup_num_tokens=k), False))
     for name, drafter, extra in drafters:
         methods.append(Method(f"{name} (mmspec, chain {k})",
-                              _ours(SpeculativeVLM(model, processor, drafter, tree=k, **extra), new_tokens), True))
+                              _ours(SpeculativeVLM(model, processor, drafter, tree=k, compile=compile, **extra),
+                                    new_tokens), True))
     return methods
 
 
 # --- the run --------------------------------------------------------------------------------------------------------
 def run_vlm_benchmark(out_dir="bench_out/vlm", target: str = "zoo:vlm", drafters=None, prompts=None,
                       n_prompts: int = 8, new_tokens: int = 64, temperatures=(0.0, 1.0), repeats: int = 3,
-                      k: int = 4, quick: bool = False, progress: bool = True) -> dict:
+                      k: int = 4, quick: bool = False, progress: bool = True, compile: bool | None = None) -> dict:
     """Run the benchmark (module docstring); `drafters`: a list of paths / "zoo:NAME" / "ngram" (default: every zoo
     drafter when the target is the zoo's, else n-gram only); `prompts`: a JSONL file or dataset directory (default:
     held-out zoo questions). quick: the quick zoo, 2 prompts, 16 tokens, 1 repeat (a smoke run)."""
@@ -194,11 +197,12 @@ def run_vlm_benchmark(out_dir="bench_out/vlm", target: str = "zoo:vlm", drafters
     processor = _load(AutoProcessor, path, "target")
     loaded = [(name, *load_drafter(spec, model, tree=k)) for name, spec in drafters]
     rows = load_prompts(prompts) if prompts else zoo_prompts(n_prompts, processor.image_processor.crop_size["height"])
-    methods = make_methods(model, processor, loaded, k=k, new_tokens=new_tokens)
+    methods = make_methods(model, processor, loaded, k=k, new_tokens=new_tokens, compile=compile)
     tables = [_run_temperature(methods, model, rows, t, repeats, progress) for t in temperatures]
     result = {"config": {"target": str(target), "drafters": [str(s) for _, s in drafters], "prompts": len(rows),
                          "prompt_source": str(prompts) if prompts else "held-out zoo questions",
                          "new_tokens": new_tokens, "k": k, "repeats": repeats, "temperatures": list(temperatures),
+                         "compile": compile,
                          "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
                          "device": str(model.device), "threads": torch.get_num_threads(),
                          "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
@@ -231,10 +235,11 @@ def _run_temperature(methods: list[Method], model, rows: list[dict], temperature
             for m in live[shift:] + live[:shift]:
                 counter = _Counter(model)
                 t0 = time.perf_counter()
+                st = None
                 try:
                     seq, st = m.run(row, temperature, 1000 * rep + i)
                 finally:
-                    spent[id(m)] += time.perf_counter() - t0
+                    spent[id(m)] += time.perf_counter() - t0 - (st.time_compile if st is not None else 0.0)
                     counter.close()
                 made[id(m)] += len(seq)
                 if rep == 0:

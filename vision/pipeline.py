@@ -67,10 +67,13 @@ def check_same_tokenizer(target_tok, drafter_tok) -> None:
 
 
 class SpeculativeVLM:
-    """A VLM target, its processor and a drafter, composed (diffusers-style: components passed in)."""
+    """A VLM target, its processor and a drafter, composed (diffusers-style: components passed in).
+
+    compile: after the prefill, decode over a static cache with the target's and drafter's forwards compiled
+    (`mmspec.compile`); None = on for CUDA (off for sliding-window targets such as Gemma 3)."""
 
     def __init__(self, target, processor, drafter=None, *, tree=4, acceptance: str | None = None,
-                 drafter_processor=None, drafter_tokenizer=None):
+                 drafter_processor=None, drafter_tokenizer=None, compile: bool | None = None):
         self.model, self.processor = target, processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.target = VLMTarget(target)
@@ -78,7 +81,8 @@ class SpeculativeVLM:
         self.text_drafter = False  # a text-only drafter: it sees the prompt without image parts
         self.drafter = self._make_drafter(drafter, tree, drafter_processor, drafter_tokenizer)
         self.target.want_attention = bool(getattr(self.drafter, "needs_attention", False))
-        self.decoder = SpeculativeDecoder(self.target, self.drafter, tree=tree, acceptance=acceptance)
+        self.decoder = SpeculativeDecoder(self.target, self.drafter, tree=tree, acceptance=acceptance,
+                                          compile=compile)
 
     # --- construction -------------------------------------------------------------------------------------------
     def _make_drafter(self, drafter, tree, drafter_processor, drafter_tokenizer):
@@ -104,7 +108,7 @@ class SpeculativeVLM:
     @classmethod
     def from_pretrained(cls, target: str, drafter=None, *, dtype=None, device_map=None, tree=4,
                         acceptance: str | None = None, trust_remote_code: bool = False, torch_dtype=None,
-                        **model_kwargs):
+                        compile: bool | None = None, **model_kwargs):
         """Load the target (AutoModelForImageTextToText + AutoProcessor) and a drafter given as a path/id: a feature
         drafter saved by `mmspec train-drafter` / `save_pretrained` (EAGLE, EAGLE-3, MSD, DREAM; checked to be made
         for this target), a VLM (with its processor) or a causal LM (with its tokenizer), checked to share the
@@ -127,7 +131,7 @@ class SpeculativeVLM:
         processor = _load(AutoProcessor, target, "target", **kw)
         drafter, extra = load_drafter(drafter, model, tree=tree, trust_remote_code=trust_remote_code,
                                       dtype=dtype, device_map=device_map, **model_kwargs)
-        return cls(model, processor, drafter, tree=tree, acceptance=acceptance, **extra)
+        return cls(model, processor, drafter, tree=tree, acceptance=acceptance, compile=compile, **extra)
 
     # --- generation ---------------------------------------------------------------------------------------------
     def _prepare(self, rows: list[dict], session=None) -> list[Request]:

@@ -92,6 +92,12 @@ class VLMRunner(CausalLMRunner):
     def check_model(self, model) -> None:
         return None  # sliding windows are handled here (no eviction, windowed masks)
 
+    def cannot_compile(self) -> str | None:
+        if self.window is not None:
+            return (f"{type(self.model).__name__} has sliding-window layers, whose windowed masks the compiled "
+                    "static-cache path does not build")
+        return None
+
     def forget(self) -> None:
         """Never resume the current cache (after an interrupted or failed turn)."""
         self.owner = None
@@ -220,6 +226,9 @@ class VLMRunner(CausalLMRunner):
             self.next_positions = [self.next_positions[0] - drop]
         suffix = req.input_ids[n:]
         m = len(suffix)
+        if self.kv.static:  # a compiled turn's cache: the new text runs eagerly over it, with room made for it
+            self.kv.compiled = False
+            self.kv.to_static(self.model, self.kv.width + m)
         out = self.forward_block(torch.tensor([suffix]), torch.arange(m)[None], None, keep_last=1)
         self.kv.lengths = [self.kv.width]
         self.next_positions = [self.next_positions[0] + m]

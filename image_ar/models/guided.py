@@ -103,6 +103,17 @@ class GuidedImageTarget:
     def forward_time(self) -> float:
         return self.runner.forward_time
 
+    @property
+    def compile_time(self) -> float:
+        return self.runner.compile_time
+
+    def cannot_compile(self) -> str | None:
+        return self.runner.cannot_compile()
+
+    def compile_decode(self, reserve: int) -> None:
+        """Decode the rest compiled over a static cache (`mmspec.compile`): both rows of every request."""
+        self.runner.compile_decode(reserve)
+
     def requests(self, conditions: Sequence, guidance_scale: float | None = None) -> list[Request]:
         """One engine request per condition (validated here): prompt [0], the condition and the guidance scale
         (None: this target's default) in its inputs."""

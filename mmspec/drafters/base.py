@@ -29,6 +29,8 @@ class DraftContext:
     history: list[list[int]]  # per row: prompt + committed tokens (the last one is pending: not yet verified)
     requests: list[Request] = field(default_factory=list)  # per row: the request (the drafter's view, its inputs)
     specs: list[SamplingSpec] = field(default_factory=list)  # per row: its sampling settings (empty: `spec` for all)
+    compiled: bool = False  # the decode runs compiled: a drafter with a model runner calls its `compile_decode`
+    reserve: int = 0  # cache slots beyond the prompt the generation may need, padding included (for that call)
 
     def spec_of(self, row: int) -> SamplingSpec:
         """Row `row`'s sampling settings (a request's own, or the stream's)."""

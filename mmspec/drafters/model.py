@@ -108,6 +108,8 @@ class ModelDrafter:
                 f"the drafter's context is {limit} positions but a prompt has {max(len(v.prompt) for v in views)} "
                 "tokens; use a drafter with a longer context (or the n-gram drafter)")
         self.runner.prefill(views, reserve=0)
+        if ctx.compiled:
+            self.runner.compile_decode(ctx.reserve)
         self.counters.forwards += 1
         self.uncached = [[h[-1]] for h in ctx.history]
         self.round: _Round | None = None

@@ -13,7 +13,7 @@ from mmspec.testing.pairs import distinct_fraction, layer_pair
 @pytest.fixture(scope="module")
 def quick_result(tmp_path_factory):
     out = tmp_path_factory.mktemp("engine_bench")
-    return out, run_engine_benchmark(out, quick=True, progress=False)
+    return out, run_engine_benchmark(out, quick=True, progress=False, compile=True)  # with the compiled twins
 
 
 def test_files_and_methods(quick_result):
@@ -26,6 +26,17 @@ def test_files_and_methods(quick_result):
         batches = {r["batch"] for r in rows if r["method"] == name}
         assert batches == ({1} if name.startswith("hf-") else {1, 2}), name
     assert {"mmspec-plain", "mmspec-chain4", "mmspec-tree221", "mmspec-eagle2"} <= set(saved["memory"])
+
+
+def test_compiled_rows_report_compile_time_apart(quick_result):
+    out, result = quick_result
+    compiled = [r for r in result["rows"] if r["method"].endswith("-compiled")]
+    assert len(compiled) == 8 and result["config"]["compile"] is True
+    assert sum(r["compile_s"] for r in compiled) > 0  # the first decode of each model compiled
+    assert all(r["compile_s"] == 0 for r in result["rows"] if not r["method"].endswith("-compiled"))
+    by = {(r["method"], r["batch"]): r for r in result["rows"]}
+    assert by[("mmspec-chain4-compiled", 1)]["tau"] == pytest.approx(by[("mmspec-chain4", 1)]["tau"])
+    assert "Compile time, kept out of every timing above" in (out / "result.md").read_text()
 
 
 def test_every_row_is_lossless_and_consistent(quick_result):

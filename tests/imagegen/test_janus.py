@@ -210,3 +210,15 @@ def test_pipeline_greedy_equals_generate_and_decodes(target, refs, drafter):
     assert out.tokens.tolist() == refs["batch"]
     assert len(out.images) == 2 and out.images[0].size == (8, 8)
     assert out.stats.acceptance_grid.shape == (4, 4) and out.stats.lossless
+
+
+def test_compiled_decode_equals_generate(target, refs):
+    """`compile=True` (`mmspec.compile`): both guided rows of each request decode over a static cache with the
+    forward compiled; a noisy drafter's chains and rows leaving at different steps give generate's output."""
+    from mmspec import SpeculativeDecoder
+
+    drafter = ScriptedDrafter(refs["batch"], target.vocab_size, [1.0, 0.5], seed=5)
+    dec = SpeculativeDecoder(target, drafter, compile=True)
+    out = dec.generate(target.requests(PROMPTS), max_new_tokens=target.num_image_tokens, temperature=0.0)
+    assert out.sequences == refs["batch"]
+    assert target.runner.kv.compiled and out.stats.accepted_tokens > 0

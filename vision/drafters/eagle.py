@@ -246,6 +246,14 @@ class EagleDrafter(ModelDrafter):
         self.pairs = PendingPairs(tokens, feats)
         self.prompt_slots = self.pairs.counts()
         self.round = None
+        self.compile_after_feed = ctx.compiled  # the prompt's pairs are fed eagerly (every length), then compiled
+
+    def propose(self, budgets):
+        drafts = super().propose(budgets)
+        if self.compile_after_feed and self.round is not None:
+            self.runner.compile_decode(self.ctx.reserve)
+            self.compile_after_feed = False
+        return drafts
 
     @property
     def uncached(self) -> list[list[int]]:
