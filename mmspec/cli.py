@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import CheckpointError, MMSpecError
+from .errors import CheckpointError, InvalidInputError, MMSpecError
 
 
 def _tree_arg(text: str):
@@ -42,8 +42,6 @@ def all_zoo():
 
 def cmd_zoo(args) -> int:
     """`mmspec zoo list` / `mmspec zoo build [--only NAME ...] [--quick] [--force]` / `mmspec zoo cards`."""
-    from .errors import InvalidInputError
-
     zoo = all_zoo()
     if args.action == "list":
         print(f"zoo directory: {zoo.root}  (set $MMSPEC_ZOO to move it)\n")
@@ -182,6 +180,9 @@ def _next_question() -> tuple[str | None, list | None]:
 
 
 def cmd_bench(args) -> int:
+    if args.compile is not None and args.what not in ("engine", "vlm"):
+        raise InvalidInputError(f"--compile applies to `bench engine` and `bench vlm`, not `bench {args.what}` "
+                                "(its models decode eagerly)")
     if args.what == "engine":
         import torch
 
@@ -191,9 +192,11 @@ def cmd_bench(args) -> int:
             raise SystemExit(f"--layers {' '.join(map(str, args.layers))}: `bench engine` runs one pair (give one "
                              "value); `mmspec bench overhead --layers ...` sweeps several")
         layers = args.layers[0] if args.layers else None
-        pair = {k: v for k, v in (("hidden", args.hidden), ("layers", layers)) if v is not None}
+        pair = {k: v for k, v in (("hidden", args.hidden), ("layers", layers), ("vocab", args.vocab))
+                if v is not None}
         run_engine_benchmark(out_dir=args.out or "bench_out/engine", new_tokens=args.new_tokens, quick=args.quick,
-                             device=args.device, dtype=getattr(torch, args.dtype), pair=pair, compile=args.compile)
+                             device=args.device, dtype=getattr(torch, args.dtype), pair=pair, compile=args.compile,
+                             batch_sizes=tuple(args.batch_sizes))
         return 0
     if args.what == "overhead":
         from .bench_overhead import run_overhead_sweep
@@ -342,6 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--continuous", action="store_true",
                        help="image: the continuous-token AR (target-only vs CSpD) instead of LlamaGen")
     bench.add_argument("--hidden", type=int, default=None, help="hidden size of the benchmark pair (default 256)")
+    bench.add_argument("--vocab", type=int, default=None, help="engine: vocabulary of the benchmark pair "
+                       "(default 512)")
+    bench.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4], help="engine: batch sizes of the "
+                       "mmspec rows (default 1 4)")
     bench.add_argument("--layers", type=int, nargs="+", default=None,
                        help="target layers of the benchmark pair (engine: one value, default 4; overhead: the depths "
                             "to sweep, default 4 8 12)")

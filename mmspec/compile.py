@@ -10,8 +10,9 @@ back over them after the forward, so the next block overwrites them, and every m
 cache's width.
 
 Shapes are compiled with torch's automatic dynamic shapes: the first shape gets a specialised graph, a second one a
-graph generic in the dimensions that changed (batch rows leaving, other bucket lengths), so a decode compiles about
-twice per runner whatever its batch. Compile time is kept apart from decode time: :class:`CompiledForward` counts a
+graph generic in the dimensions that changed (batch rows leaving, other bucket lengths), so a decode compiles a few
+times per runner whatever its batch. A runner's static cache keeps one capacity across generations (`cache_capacity`)
+so the mask width stays put. Compile time is kept apart from decode time: :class:`CompiledForward` counts a
 call as compiling when torch compiled a graph during it (and, under CUDA graphs, for the first two calls of each
 shape, which warm up and then record) and the caller keeps those seconds out of its forward time.
 """
@@ -33,6 +34,12 @@ def bucket(m: int) -> int:
         if m <= size:
             return size
     return -(-m // BUCKETS[-1]) * BUCKETS[-1]
+
+
+def cache_capacity(need: int, previous: int = 0) -> int:
+    """Slots of a runner's static cache: `need` rounded up to a multiple of 256, and never less than the runner's
+    previous capacity, so later generations (other prompt lengths) keep the compiled mask width."""
+    return max(previous, -(-need // 256) * 256)
 
 
 def resolve_compile(value, device) -> bool:
@@ -63,6 +70,9 @@ class CompiledForward:
 
     def __init__(self, model: torch.nn.Module, device):
         self.mode = compile_mode(device)
+        # Every model's graphs are entries of one code object (the forward of its class, shared by a target and a
+        # drafter of one family): leave room for a few per model and bucket, so no shape falls back to eager.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.fn = torch.compile(model.forward, mode=self.mode)
         self.calls: dict[tuple, int] = {}  # shape signature -> calls so far
         self.compile_time = 0.0  # seconds spent in calls that compiled or captured a shape

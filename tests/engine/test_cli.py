@@ -72,3 +72,23 @@ def test_generate_with_a_missing_model_path_is_a_typed_error(tmp_path, capsys):
     assert main(["generate", "--target", missing, "w5"]) == 2
     err = capsys.readouterr().err
     assert "CheckpointError" in err and "no-such-model" in err
+
+
+def test_generate_compiled_gives_the_same_answer(saved_pair, capsys):
+    """`--compile on` decodes over a static cache with compiled forwards: the same text, compile time apart."""
+    tdir, ddir, _, _ = saved_pair
+    args = ["generate", "--target", str(tdir), "--drafter", str(ddir), "--max-new-tokens", "10", "w5 w9 w5 w9"]
+    assert main(args) == 0
+    eager = capsys.readouterr()
+    assert main(args[:1] + ["--compile", "on"] + args[1:]) == 0
+    compiled = capsys.readouterr()
+    assert compiled.out == eager.out
+    assert "compile" in compiled.err and "compile" not in eager.err
+
+
+def test_compile_flag_is_checked(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--target", "x", "--compile", "maybe", "w5"])
+    assert "expected auto, on or off" in capsys.readouterr().err
+    assert main(["bench", "image", "--compile", "on"]) == 2
+    assert "--compile applies to `bench engine` and `bench vlm`" in capsys.readouterr().err
