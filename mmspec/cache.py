@@ -16,6 +16,7 @@ from typing import Sequence
 
 import torch
 from transformers import Cache, DynamicCache, StaticCache
+from transformers.cache_utils import DynamicLayer, LinearAttentionCacheLayerMixin, StaticLayer
 
 from .errors import ContextOverflowError, InvalidInputError, UnsupportedModelError
 from .guidance import both_halves, double_rows
@@ -24,7 +25,8 @@ from .state import take_rows
 
 
 def kv_layers(cache: Cache) -> list:
-    """The per-layer objects holding `.keys` / `.values` (B, H, T, D)."""
+    """The per-layer objects holding `.keys` / `.values` (B, H, T, D): every layer but a hybrid model's recurrent
+    (linear-attention) ones, whose states the engine keeps itself (`mmspec.recurrent`)."""
     layers = getattr(cache, "layers", None)
     if layers is None:
         raise UnsupportedModelError(f"cache of type {type(cache).__name__} has no `.layers`; "
@@ -34,7 +36,11 @@ def kv_layers(cache: Cache) -> list:
             raise UnsupportedModelError(
                 "sliding-window cache layers evict keys that a rejected draft would need back; this adapter "
                 "supports full-attention layers only (see the Gemma3 adapter in vision/ for sliding windows)")
-    return list(layers)
+    return [layer for layer in layers if not _recurrent_only(layer)]
+
+
+def _recurrent_only(layer) -> bool:
+    return isinstance(layer, LinearAttentionCacheLayerMixin) and not isinstance(layer, (DynamicLayer, StaticLayer))
 
 
 @dataclass
@@ -48,6 +54,7 @@ class RaggedCache:
     peak_width: int = 0  # largest width reached (memory accounting in benchmarks)
     compiled: bool = False  # blocks run the compiled forward at bucketed lengths (`mmspec.compile`; static only)
     _plain: bool | None = field(default=None, repr=False, compare=False)  # see _plain_layers
+    _kv: tuple | None = field(default=None, repr=False, compare=False)  # (number of layers, kv layers): see layers
 
     def __post_init__(self):
         self.lengths = [int(v) for v in self.lengths]  # accept a tensor or any int sequence
@@ -67,6 +74,14 @@ class RaggedCache:
         kv_layers(cache)  # fail early on sliding layers
         return rc
 
+    def layers(self) -> list:
+        """`kv_layers` of the cache, listed again only when its number of layers changed (a cache made without a
+        config adds its layers on the first forward)."""
+        n = len(getattr(self.cache, "layers", ()))
+        if self._kv is None or self._kv[0] != n:
+            self._kv = (n, kv_layers(self.cache))
+        return self._kv[1]
+
     @inference
     def to_static(self, model, capacity: int) -> None:
         """Move the cache into a transformers StaticCache of `capacity` slots (the compiled decode path's
@@ -77,7 +92,7 @@ class RaggedCache:
         if capacity < self.width:
             raise ContextOverflowError(f"a static cache of {capacity} slots cannot hold the {self.width} written")
         static = StaticCache(config=model.config, max_cache_len=int(capacity))
-        old, new = kv_layers(self.cache), kv_layers(static)
+        old, new = self.layers(), kv_layers(static)
         if len(old) != len(new):
             raise UnsupportedModelError(f"{type(model).__name__}'s cache has {len(old)} layers but a static cache for "
                                         f"its config has {len(new)}; it cannot decode over a static cache")
@@ -86,12 +101,12 @@ class RaggedCache:
             dst.keys[:, :, : self.width] = src.keys[:, :, : self.width]
             dst.values[:, :, : self.width] = src.values[:, :, : self.width]
             dst.cumulative_length.fill_(self.width)
-        self.cache, self.static, self._plain = static, True, None
+        self.cache, self.static, self._plain, self._kv = static, True, None, None
 
     def write_at(self, slot: int) -> None:
         """Point a static cache's next write at `slot` (after a padded block, at `width`: its padding slots are then
         overwritten by the next block)."""
-        for layer in kv_layers(self.cache):
+        for layer in self.layers():
             layer.cumulative_length.fill_(slot)
 
     @property
@@ -107,7 +122,7 @@ class RaggedCache:
     def key_len(self) -> int:
         """Number of key slots attention sees after appending nothing (static: the whole buffer)."""
         if self.static:
-            return kv_layers(self.cache)[0].max_cache_len
+            return self.layers()[0].max_cache_len
         return self.width
 
     def appended(self, m: int) -> None:
@@ -132,13 +147,13 @@ class RaggedCache:
             new_len[b] = start + len(slots)
         if len(moves) == 1:  # one row: index_select + index_copy_ on its (H, T, D) view
             b, src, dst = moves[0]
-            layers = kv_layers(self.cache)
+            layers = self.layers()
             sd = torch.tensor([src, dst], device=layers[0].keys.device)
             for layer in layers:
                 for t in (layer.keys[b], layer.values[b]):
                     t.index_copy_(1, sd[1], t.index_select(1, sd[0]))  # select copies first: overlap-safe
         elif moves:  # several rows: one gather and one scatter per layer tensor for all of them (the gather
-            layers = kv_layers(self.cache)  # copies first, so overlapping source and target slots are safe)
+            layers = self.layers()  # copies first, so overlapping source and target slots are safe)
             rows = [b for b, src, _ in moves for _ in src]
             row, src, dst = torch.tensor([rows, [s for _, src, _ in moves for s in src],
                                           [d for _, _, dst in moves for d in dst]], device=layers[0].keys.device)
@@ -154,19 +169,18 @@ class RaggedCache:
             if self.static:
                 self.write_at(width)
             elif self._plain_layers():  # the hot path: slice the plain layers' tensors directly (views, no copy)
-                for layer in self.cache.layers:
+                for layer in self.layers():
                     layer.keys = layer.keys[:, :, :width]
                     layer.values = layer.values[:, :, :width]
             else:
-                self.cache.crop(-drop)  # transformers 5.x: a negative count removes slots (a view, no copy)
+                for layer in self.layers():  # transformers 5.x: a negative count removes slots (a view)
+                    layer.crop(-drop)
         self.width = width
 
     def _plain_layers(self) -> bool:
         """Every layer is transformers' plain DynamicLayer (no extra per-layer state for crop to keep in step)."""
         if self._plain is None:
-            from transformers.cache_utils import DynamicLayer
-
-            layers = getattr(self.cache, "layers", [])
+            layers = self.layers()
             if not layers or not all(getattr(layer, "is_initialized", True) for layer in layers):
                 return False  # decide once every layer holds tensors
             self._plain = all(type(layer) is DynamicLayer for layer in layers)
@@ -176,20 +190,23 @@ class RaggedCache:
     def select_rows(self, rows: Sequence[int]) -> None:
         """Keep only the given batch rows (finished requests leave the batch)."""
         idx = torch.as_tensor(list(rows), dtype=torch.long)
-        for layer in kv_layers(self.cache):
+        for layer in self.layers():
             if getattr(layer, "keys", None) is None or not getattr(layer, "is_initialized", True):
                 continue
             layer.keys = layer.keys[idx.to(layer.keys.device)]
             layer.values = layer.values[idx.to(layer.values.device)]
             if hasattr(layer, "batch_size"):
                 layer.batch_size = len(idx)
+            if self.compiled:  # new buffers: CUDA graphs update them in place only at marked addresses
+                torch._dynamo.mark_static_address(layer.keys)
+                torch._dynamo.mark_static_address(layer.values)
         take_rows(self, rows, "lengths")
         self._truncate(max(self.lengths, default=0))
 
     def slot_bytes(self) -> int:
         """Bytes held by the key/value tensors (storage actually allocated), for memory benchmarks."""
         total = 0
-        for layer in kv_layers(self.cache):
+        for layer in self.layers():
             for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
                 if t is not None:
                     total += t.untyped_storage().nbytes()

@@ -9,6 +9,7 @@ are made (M-RoPE, images).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import time
@@ -21,9 +22,10 @@ from transformers import DynamicCache
 
 from .cache import RaggedCache
 from .compat import cache_name
-from .compile import CompiledForward, bucket, pad_block
+from .compile import CompiledForward, bucket, cache_capacity, pad_block
 from .errors import ContextOverflowError, EmptyPromptError, UnsupportedModelError
 from .inference import inference
+from .recurrent import RecurrentStates, block_mode, block_parents, prompt_mode, recurrent_layers
 from .request import Request, prompt_ids
 from .state import StreamStateful, take_rows
 from .tree import Draft, ancestor_mask
@@ -105,7 +107,8 @@ class CausalLMRunner(StreamStateful):
     Its attributes hold one generation's state (cache, positions); streams own it (`mmspec.state`)."""
 
     persistent_attributes = frozenset({"model", "cache_kind", "max_cache_len", "device", "dtype", "vocab_size",
-                                       "out_vocab", "max_positions", "compiled_forward", "compile_time"})
+                                       "out_vocab", "max_positions", "compiled_forward", "compile_time",
+                                       "static_capacity", "recurrent_layers"})
 
     def __init__(self, model: torch.nn.Module, cache: str = "dynamic", max_cache_len: int | None = None):
         if not hasattr(model, "config"):
@@ -121,6 +124,7 @@ class CausalLMRunner(StreamStateful):
         self.forward_time = 0.0  # seconds spent inside the model's forward (engine overhead = the rest)
         self.compile_time = 0.0  # seconds of forwards that compiled a shape (kept out of forward_time)
         self.compiled_forward: CompiledForward | None = None  # made on the first compiled decode, then reused
+        self.static_capacity = 0  # slots of the compiled path's static caches (grows, never shrinks)
         self._takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._cache_arg = cache_name(model)  # "cache" (transformers >= 5.24) or "past_key_values": read once
         self.next_positions: list[int] = []  # per row: position id of the next token fed
@@ -128,6 +132,8 @@ class CausalLMRunner(StreamStateful):
         self._zeros: torch.Tensor | None = None  # cached additive zeros for `open_prefix`
         self._zero: torch.Tensor | None = None  # 0-dim zero in the model's dtype, for `additive`
         self._tree_templates: dict[int, tuple] = {}  # id(tree visibility) -> (it, its additive form), see verify
+        self.recurrent_layers = recurrent_layers(model)  # index -> module of each linear-attention layer ({}: none)
+        self.states: RecurrentStates | None = None  # their per-request states (`mmspec.recurrent`)
 
     def check_model(self, model: torch.nn.Module) -> None:
         """Refuse models this adapter cannot drive exactly. Subclasses that handle sliding windows override it."""
@@ -141,6 +147,8 @@ class CausalLMRunner(StreamStateful):
         """Keyword arguments of the model's forward for a block: ids (B, M), visibility (B, M, K) bool or None for
         the model's own causal mask, positions from `positions()`. Subclasses add family-specific inputs."""
         mask = None if allowed is None else self._float_mask(allowed)
+        if mask is not None and self.recurrent_layers:  # the recurrent layers take no mask (mmspec.recurrent)
+            mask = {"full_attention": mask, "linear_attention": None}
         return {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
 
     # --- masks and positions ------------------------------------------------------------------------------------
@@ -260,14 +268,15 @@ class CausalLMRunner(StreamStateful):
     def forward_block(self, tokens: torch.Tensor, offsets: torch.Tensor, block_allowed: torch.Tensor | None,
                       want_hidden: bool = False, existing: torch.Tensor | str | None = None,
                       full_mask: torch.Tensor | None = None, keep_last: int | None = None,
-                      inputs: dict | None = None) -> BlockOutput:
+                      inputs: dict | None = None, prompt_lengths: Sequence[int] | None = None) -> BlockOutput:
         """Append a (B, M) block: tokens, position offsets (B, M), intra-block visibility (B, M, M) or None for
         causal, and which already-written slots each block token sees (see `block_mask`); or the whole visibility
         at once as `full_mask`: (B, M, K) bool (see `empty_mask`) or an additive float (B, 1, M, K) mask.
 
         keep_last: compute logits only for the last `keep_last` positions (transformers' `logits_to_keep`), so a
         long prompt never materialises a (T, V) logits tensor; the returned logits are (B, keep_last, V).
-        inputs: more keyword arguments of the model's forward for this block (a feature drafter's `features`)."""
+        inputs: more keyword arguments of the model's forward for this block (a feature drafter's `features`).
+        prompt_lengths: the block is the requests' prompts, of these lengths (prefill; see `mmspec.recurrent`)."""
         kv = self.kv
         m = tokens.shape[1]
         if kv.static and kv.width + m > kv.key_len:
@@ -284,14 +293,29 @@ class CausalLMRunner(StreamStateful):
             return self._forward_compiled(model_in, m, want_hidden, keep_last)
         t0 = sync_time(self.device)
         extra = {"logits_to_keep": keep_last} if keep_last and self._takes_logits_to_keep else {}
-        out = self.model(**model_in, **{self._cache_arg: kv.cache}, use_cache=True,
-                         output_hidden_states=bool(want_hidden),
-                         **extra)
+        with self._recurrent_mode(block_allowed, full_mask, tokens.shape[0], m, prompt_lengths):
+            out = self.model(**model_in, **{self._cache_arg: kv.cache}, use_cache=True,
+                             output_hidden_states=bool(want_hidden), **extra)
         self.forward_time += sync_time(self.device) - t0
         kv.appended(m)
         hidden = select_hidden(out.hidden_states, want_hidden) if want_hidden else None
         logits = out.logits[:, -keep_last:] if keep_last and out.logits.shape[1] > keep_last else out.logits
         return BlockOutput(self._fit(logits), hidden)
+
+    def _recurrent_mode(self, block_allowed, full_mask, b: int, m: int, prompt_lengths):
+        """How the recurrent layers run this forward (`mmspec.recurrent`): each prompt alone, or node by node from
+        the parents the block's visibility gives; nothing for models without such layers."""
+        if not self.recurrent_layers:
+            return contextlib.nullcontext()
+        if prompt_lengths is not None:
+            self._prompt_states = {}
+            return prompt_mode(self.recurrent_layers, prompt_lengths, self._prompt_states)
+        if full_mask is not None:
+            width = self.kv.width
+            block = full_mask[:, 0, :, width: width + m] == 0 if full_mask.is_floating_point() else \
+                full_mask[:, :, width: width + m]
+            return block_mode(self.recurrent_layers, self.states, block_parents(block, b, m))
+        return block_mode(self.recurrent_layers, self.states, block_parents(block_allowed, b, m))
 
     def _forward_compiled(self, model_in: dict, m: int, want_hidden, keep_last: int | None) -> BlockOutput:
         """`forward_block`'s model call on the compiled path: the block padded to its bucket (`mmspec.compile`),
@@ -319,12 +343,16 @@ class CausalLMRunner(StreamStateful):
 
     def cannot_compile(self) -> str | None:
         """Why this runner cannot decode compiled (`compile_decode`), or None when it can."""
+        if self.recurrent_layers:
+            return (f"{type(self.model).__name__} has linear-attention layers, whose per-node state steps "
+                    "(mmspec.recurrent) run eagerly")
         return None
 
     def compile_decode(self, reserve: int) -> None:
         """Run the rest of this generation's blocks compiled over a static cache with `reserve` free slots (see
         `mmspec.compile`); the prefill has run. The cache's keys are copied once."""
-        self.kv.to_static(self.model, self.kv.width + reserve)
+        self.static_capacity = cache_capacity(self.kv.width + reserve, self.static_capacity)
+        self.kv.to_static(self.model, self.static_capacity)
         self.kv.compiled = True
 
     @inference
@@ -360,7 +388,11 @@ class CausalLMRunner(StreamStateful):
         # Padding queries may see anything causal; their slots are never marked valid.
         allowed = causal & ((k_idx.unsqueeze(0) < length[:, None, None]) | (q_idx.unsqueeze(0) >= length[:, None, None]))
         keep = t - min(lens) + 1  # logits are needed at each row's last prompt token only
-        out = self.forward_block(ids, torch.arange(t).expand(b, t), allowed, want_hidden, keep_last=keep)
+        out = self.forward_block(ids, torch.arange(t).expand(b, t), allowed, want_hidden, keep_last=keep,
+                                 prompt_lengths=lens)
+        if self.recurrent_layers:
+            self.states = RecurrentStates(self._prompt_states["conv"], self._prompt_states["rec"])
+            del self._prompt_states
         self.kv.lengths = list(lens)
         self.next_positions = list(lens)
         last = (length - 1).to(out.logits.device)
@@ -369,11 +401,15 @@ class CausalLMRunner(StreamStateful):
 
     def commit(self, keep: Sequence[Sequence[int]], block_start: int) -> None:
         """Keep block slots `keep[b]` (indices within the last block, ascending) for each row."""
+        if self.states is not None:  # each row's recurrent state: its last kept node's
+            self.states.keep([ks[-1] if ks else None for ks in keep])
         self.kv.compact([[block_start + j for j in ks] for ks in keep])
         self.next_positions = [p + len(k) for p, k in zip(self.next_positions, keep)]
 
     def select_rows(self, rows: Sequence[int]) -> None:
         self.kv.select_rows(rows)
+        if self.states is not None:
+            self.states.select_rows(rows)
         take_rows(self, rows, "next_positions")
 
 
@@ -456,7 +492,8 @@ class CausalLMTarget(CausalLMRunner):
         tokens, offsets, allowed = draft_block(pending, drafts)
         kv = self.kv
         self._block_start = kv.width
-        if allowed is not None and len(drafts) == 1 and not kv.static and kv.lengths[0] == kv.width:
+        if (allowed is not None and len(drafts) == 1 and not kv.static and kv.lengths[0] == kv.width
+                and not self.recurrent_layers):
             # One request's tree over a hole-free cache: `allowed` is its shape's cached visibility, so its additive
             # form is cached too and the mask is one concatenation with the open prefix.
             mask = torch.cat([self.open_prefix(1, tokens.shape[1], kv.width), self._tree_template(allowed)], dim=-1)

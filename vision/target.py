@@ -22,7 +22,8 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from transformers import DynamicCache
 
-from mmspec.cache import RaggedCache
+from mmspec.cache import RaggedCache, kv_layers
+from mmspec.recurrent import RecurrentStates
 from mmspec.compat import cache_kwargs
 from mmspec.errors import ContextOverflowError, EmptyPromptError
 from mmspec.request import Request
@@ -93,10 +94,11 @@ class VLMRunner(CausalLMRunner):
         return None  # sliding windows are handled here (no eviction, windowed masks)
 
     def cannot_compile(self) -> str | None:
-        if self.window is not None:
-            return (f"{type(self.model).__name__} has sliding-window layers, whose windowed masks the compiled "
-                    "static-cache path does not build")
-        return None
+        why = super().cannot_compile()
+        if why or self.window is None:
+            return why
+        return (f"{type(self.model).__name__} has sliding-window layers, whose windowed masks the compiled "
+                "static-cache path does not build")
 
     def forget(self) -> None:
         """Never resume the current cache (after an interrupted or failed turn)."""
@@ -143,16 +145,22 @@ class VLMRunner(CausalLMRunner):
         """One native forward over rows of equal length and input shapes (batched exactly as the processor would)."""
         ids = torch.tensor([r.input_ids for r in reqs], device=self.device)
         pos, next_pos = self._positions(reqs, ids)
-        cache = DynamicCache()  # full layers only: nothing is evicted (sliding windows are masked instead)
+        # Full layers only: nothing is evicted (sliding windows are masked instead); a hybrid model's cache needs its
+        # config to know which layers are recurrent (their states are kept by the engine: mmspec.recurrent)
+        cache = DynamicCache(config=self.model.config) if self.recurrent_layers else DynamicCache()
         extra = {"logits_to_keep": 1} if self._takes_logits_to_keep else {}
         inputs = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch_inputs(reqs).items()}
         t0 = sync_time(self.device)
         probe = AttentionProbe(self.model, [-1], last_query_mass) if self.want_attention else None
-        with probe or contextlib.nullcontext():
+        lengths = [ids.shape[1]] * ids.shape[0]
+        with probe or contextlib.nullcontext(), self._recurrent_mode(None, None, *ids.shape, lengths):
             out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=pos,
                              **cache_kwargs(self.model, cache), use_cache=True,
                              output_hidden_states=bool(want_hidden), **inputs, **extra)
         self.forward_time += sync_time(self.device) - t0
+        states = getattr(self, "_prompt_states", None)
+        self.__dict__.pop("_prompt_states", None)
+        cache.recurrent = states  # this group's recurrent states (None without recurrent layers), for the merge
         hidden = select_hidden(out.hidden_states, want_hidden) if want_hidden else None  # (G, T, H): every position
         attention = probe.records[0][-1] if probe is not None else None  # (G, T) the last token's, last layer
         return out.logits[:, -1], hidden, attention, cache, next_pos
@@ -188,6 +196,9 @@ class VLMRunner(CausalLMRunner):
                 attention[i] = att[j] if att is not None else None
                 caches[i] = (cache, j)
         self.kv = merge_row_caches(caches, [len(r.input_ids) for r in reqs])
+        if self.recurrent_layers:  # each row's states, from its group's prefill
+            self.states = RecurrentStates(*({i: torch.cat([c.recurrent[key][i][j: j + 1] for c, j in caches])
+                                             for i in self.recurrent_layers} for key in ("conv", "rec")))
         self.last_prefill = {"tokens": sum(len(r.input_ids) for r in reqs), "resumed": False}
         self.next_positions = next_pos
         self.row_ids = [list(r.input_ids) for r in reqs]
@@ -204,8 +215,8 @@ class VLMRunner(CausalLMRunner):
             return False
         cached, new = self.row_ids[0], req.input_ids
         n = common_prefix(cached, new)
-        if n == 0 or n == len(new):
-            return False
+        if n == 0 or n == len(new) or (self.recurrent_layers and n < len(cached)):
+            return False  # (a recurrent state cannot go back before the cache's end)
         image_ids = self.image_token_ids()
         return not any(t in image_ids for t in cached[n:]) and not any(t in image_ids for t in new[n:])
 
@@ -230,6 +241,8 @@ class VLMRunner(CausalLMRunner):
             self.kv.compiled = False
             self.kv.to_static(self.model, self.kv.width + m)
         out = self.forward_block(torch.tensor([suffix]), torch.arange(m)[None], None, keep_last=1)
+        if self.states is not None:
+            self.states.keep([m - 1])  # the suffix ran as a chain: its last token's state
         self.kv.lengths = [self.kv.width]
         self.next_positions = [self.next_positions[0] + m]
         self.last_prefill = {"tokens": m, "resumed": True}
@@ -280,16 +293,24 @@ def merge_row_caches(rows: list[tuple[DynamicCache, int]], lengths: list[int]) -
             len(set(lengths)) == 1:  # one group in order: the cache is already the batch
         return RaggedCache(first, list(lengths), lengths[0], peak_width=lengths[0])
     width = max(lengths)
-    data = []
-    for layer_idx in range(len(first.layers)):
+    merged, attention = {}, {id(layer) for layer in kv_layers(first)}
+    for layer_idx, layer in enumerate(first.layers):
+        if id(layer) not in attention:
+            continue  # a recurrent layer: its states are the engine's (mmspec.recurrent)
         ks, vs = [], []
         for c, j in rows:
             k, v = c.layers[layer_idx].keys[j: j + 1], c.layers[layer_idx].values[j: j + 1]
             pad = width - k.shape[2]
             ks.append(torch.nn.functional.pad(k, (0, 0, 0, pad)))
             vs.append(torch.nn.functional.pad(v, (0, 0, 0, pad)))
-        data.append((torch.cat(ks), torch.cat(vs)))
-    return RaggedCache(DynamicCache(ddp_cache_data=data), list(lengths), width, peak_width=width)
+        merged[layer_idx] = (torch.cat(ks), torch.cat(vs))
+    if len(merged) == len(first.layers):
+        cache = DynamicCache(ddp_cache_data=[merged[i] for i in range(len(first.layers))])
+    else:  # a hybrid model's cache (its layers typed by its config): the attention layers take the merged keys
+        cache = first
+        for i, (k, v) in merged.items():
+            cache.layers[i].keys, cache.layers[i].values = k, v
+    return RaggedCache(cache, list(lengths), width, peak_width=width)
 
 
 class VLMTarget(VLMRunner, CausalLMTarget):

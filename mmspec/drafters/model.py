@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from ..errors import ContextOverflowError, DeviceMismatchError, VocabularyMismatchError
+from ..errors import ContextOverflowError, DeviceMismatchError, UnsupportedModelError, VocabularyMismatchError
 from ..request import Request
 from ..sampling import probs_by_row
 from ..state import take_rows
@@ -69,6 +69,11 @@ class ModelDrafter:
         if (model is None) == (runner is None):
             raise TypeError("ModelDrafter takes exactly one of model= or runner=")
         self.runner = runner if runner is not None else CausalLMRunner(model, cache=cache)
+        if self.runner.recurrent_layers:
+            raise UnsupportedModelError(
+                f"{type(self.runner.model).__name__} has linear-attention layers: as a draft model its recurrent "
+                "state would be needed per tree level across feeds, which ModelDrafter does not keep; use it as the "
+                "target, with an n-gram, EAGLE or MTP drafter")
         self._plan = TreePlan.build(self.tree, self.runner.device) if isinstance(self.tree, StaticTree) else None
         self._plan_masks: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (level, n_uncached) -> mask, offsets
         self.shared_tokenizer = shared_tokenizer

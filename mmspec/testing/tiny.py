@@ -32,6 +32,21 @@ def tiny_llama(seed: int = 0, vocab: int = 96, hidden: int = 64, layers: int = 2
     return model.to(dtype).eval()
 
 
+def tiny_qwen3_5(seed: int = 0, vocab: int = 96, hidden: int = 64, layers: int = 4, std: float = 0.2,
+                 interval: int = 2) -> torch.nn.Module:
+    """A tiny random Qwen3.5 text model (`Qwen3_5ForCausalLM`): Gated DeltaNet linear-attention layers with a full
+    attention layer every `interval` layers (the hybrid layout; Qwen3.5 itself uses 4), widened like `tiny_llama`."""
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+
+    cfg = Qwen3_5TextConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, max_position_embeddings=512,
+                            linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16,
+                            linear_num_key_heads=2, linear_num_value_heads=4, full_attention_interval=interval,
+                            bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return widen_(Qwen3_5ForCausalLM(cfg), std, seed).float().eval()
+
+
 @torch.no_grad()
 def noisy_copy(model: torch.nn.Module, noise: float, seed: int = 1) -> torch.nn.Module:
     """A drafter that agrees with `model` only sometimes: a copy with Gaussian noise on its output head."""

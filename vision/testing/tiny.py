@@ -351,6 +351,24 @@ def _qwen3_vl(seed, text_layers, hidden, std, vision_hidden, vision_layers) -> T
     return _finish("qwen3_vl", Qwen3VLForConditionalGeneration, config, processor, 32, seed, std)
 
 
+def _qwen3_5(seed, text_layers, hidden, std, vision_hidden, vision_layers) -> TinyVLM:
+    """Qwen3.5: Qwen3-VL's processor and M-RoPE, a text model of Gated DeltaNet linear-attention layers with full
+    attention every second layer (the real checkpoints: every fourth)."""
+    from transformers import (Qwen3_5Config, Qwen3_5ForConditionalGeneration, Qwen3VLProcessor,
+                              Qwen3VLVideoProcessor)
+
+    processor = _qwen_processing(Qwen3VLProcessor, Qwen3VLVideoProcessor, None)
+    tok = processor.tokenizer
+    text = dict(_qwen_text(tok, hidden, text_layers, qwen3=True), partial_rotary_factor=1.0,
+                linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+                linear_num_value_heads=4, full_attention_interval=2)
+    vision = dict(depth=vision_layers, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_heads=2,
+                  patch_size=4, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=hidden,
+                  num_position_embeddings=64)
+    config = Qwen3_5Config(text_config=text, vision_config=vision, **_qwen_ids(tok))
+    return _finish("qwen3_5", Qwen3_5ForConditionalGeneration, config, processor, 32, seed, std)
+
+
 def _idefics_template(bos: str) -> str:
     """Idefics3 / SmolVLM: "User:<image>{text}<end_of_utterance>\\nAssistant: {reply}<end_of_utterance>\\n"."""
     return (
@@ -505,6 +523,9 @@ FAMILIES: dict[str, Callable[..., TinyVLM]] = {
 }
 
 TEXT_ONLY_FAMILIES = tuple(f for f in FAMILIES if f != "paligemma")  # PaliGemmaProcessor requires images
+# Hybrid linear-attention families: targets only (a draft model with recurrent layers is refused), so kept apart
+# from FAMILIES, whose every member also serves as a draft VLM in the tests.
+HYBRID_FAMILIES: dict[str, Callable[..., TinyVLM]] = {"qwen3_5": _qwen3_5}
 
 
 def tiny_vlm(family: str, seed: int = 0, *, text_layers: int = 2, hidden: int = 64, std: float = 0.2,
@@ -514,11 +535,12 @@ def tiny_vlm(family: str, seed: int = 0, *, text_layers: int = 2, hidden: int = 
     `hidden` must be a multiple of 16 and >= 32 (4 heads; Qwen's M-RoPE splits head_dim / 2 over t, h, w).
     `vision_hidden` / `vision_layers` size the vision tower; they never change the number of image tokens.
     """
-    if family not in FAMILIES:
-        raise ValueError(f"unknown VLM family {family!r}; valid families: {sorted(FAMILIES)}")
+    builders = {**FAMILIES, **HYBRID_FAMILIES}
+    if family not in builders:
+        raise ValueError(f"unknown VLM family {family!r}; valid families: {sorted(builders)}")
     if hidden % 16 or hidden < 32:
         raise ValueError(f"hidden={hidden}: must be a multiple of 16 and >= 32 (4 heads with head_dim >= 8)")
-    return FAMILIES[family](seed, text_layers, hidden, std, vision_hidden, vision_layers)
+    return builders[family](seed, text_layers, hidden, std, vision_hidden, vision_layers)
 
 
 def draft_vlm(family: str, seed: int = 1, **kw) -> TinyVLM:
