@@ -89,8 +89,12 @@ class SpeculativeVLM:
         if drafter is None:
             return NoDrafter()
         if isinstance(drafter, str):
+            if drafter == "mtp":  # the target's own MTP layers, read from its checkpoint
+                from .drafters import EagleDrafter, MtpHead
+
+                return EagleDrafter(MtpHead.from_checkpoint(self.model), tree)
             if drafter != "ngram":
-                raise InvalidInputError(f"drafter={drafter!r}: pass None, 'ngram', a model or a Drafter (use "
+                raise InvalidInputError(f"drafter={drafter!r}: pass None, 'ngram', 'mtp', a model or a Drafter (use "
                                         "SpeculativeVLM.from_pretrained to load a drafter from a path)")
             return NGramDrafter(k=tree if isinstance(tree, int) else 4)
         if not isinstance(drafter, torch.nn.Module):
@@ -261,8 +265,8 @@ def load_drafter(drafter, target, *, tree=4, trust_remote_code: bool = False, dt
 
     dtype = renamed("dtype", dtype, "torch_dtype", torch_dtype)
     drafter = resolve(drafter)
-    if not isinstance(drafter, (str, Path)) or drafter == "ngram":
-        return drafter, {}
+    if not isinstance(drafter, (str, Path)) or drafter in ("ngram", "mtp"):
+        return drafter, {}  # (SpeculativeVLM makes these from the target)
     drafter = str(drafter)
     if feature_drafter_kind(drafter):
         return load_feature_drafter(drafter, target, tree), {}

@@ -2,5 +2,6 @@
 from .dream import DreamDrafter, DreamHead
 from .eagle import EagleDrafter, EagleHead
 from .load import feature_drafter_kind, load_feature_drafter
+from .mtp import MtpHead
 
-__all__ = ["EagleDrafter", "EagleHead", "DreamDrafter", "DreamHead", "feature_drafter_kind", "load_feature_drafter"]
+__all__ = ["EagleDrafter", "EagleHead", "DreamDrafter", "DreamHead", "MtpHead", "feature_drafter_kind", "load_feature_drafter"]

@@ -1,0 +1,96 @@
+"""The target's own MTP layers as a drafter (`vision.drafters.MtpHead`, driven by EagleDrafter): read from the
+target's checkpoint in the serving layout (`mtp.*`, which transformers drops on load), lossless on a tiny Qwen3.5
+(text: greedy equality with `generate` for chains, static and dynamic trees, batches, and a chi-square test of
+sampling; VLM: with images, `drafter="mtp"` by name), and a checkpoint without MTP weights is a typed error."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mmspec import SpeculativeDecoder
+from mmspec.errors import CheckpointError
+from mmspec.sampling import SamplingSpec
+from mmspec.testing import tiny_qwen3_5
+from mmspec.tree import DynamicTree, StaticTree
+from stats_tools import chi_square, exact_joint
+from vision import SpeculativeVLM
+from vision.drafters import EagleDrafter, MtpHead
+from vlm_cases import MAX_NEW, family, hf_reference, image
+
+PROMPTS = [[5, 9, 3, 7, 1, 2, 44, 12], [8, 8, 4], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A tiny Qwen3.5 saved with save_pretrained, plus its MTP layer in an extra safetensors file (`mtp.*`), loaded
+    back by path as a user would: transformers ignores the mtp tensors, MtpHead reads them."""
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("qwen3_5")
+    model = tiny_qwen3_5()
+    model.save_pretrained(root)
+    torch.manual_seed(5)
+    head = MtpHead(model)
+    save_file({k: v.contiguous() for k, v in head.state_for_checkpoint().items()}, str(root / "mtp.safetensors"))
+    return root, AutoModelForCausalLM.from_pretrained(root).eval(), head
+
+
+def refs(model, n=16):
+    return [model.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False, eos_token_id=None,
+                           pad_token_id=0)[0, len(p):].tolist() for p in PROMPTS]
+
+
+def test_mtp_weights_are_read_from_the_checkpoint(saved):
+    root, model, written = saved
+    head = MtpHead.from_checkpoint(model)  # the directory the target was loaded from
+    assert {k for k in head.state_for_checkpoint()} == {k for k in written.state_for_checkpoint()}
+    assert all(torch.equal(a, b) for a, b in zip(head.state_dict().values(), written.state_dict().values()))
+    assert any(k.startswith("mtp.layers.0.self_attn.") for k in head.state_for_checkpoint())  # the serving layout
+
+
+@pytest.mark.parametrize("tree", [3, StaticTree.full((2, 2, 1)), DynamicTree(topk=3, depth=3, total=8)],
+                         ids=["chain3", "tree221", "dynamic"])
+def test_mtp_drafter_is_lossless(saved, tree):
+    _, model, _ = saved
+    expected = refs(model)
+    dec = SpeculativeDecoder(model, EagleDrafter(MtpHead.from_checkpoint(model), tree))
+    assert dec.generate(PROMPTS, max_new_tokens=16).sequences == expected
+    assert [dec.generate([p], max_new_tokens=16).sequences[0] for p in PROMPTS] == expected
+
+
+def test_mtp_sampling_matches_the_exact_distribution(saved):
+    _, model, _ = saved
+    prompt, length, spec = [5, 17, 5, 17, 5, 17, 5], 3, SamplingSpec(temperature=1.0, top_k=4, top_p=0.9)
+    joint = exact_joint(model, prompt, spec, length)
+    dec = SpeculativeDecoder(model, EagleDrafter(MtpHead.from_checkpoint(model), 2))
+    samples = []
+    for start in range(0, 1200, 300):
+        res = dec.generate([prompt] * 300, max_new_tokens=length, seed=start, temperature=1.0, top_k=4, top_p=0.9)
+        samples.extend(tuple(s) for s in res.sequences)
+    stat, threshold, outside = chi_square(samples, joint)
+    assert outside == 0 and stat < threshold, (stat, threshold)
+
+
+def test_checkpoint_without_mtp_weights_is_a_typed_error(tmp_path):
+    model = tiny_qwen3_5()
+    model.save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="no MTP weights"):
+        MtpHead.from_checkpoint(model, tmp_path)
+    with pytest.raises(CheckpointError, match="checkpoint directory"):
+        MtpHead.from_checkpoint(tiny_qwen3_5())  # built in memory: no directory to read
+
+
+def test_vlm_drafter_mtp_by_name(tmp_path):
+    """SpeculativeVLM(drafter="mtp") on a Qwen3.5 VLM loaded from a directory whose checkpoint has MTP weights."""
+    from transformers import AutoModelForImageTextToText
+
+    t = family("qwen3_5")
+    t.model.save_pretrained(tmp_path)
+    torch.manual_seed(6)
+    save_file({k: v.contiguous() for k, v in MtpHead(t.model).state_for_checkpoint().items()},
+              str(tmp_path / "mtp.safetensors"))
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    svlm = SpeculativeVLM(model, t.processor, "mtp", tree=3)
+    row = {"prompt": "describe the image", "images": [image(51, "qwen2_vl")]}
+    assert svlm.generate(**row, max_new_tokens=MAX_NEW).token_ids == hf_reference("qwen3_5", row)
