@@ -64,8 +64,9 @@ def cmd_zoo(args) -> int:
         if missing:
             print(f"\nnot built yet: {', '.join(missing)} (mmspec zoo build --only {' '.join(missing)})")
         return 0
-    names = zoo.order(args.only) if args.only else zoo.names()
-    cards = zoo.build(names, quick=args.quick, progress=not args.quiet, force=args.force)
+    # build() adds what the named models need; --force rebuilds only the named ones (a rebuilt target would leave
+    # the drafters trained against its previous weights behind)
+    cards = zoo.build(args.only or None, quick=args.quick, progress=not args.quiet, force=args.force)
     print(f"\n{'name':18s} {'seconds':>8s}  held-out")
     for c in cards:
         held = ", ".join(f"{k} {v}" for k, v in (c.get("held_out") or {}).items() if k != "example")
@@ -228,6 +229,12 @@ def cmd_bench(args) -> int:
                             target=args.target, vq=args.vq, drafter=(args.drafter or [None])[0], labels=args.labels,
                             repeats=args.repeats)
         return 0
+    if args.what == "native":
+        from vision.bench_native import run_native_benchmark
+
+        run_native_benchmark(out_dir=args.out or "bench_out/native", new_tokens=16 if args.quick else args.new_tokens,
+                             repeats=1 if args.quick else args.repeats, progress=not args.quick)
+        return 0
     if args.what == "compress":
         from vision.bench import run_compression_benchmark
 
@@ -272,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "one Markdown table")
     zoo.add_argument("--only", nargs="+", metavar="NAME", help="build these models (and what they need)")
     zoo.add_argument("--quick", action="store_true", help="the quick variants (tiny, seconds; for tests)")
-    zoo.add_argument("--force", action="store_true", help="rebuild even if cached")
+    zoo.add_argument("--force", action="store_true", help="rebuild the --only models even if cached (not what "
+                     "they need; rebuild a target's drafters with it)")
     zoo.add_argument("--quiet", action="store_true", help="no progress bars")
     zoo.set_defaults(func=cmd_zoo)
 
@@ -324,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_img.set_defaults(func=cmd_train_image_head)
 
     bench = sub.add_parser("bench", help="benchmarks that print and save tables (JSON + Markdown)")
-    bench.add_argument("what", choices=["engine", "overhead", "vlm", "compress", "image", "continuous"])
+    bench.add_argument("what", choices=["engine", "overhead", "vlm", "native", "compress", "image", "continuous"])
     bench.add_argument("--out", default=None, help="output folder (default bench_out/<what>)")
     bench.add_argument("--target", default=None, help="vlm / image / continuous: a model path or zoo:NAME (default: "
                        "the zoo's)")

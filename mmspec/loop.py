@@ -471,7 +471,8 @@ class Stream:
             row.generated.extend(self._cut(row, [tok]))
             st.new_tokens += len(row.generated)
         ctx = DraftContext(self.spec, list(self.gens), [r.history for r in rows], list(self.requests),
-                           [r.spec for r in rows], compiled=dec.compile, reserve=reserve)
+                           [r.spec for r in rows], compiled=dec.compile, reserve=reserve,
+                           target_cache=getattr(getattr(target, "runner", target), "kv", None))
         drafter.begin(ctx, pre)
         st.time_prefill = self._sync() - t_start
         tm0, dm0, c0 = model_time(target), model_time(drafter), self._compiling()

@@ -40,7 +40,7 @@ from .prompts import build_request
 
 ZOO_DRAFTERS = (("draft VLM (MASSV)", "zoo:vlm-draft"), ("text-only LM", "zoo:vlm-text"),
                 ("EAGLE-1", "zoo:vlm-eagle"), ("EAGLE-3", "zoo:vlm-eagle3"), ("DREAM", "zoo:vlm-dream"),
-                ("ViSpec", "zoo:vlm-vispec"), ("n-gram", "ngram"))
+                ("ViSpec", "zoo:vlm-vispec"), ("DFlash", "zoo:vlm-dflash"), ("n-gram", "ngram"))
 
 
 class _Counter:
@@ -168,7 +168,26 @@ def make_methods(model, processor, drafters: list[tuple[str, object, dict]], *, 
         methods.append(Method(f"{name} (mmspec, chain {k})",
                               _ours(SpeculativeVLM(model, processor, drafter, tree=k, compile=compile, **extra),
                                     new_tokens), True))
+    methods += _dflash_methods(model, processor, drafters, new_tokens, compile)
     return methods
+
+
+def _dflash_methods(model, processor, drafters, new_tokens: int, compile: bool | None) -> list[Method]:
+    """For a DFlash drafter, its whole block both ways: transformers' own DFlash path (the same weights, batch 1
+    only) and mmspec's."""
+    from .drafters import DFlashDrafter
+
+    out = []
+    for name, drafter, _ in drafters:
+        if isinstance(drafter, DFlashDrafter):
+            n = drafter.head.block_size - 1
+            out.append(Method(f"{name} (transformers speculation_type='dflash', block of {n})",
+                              _hf(model, processor, new_tokens, assistant_model=drafter.head.model,
+                                  speculation_type="dflash"), False))
+            out.append(Method(f"{name} (mmspec, block of {n})",
+                              _ours(SpeculativeVLM(model, processor, DFlashDrafter(drafter.head), compile=compile),
+                                    new_tokens), True))
+    return out
 
 
 # --- the run --------------------------------------------------------------------------------------------------------

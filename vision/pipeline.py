@@ -99,6 +99,10 @@ class SpeculativeVLM:
             return NGramDrafter(k=tree if isinstance(tree, int) else 4)
         if not isinstance(drafter, torch.nn.Module):
             return drafter  # a Drafter protocol object (feature-level drafters, user plug-ins)
+        if is_assistant(drafter):  # Gemma 4's assistant: reads the target's own KV cache
+            from .drafters import AssistantDrafter
+
+            return AssistantDrafter(drafter, tree)
         if is_vlm(drafter):  # a small VLM: it sees the image through its own processor (default: the target's)
             self.drafter_processor = drafter_processor or self.processor
             if drafter_tokenizer is not None or drafter_processor is not None:
@@ -114,9 +118,9 @@ class SpeculativeVLM:
                         acceptance: str | None = None, trust_remote_code: bool = False, torch_dtype=None,
                         compile: bool | None = None, **model_kwargs):
         """Load the target (AutoModelForImageTextToText + AutoProcessor) and a drafter given as a path/id: a feature
-        drafter saved by `mmspec train-drafter` / `save_pretrained` (EAGLE, EAGLE-3, MSD, DREAM; checked to be made
-        for this target), a VLM (with its processor) or a causal LM (with its tokenizer), checked to share the
-        target's tokenizer.
+        drafter saved by `mmspec train-drafter` / `save_pretrained` (EAGLE, EAGLE-3, MSD, DREAM, DFlash; checked to
+        be made for this target), a VLM (with its processor) or a causal LM (with its tokenizer), checked to share
+        the target's tokenizer.
 
         Either may name a model of the VLM zoo (`vision.zoo`, trained on first use): ``from_pretrained("zoo:vlm",
         drafter="zoo:vlm-eagle")``; "zoo:NAME@quick" is its quick variant. dtype / device_map as in transformers 5
@@ -252,9 +256,10 @@ def load_drafter(drafter, target, *, tree=4, trust_remote_code: bool = False, dt
                  torch_dtype=None, **model_kwargs) -> tuple[object, dict]:
     """A drafter given as a path / id / "zoo:NAME" loaded for `target`: (drafter, SpeculativeVLM keyword arguments).
 
-    A feature-drafter checkpoint (EAGLE, EAGLE-3, MSD, DREAM) becomes its Drafter; a VLM comes with its processor
-    (``drafter_processor``), a causal LM with its tokenizer (``drafter_tokenizer``). Anything else (None, "ngram", a
-    model, a Drafter) is returned as it is."""
+    A feature-drafter checkpoint (EAGLE, EAGLE-3, MSD, DREAM, DFlash) becomes its Drafter; a Gemma 4 assistant loads
+    alone (it shares the target's tokenizer and cache); a VLM comes with its processor (``drafter_processor``), a
+    causal LM with its tokenizer (``drafter_tokenizer``). Anything else (None, "ngram", a model, a Drafter) is
+    returned as it is."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, \
         AutoTokenizer
 
@@ -273,11 +278,21 @@ def load_drafter(drafter, target, *, tree=4, trust_remote_code: bool = False, dt
     kw = dict(trust_remote_code=trust_remote_code)
     mkw = dict(kw, dtype=dtype, device_map=device_map, **model_kwargs)
     cfg = _load(AutoConfig, drafter, "drafter", **kw)
+    if getattr(cfg, "model_type", "") in ASSISTANT_TYPES:  # shares the target's tokenizer and KV cache
+        return _load(AutoModelForCausalLM, drafter, "drafter", **mkw).eval(), {}
     if hasattr(cfg, "vision_config"):
         return (_load(AutoModelForImageTextToText, drafter, "drafter", **mkw).eval(),
                 {"drafter_processor": _load(AutoProcessor, drafter, "drafter", **kw)})
     return (_load(AutoModelForCausalLM, drafter, "drafter", **mkw).eval(),
             {"drafter_tokenizer": _load(AutoTokenizer, drafter, "drafter", **kw)})
+
+
+ASSISTANT_TYPES = ("gemma4_assistant", "gemma4_unified_assistant")
+
+
+def is_assistant(model) -> bool:
+    """A Gemma 4 assistant model (drafts over the target's KV cache: `vision.drafters.AssistantDrafter`)."""
+    return getattr(getattr(model, "config", None), "model_type", "") in ASSISTANT_TYPES
 
 
 def _load(loader, path: str, what: str, **kw):

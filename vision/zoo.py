@@ -17,6 +17,7 @@ often as their view of it allows.
     vlm-eagle    EAGLE-1 head (Li et al. 2024)          vlm-eagle3   EAGLE-3 head: low/middle/high taps, unrolled
     vlm-dream    DREAM head (cross-attention to the target's mid features)
     vlm-vispec   ViSpec-style head: a learned query compressor of the image features, ViSpec's losses
+    vlm-dflash   DFlash block drafter: one forward drafts a block from the target's low/middle/high features
 
     from vision import SpeculativeVLM
     svlm = SpeculativeVLM.from_pretrained("zoo:vlm", drafter="zoo:vlm-eagle")   # trained on first use
@@ -315,7 +316,8 @@ def _vlm_drafter(target, processor, path):
 
 
 def build_head(ctx: BuildContext) -> dict:
-    """An EAGLE-family head trained with `vision.train.train_eagle` on the target's features over vlm-data."""
+    """An EAGLE-family head trained with `vision.train.train_eagle` (a DFlash drafter with `train_dflash`) on the
+    target's features over vlm-data."""
     import tempfile
 
     from .compressors import build_compressor
@@ -326,6 +328,8 @@ def build_head(ctx: BuildContext) -> dict:
     target, processor = load_target(ctx.deps["vlm"])
     tc = target.config.text_config
     taps = _taps(r.get("taps"), tc.num_hidden_layers)
+    if r["head"] == "dflash":
+        return _build_dflash(ctx, target, processor, taps)
     compressor = None
     if r.get("compressor"):
         compressor = build_compressor({"type": r["compressor"], "dim": tc.hidden_size,
@@ -347,6 +351,29 @@ def build_head(ctx: BuildContext) -> dict:
             "notes": f"{type(head).__name__} ({r['layers']} layers{', taps ' + str(taps) if taps else ''}"
                      f"{', compressor ' + r['compressor'] if compressor is not None else ''}); top-1 agreement on "
                      f"training answers {report['acceptance']:.3f}."}
+
+
+def _build_dflash(ctx: BuildContext, target, processor, taps) -> dict:
+    import tempfile
+
+    from .drafters import DFlashHead
+    from .train.dflash_trainer import train_dflash
+
+    r = ctx.recipe
+    with seeded(r["seed"]):
+        head = DFlashHead(target, layers=r["layers"], block_size=r["block_size"], taps=taps)
+    records = load_records(ctx.deps["vlm-data"], "train")[: r["records"]]
+    with tempfile.TemporaryDirectory() as cache:
+        report = train_dflash(head, target, processor, records, steps=r["steps"], lr=r["lr"],
+                              batch_size=r["batch_size"], blocks=r["blocks"], warmup=r["warmup"], seed=r["seed"],
+                              cache_dir=cache, progress=ctx.progress)
+    head.save_pretrained(ctx.out)
+    return {"data": f"{len(records)} vlm-data conversations, the target's features at taps {list(head.taps)}",
+            "parameters": sum(p.numel() for p in head.trainable_parameters()),
+            "final_loss": round(report["loss"], 4),
+            "held_out": _tau(ctx, lambda t, p: _head_drafter(t, p, ctx.out), target, processor),
+            "notes": f"DFlashHead ({r['layers']} layer(s), block {r['block_size']}, taps {list(head.taps)}); "
+                     f"slot-1 agreement on training answers {report['acceptance']:.3f}."}
 
 
 def _taps(spec, layers: int):
@@ -433,6 +460,11 @@ MODELS = [
              recipe=dict(head="eagle", layers=1, compressor="vispec", n_queries=4, loss="vispec", steps=450, lr=1e-3,
                          **HEAD),
              quick=dict(QUICK_HEAD, n_queries=2), loads_with=_HEAD_LOAD.format("vlm-vispec")),
+    ZooModel("vlm-dflash", "DFlash block drafter for zoo:vlm (a block of 7 per forward from low/mid/high taps)",
+             build=build_head, needs=("vlm", "vlm-data"),
+             recipe=dict(head="dflash", layers=2, block_size=8, blocks=8, taps=(0.25, 0.5, 1.0), steps=800, lr=2e-3,
+                         **HEAD),
+             quick=dict(QUICK_HEAD, block_size=4, blocks=2), loads_with=_HEAD_LOAD.format("vlm-dflash")),
 ]
 VLM_DEMO = ("vlm-data", "vlm", "vlm-eagle")
 VLM_BENCH = tuple(m.name for m in MODELS)

@@ -31,6 +31,8 @@ class DraftContext:
     specs: list[SamplingSpec] = field(default_factory=list)  # per row: its sampling settings (empty: `spec` for all)
     compiled: bool = False  # the decode runs compiled: a drafter with a model runner calls its `compile_decode`
     reserve: int = 0  # cache slots beyond the prompt the generation may need, padding included (for that call)
+    target_cache: object | None = None  # the target's RaggedCache, read only, compacted after every commit: for
+    # drafters that attend to the target's own keys (Gemma 4's assistant); None for targets without one
 
     def spec_of(self, row: int) -> SamplingSpec:
         """Row `row`'s sampling settings (a request's own, or the stream's)."""

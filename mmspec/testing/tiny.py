@@ -47,6 +47,40 @@ def tiny_qwen3_5(seed: int = 0, vocab: int = 96, hidden: int = 64, layers: int =
     return widen_(Qwen3_5ForCausalLM(cfg), std, seed).float().eval()
 
 
+GEMMA4_SHARED = dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=16, sliding_window=6,
+                     max_position_embeddings=512, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+
+
+def tiny_gemma4(seed: int = 0, vocab: int = 96, std: float = 0.2) -> torch.nn.Module:
+    """A tiny random Gemma 4 text model (`Gemma4ForCausalLM`): 4 layers (sliding, full, sliding, full) whose last two
+    read the first two's keys (KV sharing), per-layer inputs, a sliding window of 6."""
+    from transformers import Gemma4ForCausalLM, Gemma4TextConfig
+
+    cfg = Gemma4TextConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                           num_kv_shared_layers=2, layer_types=["sliding_attention", "full_attention"] * 2,
+                           hidden_size_per_layer_input=8, vocab_size_per_layer_input=vocab, **GEMMA4_SHARED)
+    torch.manual_seed(seed)
+    model = Gemma4ForCausalLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, std)
+    return model.eval()
+
+
+def tiny_gemma4_assistant(seed: int = 1, vocab: int = 96, backbone: int = 64) -> torch.nn.Module:
+    """A tiny random `Gemma4AssistantForCausalLM` for `tiny_gemma4` (2 layers, hidden 32, every layer reading the
+    target's keys), drafting 3 tokens a round in transformers' own path."""
+    from transformers import Gemma4AssistantConfig, Gemma4AssistantForCausalLM, Gemma4TextConfig
+
+    text = Gemma4TextConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_kv_shared_layers=2, layer_types=["sliding_attention", "full_attention"],
+                            hidden_size_per_layer_input=0, vocab_size_per_layer_input=0, **GEMMA4_SHARED)
+    torch.manual_seed(seed)
+    model = Gemma4AssistantForCausalLM(Gemma4AssistantConfig(text_config=text, backbone_hidden_size=backbone))
+    model.generation_config.num_assistant_tokens = 3
+    return model.eval()
+
+
 @torch.no_grad()
 def noisy_copy(model: torch.nn.Module, noise: float, seed: int = 1) -> torch.nn.Module:
     """A drafter that agrees with `model` only sometimes: a copy with Gaussian noise on its output head."""

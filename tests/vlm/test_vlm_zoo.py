@@ -11,7 +11,7 @@ from mmspec.errors import InvalidInputError
 from vision import scenes
 from vision.zoo import ATTRIBUTES, cell_labels, conversation
 
-DRAFTERS = ("vlm-text", "vlm-draft", "vlm-eagle", "vlm-eagle3", "vlm-dream", "vlm-vispec")
+DRAFTERS = ("vlm-text", "vlm-draft", "vlm-eagle", "vlm-eagle3", "vlm-dream", "vlm-vispec", "vlm-dflash")
 
 
 # --- data ----------------------------------------------------------------------------------------------------------
@@ -91,6 +91,21 @@ def test_cli_zoo_list_and_build(quick_vlm_zoo, capsys):
     assert "vlm-eagle" in capsys.readouterr().err
 
 
+def test_cli_force_rebuilds_only_the_named_models(quick_vlm_zoo, capsys):
+    """--force retrains the named model against the cached target: the target (and its other drafters) stay."""
+    from mmspec.cli import main
+    from vision.zoo import zoo
+
+    built = {n: zoo().card(n, quick=True)["built"] + str(zoo().path(n, quick=True).stat().st_mtime_ns)
+             for n in ("vlm-data", "vlm", "vlm-eagle")}
+    assert main(["zoo", "build", "--quick", "--only", "vlm-eagle", "--force", "--quiet"]) == 0
+    capsys.readouterr()
+    after = {n: zoo().card(n, quick=True)["built"] + str(zoo().path(n, quick=True).stat().st_mtime_ns)
+             for n in built}
+    assert after["vlm-data"] == built["vlm-data"] and after["vlm"] == built["vlm"]
+    assert after["vlm-eagle"] != built["vlm-eagle"]
+
+
 def test_cli_demo_quick_runs_both_pipelines(quick_vlm_zoo, tmp_path, capsys):
     from mmspec.cli import main
 
@@ -111,7 +126,8 @@ def test_bench_vlm_quick_writes_tables_and_every_greedy_row_is_identical(quick_v
     greedy = res["tables"][0]["rows"]
     names = [r["method"] for r in greedy]
     assert any("assisted generation" in n for n in names) and any("prompt lookup" in n for n in names)
-    assert sum("(mmspec" in n for n in names) == 8  # plain + 6 zoo drafters + n-gram
+    assert sum("(mmspec" in n for n in names) == 10  # plain + 7 zoo drafters + n-gram + DFlash's whole block
+    assert any("speculation_type='dflash'" in n for n in names)  # the same DFlash weights through transformers
     for r in greedy:
         if "error" not in r:
             assert r["lossless"] == "yes (identical)", r["method"]

@@ -1,7 +1,10 @@
 """Feature-level drafters for VLM (and LM) targets, plugged into the engine's Drafter protocol."""
+from .assistant import AssistantDrafter
+from .dflash import DFlashDrafter, DFlashHead
 from .dream import DreamDrafter, DreamHead
 from .eagle import EagleDrafter, EagleHead
 from .load import feature_drafter_kind, load_feature_drafter
 from .mtp import MtpHead
 
-__all__ = ["EagleDrafter", "EagleHead", "DreamDrafter", "DreamHead", "MtpHead", "feature_drafter_kind", "load_feature_drafter"]
+__all__ = ["EagleDrafter", "EagleHead", "DFlashDrafter", "DFlashHead", "AssistantDrafter", "DreamDrafter", "DreamHead",
+           "MtpHead", "feature_drafter_kind", "load_feature_drafter"]

@@ -85,13 +85,7 @@ class EagleHead(nn.Module):
     def from_pretrained(cls, directory, target: nn.Module) -> "EagleHead":
         """Load a head saved by `save_pretrained` for `target` (a head made for another target is refused)."""
         cfg = read_kind_config(Path(directory) / cls.CONFIG_NAME, cls.KIND, cls.__name__)
-        want, have = cfg.get("target", {}), target_identity(target)
-        diff = {k: (want.get(k), have[k]) for k in have if want.get(k) != have[k]}
-        if diff:
-            raise IncompatibleModelsError(
-                f"drafter checkpoint {str(directory)!r} was trained for another target: " + ", ".join(
-                    f"{k} {a!r} in the checkpoint vs {b!r} here" for k, (a, b) in diff.items())
-                + "; train a drafter for this target (mmspec train-drafter)")
+        check_trained_for(directory, cfg, target, "mmspec train-drafter")
         compressor = None
         if cfg.get("compressor"):
             from vision.compressors import build_compressor
@@ -148,6 +142,17 @@ def target_identity(target: nn.Module) -> dict:
     tc = text_config(target)
     return {"architecture": type(target).__name__, "hidden_size": int(tc.hidden_size),
             "vocab_size": int(target.get_output_embeddings().weight.shape[0])}
+
+
+def check_trained_for(directory, cfg: dict, target: nn.Module, train_with: str) -> None:
+    """Refuse a drafter checkpoint (its config `cfg`) recorded for another target than `target`."""
+    want, have = cfg.get("target", {}), target_identity(target)
+    diff = {k: (want.get(k), have[k]) for k in have if want.get(k) != have[k]}
+    if diff:
+        raise IncompatibleModelsError(
+            f"drafter checkpoint {str(directory)!r} was trained for another target: " + ", ".join(
+                f"{k} {a!r} in the checkpoint vs {b!r} here" for k, (a, b) in diff.items())
+            + f"; train a drafter for this target ({train_with})")
 
 
 def compressed_view(tokens: list[int], feats: torch.Tensor, compressor, image_token_id: int,

@@ -1,12 +1,15 @@
-"""Loading a saved feature drafter (EAGLE, EAGLE-3, MSD or DREAM head, with its compressor) by what its config says."""
+"""Loading a saved feature drafter (EAGLE, EAGLE-3, MSD or DREAM head, with its compressor; a DFlash drafter) by what
+its config says."""
 from __future__ import annotations
 
 from mmspec.checkpoint import checkpoint_kind
 
+from .dflash import DFlashDrafter, DFlashHead
 from .dream import DreamDrafter, DreamHead
 from .eagle import EagleDrafter, EagleHead
 
-KINDS = {EagleHead.KIND: (EagleHead, EagleDrafter), DreamHead.KIND: (DreamHead, DreamDrafter)}
+KINDS = {EagleHead.KIND: (EagleHead, EagleDrafter), DreamHead.KIND: (DreamHead, DreamDrafter),
+         DFlashHead.KIND: (DFlashHead, DFlashDrafter)}
 
 
 def feature_drafter_kind(path) -> str | None:

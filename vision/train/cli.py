@@ -4,6 +4,7 @@
     mmspec train-drafter ... --head dream --compressor attention_prune:0.25     # DREAM
     mmspec train-drafter ... --taps 2,12,-3 --unroll 7                          # EAGLE-3
     mmspec train-drafter ... --loss vispec --compressor vispec:4 --unroll 3     # ViSpec
+    mmspec train-drafter ... --head dflash --block-size 8 --lr 3e-4             # DFlash: a block per forward
     mmspec train-drafter --target llava-dir --distill --images photos/ --prompts questions.txt --data data/ --out eagle/
     mmspec train-drafter ... --resume            # continue from the newest checkpoint in --out
 
@@ -25,8 +26,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     from .eagle_trainer import MODES
     from .losses import LOSSES
 
-    p = subparsers.add_parser("train-drafter", help="train an EAGLE drafter head for a VLM target (optionally on "
-                              "the target's own answers)")
+    p = subparsers.add_parser("train-drafter", help="train an EAGLE / DREAM / DFlash drafter for a VLM target "
+                              "(optionally on the target's own answers)")
     p.add_argument("--target", required=True, help="VLM directory or id (AutoModelForImageTextToText + AutoProcessor)")
     p.add_argument("--data", required=True, help="dataset directory (data.jsonl + images); written by --distill")
     p.add_argument("--out", required=True, help="output directory: the trained head, checkpoints, feature cache")
@@ -35,9 +36,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--mode", choices=MODES, default="offline",
                    help="offline: target features computed once and cached in --out/features; online: every step")
-    p.add_argument("--head", choices=["eagle", "dream"], default="eagle",
-                   help="eagle: one decoder layer (EAGLE); dream: self-attn / gated cross-attn / self-attn (DREAM)")
-    p.add_argument("--taps", help="EAGLE-3: comma-separated hidden-state indices to read, e.g. 2,12,-3")
+    p.add_argument("--head", choices=["eagle", "dream", "dflash"], default="eagle",
+                   help="eagle: one decoder layer (EAGLE); dream: self-attn / gated cross-attn / self-attn (DREAM); "
+                   "dflash: a block of draft tokens per forward from the target's features at --taps (DFlash)")
+    p.add_argument("--taps", help="EAGLE-3 / DFlash: comma-separated hidden-state indices to read, e.g. 2,12,-3 "
+                   "(DFlash default: three spread over the layers)")
+    p.add_argument("--block-size", type=int, default=8, help="dflash: the pending token + block_size - 1 drafted "
+                   "slots")
+    p.add_argument("--blocks", type=int, default=8, help="dflash: training blocks (anchors) per conversation")
+    p.add_argument("--draft-layers", type=int, help="decoder layers of the drafter (default: eagle 1, dream 3, "
+                   "dflash 2)")
     p.add_argument("--msd", action="store_true", help="MSD: image positions read a projection of their feature")
     p.add_argument("--compressor", help="the drafter's image compression, trained with it: avg_pool:S, "
                    "attention_prune:R, conv:S, resampler:N, vispec:N (N queries), or a JSON config")
@@ -56,7 +64,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--held-out", type=float, default=0.1, help="fraction of records kept out of training")
     p.add_argument("--eval-records", type=int, default=32, help="held-out records used to measure tau")
     p.add_argument("--eval-tokens", type=int, default=64, help="new tokens per held-out record")
-    p.add_argument("--tree", type=int, default=4, help="draft chain length used to measure tau")
+    p.add_argument("--tree", type=int, help="draft chain length used to measure tau (default 4; dflash: "
+                   "block_size - 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
@@ -82,16 +91,21 @@ def cmd_train_drafter(args) -> int:
                      progress=not args.quiet)
     train, held = split(load_dataset(args.data), held_out=args.held_out, seed=args.seed)
     held = held[: args.eval_records]
-    taps = tuple(int(x) for x in args.taps.split(",")) if args.taps else None
-    image_id = image_token_id_of(model.config) if args.msd else None
-    head = (DreamHead if args.head == "dream" else EagleHead)(
-        model, taps=taps, image_token_id=image_id, compressor=parse_compressor(args.compressor, model))
-    before = evaluate_tau(head, model, processor, held, tree=args.tree, max_new_tokens=args.eval_tokens)
-    report = train_eagle(head, model, processor, train, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                         mode=args.mode, loss=args.loss, unroll=args.unroll, noise=args.noise, seed=args.seed,
-                         out_dir=args.out, accelerate=args.accelerate,
-                         save_every=args.save_every, resume=args.resume, progress=not args.quiet)
-    after = evaluate_tau(head, model, processor, held, tree=args.tree, max_new_tokens=args.eval_tokens)
+    taps = parse_taps(args.taps)
+    if args.head == "dflash":
+        head, before, report, after = _train_dflash(args, model, processor, train, held, taps)
+    else:
+        image_id = image_token_id_of(model.config) if args.msd else None
+        layers = {"layers": args.draft_layers} if args.draft_layers else {}
+        head = (DreamHead if args.head == "dream" else EagleHead)(
+            model, taps=taps, image_token_id=image_id, compressor=parse_compressor(args.compressor, model), **layers)
+        tree = args.tree or 4
+        before = evaluate_tau(head, model, processor, held, tree=tree, max_new_tokens=args.eval_tokens)
+        report = train_eagle(head, model, processor, train, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                             mode=args.mode, loss=args.loss, unroll=args.unroll, noise=args.noise, seed=args.seed,
+                             out_dir=args.out, accelerate=args.accelerate,
+                             save_every=args.save_every, resume=args.resume, progress=not args.quiet)
+        after = evaluate_tau(head, model, processor, held, tree=tree, max_new_tokens=args.eval_tokens)
     report.pop("losses")
     summary = {"head": str(args.out), "train": report, "held_out": {"records": len(held), "untrained": before,
                                                                     "trained": after}}
@@ -101,6 +115,43 @@ def cmd_train_drafter(args) -> int:
     print(f"held-out tau: {before['tau']:.2f} untrained -> {after['tau']:.2f} trained; head saved in {args.out}",
           file=sys.stderr)
     return 0
+
+
+def parse_taps(spec: str | None) -> tuple[int, ...] | None:
+    """--taps "2,12,-3" -> (2, 12, -3); a malformed list is an InvalidInputError."""
+    if not spec:
+        return None
+    from mmspec.errors import InvalidInputError
+
+    try:
+        return tuple(int(x) for x in spec.split(","))
+    except ValueError as e:
+        raise InvalidInputError(f"--taps {spec!r}: expected comma-separated integers, e.g. 2,12,-3") from e
+
+
+def _train_dflash(args, model, processor, train, held, taps):
+    """--head dflash: (head, untrained tau, training report, trained tau)."""
+    from mmspec.errors import InvalidInputError
+    from vision.drafters import DFlashHead
+
+    from .dflash_trainer import evaluate_dflash, train_dflash
+
+    unused = [f"--{n}" for n, v in (("msd", args.msd), ("compressor", args.compressor), ("loss", args.loss),
+                                    ("noise", args.noise)) if v]
+    if args.unroll != 1:
+        unused.append("--unroll")
+    if unused:
+        raise InvalidInputError(f"{', '.join(unused)} do not apply to --head dflash (it drafts a block from the "
+                                "target's features; see --block-size, --blocks, --taps)")
+    head = DFlashHead(model, layers=args.draft_layers or 2, block_size=args.block_size, taps=taps)
+    tree = args.tree or args.block_size - 1
+    before = evaluate_dflash(head, model, processor, held, tree=tree, max_new_tokens=args.eval_tokens)
+    report = train_dflash(head, model, processor, train, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                          blocks=args.blocks, mode=args.mode, seed=args.seed, out_dir=args.out,
+                          accelerate=args.accelerate, save_every=args.save_every, resume=args.resume,
+                          progress=not args.quiet)
+    after = evaluate_dflash(head, model, processor, held, tree=tree, max_new_tokens=args.eval_tokens)
+    return head, before, report, after
 
 
 def parse_compressor(spec: str | None, model):

@@ -132,15 +132,20 @@ def _frozen(target):
 
 
 # --------------------------------------------------------------------------------------------------- the loop
-def _run(head, target, data, config, out_dir, save_every, keep, resume, window, progress, accelerate) -> dict:
+def _run(head, target, data, config, out_dir, save_every, keep, resume, window, progress, accelerate,
+         step_fn=None, resumable=RESUMABLE) -> dict:
+    """The optimisation loop every drafter trainer shares: `step_fn` (default `train_step`, same signature) takes
+    one optimizer step; `resumable` are the settings a resumed run must share with the run it continues."""
     from tqdm.auto import tqdm
+
+    step_fn = step_fn or train_step
 
     device = target.get_output_embeddings().weight.device
     opt = torch.optim.AdamW(head.trainable_parameters(), lr=config["lr"], betas=(0.9, 0.95), weight_decay=0.0)
     acc = _accelerator(device) if accelerate else None
     state = {"step": 0, "losses": [], "agreement": []}  # running windows (restored on resume)
     if resume:
-        state = _load_latest(Path(out_dir), head, target, opt, config) or state
+        state = _load_latest(Path(out_dir), head, target, opt, config, resumable) or state
     start, steps = state["step"], config["steps"]
     if start > steps:
         raise InvalidInputError(f"the newest checkpoint in {str(out_dir)!r} is at step {start}, past steps={steps}; "
@@ -158,7 +163,7 @@ def _run(head, target, data, config, out_dir, save_every, keep, resume, window, 
         progress = progress and acc.is_main_process
     with tqdm(total=steps, initial=start, desc=f"train {type(head).__name__}", disable=not progress) as bar:
         for step in range(start, steps):
-            value, hits = train_step(head, opt, data, step, config, device, acc)
+            value, hits = step_fn(head, opt, data, step, config, device, acc)
             history.append(value)
             losses.append(value)
             agree.append(hits)
@@ -199,6 +204,12 @@ def train_step(head, opt, data, step: int, config: dict, device, acc=None) -> tu
                                cross_hidden=getattr(out, "cross_hidden", None), weights=weights)
         loss = loss + part * config["unroll_decay"] ** s
         first = out if s == 0 else first  # teacher-forced pass: the running acceptance estimate
+    optimizer_step(head, opt, loss, config["grad_clip"], acc)
+    return loss.item(), agreement(first.logits, batch)
+
+
+def optimizer_step(head, opt, loss, grad_clip: float | None, acc=None) -> None:
+    """Backward, (with several accelerate processes) average the head's gradients, clip, step."""
     opt.zero_grad(set_to_none=True)
     if acc is None:
         loss.backward()
@@ -208,10 +219,9 @@ def train_step(head, opt, data, step: int, config: dict, device, acc=None) -> tu
             for p in head.trainable_parameters():
                 if p.grad is not None:
                     p.grad = acc.reduce(p.grad, reduction="mean")
-    if config["grad_clip"]:
-        torch.nn.utils.clip_grad_norm_(head.trainable_parameters(), config["grad_clip"])
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(head.trainable_parameters(), grad_clip)
     opt.step()
-    return loss.item(), agreement(first.logits, batch)
 
 
 def _accelerator(device):
@@ -316,14 +326,14 @@ def _save_checkpoint(out_dir: Path, head, opt, config, step, losses, agree, keep
     return final
 
 
-def _load_latest(out_dir: Path, head, target, opt, config) -> dict | None:
+def _load_latest(out_dir: Path, head, target, opt, config, resumable=RESUMABLE) -> dict | None:
     """Restore head, optimizer and running metrics from the newest checkpoint; None when there is none."""
     found = _checkpoints(out_dir)
     if not found:
         return None
     step, path = found[-1]
     state = read_kind_config(path / STATE_FILE, STATE_KIND, "the EAGLE trainer")
-    diff = {k: (state["config"].get(k), config[k]) for k in RESUMABLE if state["config"].get(k) != config[k]}
+    diff = {k: (state["config"].get(k), config[k]) for k in resumable if state["config"].get(k) != config[k]}
     if diff:
         raise CheckpointError(f"cannot resume from {str(path)!r}: it was trained with different settings (" + ", ".join(
             f"{k}={a!r} there, {b!r} now" for k, (a, b) in diff.items()) + "); resume with the same settings or "
