@@ -50,3 +50,14 @@ def chi_square(samples: list[tuple[int, ...]], joint: dict[tuple[int, ...], floa
         bins.append((merged_obs, merged_exp))
     stat = sum((o - e) ** 2 / e for o, e in bins)
     return stat, chi_square_threshold(max(len(bins) - 1, 1)), outside
+
+
+def sampled_runs(dec, prompt: list[int], length: int, total: int, **sampling) -> tuple[list[tuple[int, ...]], int, int]:
+    """`total` seeded samples of `length` tokens after `prompt` from a SpeculativeDecoder, in batches of 300:
+    (samples, accepted draft tokens, drafted tokens)."""
+    samples, accepted, drafted = [], 0, 0
+    for start in range(0, total, 300):
+        res = dec.generate([prompt] * min(300, total - start), max_new_tokens=length, seed=start, **sampling)
+        samples.extend(tuple(s) for s in res.sequences)
+        accepted, drafted = accepted + res.stats.accepted_tokens, drafted + res.stats.draft_tokens
+    return samples, accepted, drafted

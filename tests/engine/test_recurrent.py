@@ -15,7 +15,7 @@ from mmspec.errors import UnsupportedModelError
 from mmspec.sampling import SamplingSpec
 from mmspec.testing import tiny_qwen3_5
 from mmspec.tree import Draft, StaticTree
-from stats_tools import chi_square, exact_joint
+from stats_tools import chi_square, exact_joint, sampled_runs
 
 PROMPTS = [[5, 9, 3, 7, 1, 2, 44, 12], [8, 8, 4], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5], [60, 61, 62, 63, 64]]
 MAX_NEW = 16
@@ -132,11 +132,7 @@ def test_sampling_matches_the_exact_distribution(model):
     prompt, length, spec = [5, 17, 5, 17, 5, 17, 5], 4, SamplingSpec(temperature=1.0, top_k=4, top_p=0.9)
     joint = exact_joint(model, prompt, spec, length)
     dec = SpeculativeDecoder(model, EchoDrafter(model, spec))
-    samples, accepted, drafted = [], 0, 0
-    for start in range(0, 1500, 300):
-        res = dec.generate([prompt] * 300, max_new_tokens=length, seed=start, temperature=1.0, top_k=4, top_p=0.9)
-        samples.extend(tuple(s) for s in res.sequences)
-        accepted, drafted = accepted + res.stats.accepted_tokens, drafted + res.stats.draft_tokens
+    samples, accepted, drafted = sampled_runs(dec, prompt, length, 1500, temperature=1.0, top_k=4, top_p=0.9)
     stat, threshold, outside = chi_square(samples, joint)
     assert outside == 0 and stat < threshold, (stat, threshold)
     assert 0.3 * drafted < accepted < 0.95 * drafted  # both paths ran often

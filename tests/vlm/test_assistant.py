@@ -13,7 +13,7 @@ from mmspec.errors import IncompatibleModelsError, UnsupportedModelError
 from mmspec.sampling import SamplingSpec
 from mmspec.testing import tiny_gemma4, tiny_gemma4_assistant, tiny_llama
 from mmspec.tree import StaticTree
-from stats_tools import chi_square, exact_joint
+from stats_tools import chi_square, exact_joint, sampled_runs
 from vision.drafters import AssistantDrafter
 from vision.target import VLMTarget
 from vision.train.assistant_fit import fit_assistant
@@ -55,11 +55,7 @@ def test_sampling_matches_the_exact_distribution():
     prompt, length, spec = [5, 17, 5, 17, 5, 17, 5], 3, SamplingSpec(temperature=1.0, top_k=4, top_p=0.9)
     joint = exact_joint(model, prompt, spec, length)
     dec = SpeculativeDecoder(VLMTarget(model), AssistantDrafter(fitted(model, prompt), 2))
-    samples, accepted, drafted = [], 0, 0
-    for start in range(0, 1200, 300):
-        res = dec.generate([prompt] * 300, max_new_tokens=length, seed=start, temperature=1.0, top_k=4, top_p=0.9)
-        samples.extend(tuple(s) for s in res.sequences)
-        accepted, drafted = accepted + res.stats.accepted_tokens, drafted + res.stats.draft_tokens
+    samples, accepted, drafted = sampled_runs(dec, prompt, length, 1200, temperature=1.0, top_k=4, top_p=0.9)
     stat, threshold, outside = chi_square(samples, joint)
     assert outside == 0 and stat < threshold, (stat, threshold)
     assert 0.1 < accepted / drafted < 0.95, (accepted, drafted)  # both the accept and the residual paths

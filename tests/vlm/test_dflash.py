@@ -13,7 +13,7 @@ from mmspec.errors import DraftError, IncompatibleModelsError
 from mmspec.sampling import SamplingSpec
 from mmspec.testing import tiny_llama, tiny_qwen3_5
 from mmspec.tree import DynamicTree, StaticTree
-from stats_tools import chi_square, exact_joint
+from stats_tools import chi_square, exact_joint, sampled_runs
 from vision import SpeculativeVLM
 from vision.drafters import DFlashDrafter, DFlashHead, load_feature_drafter
 from vision.drafters.dflash import default_taps
@@ -120,11 +120,7 @@ def test_sampling_matches_the_exact_distribution(make):
     prompt, length, spec = [5, 17, 5, 17, 5, 17, 5], 3, SamplingSpec(temperature=1.0, top_k=4, top_p=0.9)
     dec = SpeculativeDecoder(model, DFlashDrafter(fitted_on(model, prompt, dict(temperature=1.0, top_k=4, top_p=0.9))))
     joint = exact_joint(model, prompt, spec, length)
-    samples, accepted, drafted = [], 0, 0
-    for start in range(0, 1200, 300):
-        res = dec.generate([prompt] * 300, max_new_tokens=length, seed=start, temperature=1.0, top_k=4, top_p=0.9)
-        samples.extend(tuple(s) for s in res.sequences)
-        accepted, drafted = accepted + res.stats.accepted_tokens, drafted + res.stats.draft_tokens
+    samples, accepted, drafted = sampled_runs(dec, prompt, length, 1200, temperature=1.0, top_k=4, top_p=0.9)
     stat, threshold, outside = chi_square(samples, joint)
     assert outside == 0 and stat < threshold, (stat, threshold)
     assert 0.1 < accepted / drafted < 0.9, (accepted, drafted)  # both paths, many times each
