@@ -304,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--target", required=True, help="VLM path or id (AutoModelForImageTextToText + AutoProcessor)")
     chat.add_argument("--drafter", default="ngram",
                       help="small VLM or text LM path/id sharing the tokenizer, a feature-drafter directory, 'ngram', "
-                      "'mtp' (the target's own MTP layers, read from its checkpoint) or 'none' (target only)")
+                      "'mtp' (the target's own MTP layers, read from its checkpoint), 'assistant' (Gemma 4's "
+                      "assistant at '<target>-assistant'), a Gemma 4 assistant path, or 'none' (target only)")
     chat.add_argument("--image", action="append", help="image file (repeat for several images)")
     chat.add_argument("--tree", type=_tree_arg, default=4, help="K | full:B1,B2,.. | dynamic:TOPK,DEPTH,TOTAL")
     chat.add_argument("--max-new-tokens", type=int, default=256)

@@ -93,9 +93,13 @@ class SpeculativeVLM:
                 from .drafters import EagleDrafter, MtpHead
 
                 return EagleDrafter(MtpHead.from_checkpoint(self.model), tree)
+            if drafter == "assistant":  # Gemma 4's assistant, saved beside the target ("<target>-assistant")
+                from .drafters import AssistantDrafter
+
+                return AssistantDrafter(load_drafter(drafter, self.model)[0], tree)
             if drafter != "ngram":
-                raise InvalidInputError(f"drafter={drafter!r}: pass None, 'ngram', 'mtp', a model or a Drafter (use "
-                                        "SpeculativeVLM.from_pretrained to load a drafter from a path)")
+                raise InvalidInputError(f"drafter={drafter!r}: pass None, 'ngram', 'mtp', 'assistant', a model or a "
+                                        "Drafter (use SpeculativeVLM.from_pretrained to load a drafter from a path)")
             return NGramDrafter(k=tree if isinstance(tree, int) else 4)
         if not isinstance(drafter, torch.nn.Module):
             return drafter  # a Drafter protocol object (feature-level drafters, user plug-ins)
@@ -269,6 +273,8 @@ def load_drafter(drafter, target, *, tree=4, trust_remote_code: bool = False, dt
     from .zoo import resolve
 
     dtype = renamed("dtype", dtype, "torch_dtype", torch_dtype)
+    if drafter == "assistant":
+        drafter = assistant_path(target)
     drafter = resolve(drafter)
     if not isinstance(drafter, (str, Path)) or drafter in ("ngram", "mtp"):
         return drafter, {}  # (SpeculativeVLM makes these from the target)
@@ -288,6 +294,16 @@ def load_drafter(drafter, target, *, tree=4, trust_remote_code: bool = False, dt
 
 
 ASSISTANT_TYPES = ("gemma4_assistant", "gemma4_unified_assistant")
+
+
+def assistant_path(target) -> str:
+    """Where `drafter="assistant"` looks for the target's assistant: the target's name or directory with
+    "-assistant" appended (Gemma 4's convention: google/gemma-4-e2b-it -> google/gemma-4-e2b-it-assistant)."""
+    name = str(getattr(target.config, "name_or_path", "") or "").rstrip("/")
+    if not name:
+        raise InvalidInputError("drafter='assistant' looks for '<target>-assistant' beside the target, but this "
+                                "target was built in memory; pass the assistant's path or id as drafter")
+    return name + "-assistant"
 
 
 def is_assistant(model) -> bool:

@@ -80,12 +80,38 @@ def test_bad_pairings_are_typed_errors():
         SpeculativeDecoder(VLMTarget(tiny_llama()), AssistantDrafter(assistant())).generate([[5, 6]], max_new_tokens=2)
 
 
-def test_an_assistant_path_loads_without_a_tokenizer(tmp_path):
-    """A saved assistant (config + safetensors, no tokenizer: it shares the target's) loads by path."""
+def test_an_assistant_loads_by_path_or_by_name(tmp_path):
+    """A saved assistant (config + safetensors, no tokenizer: it shares the target's) loads by path, and
+    drafter="assistant" finds it beside a target loaded from a directory ("<target>-assistant")."""
+    from transformers import AutoModelForCausalLM
+
+    from mmspec.errors import InvalidInputError
     from vision.pipeline import is_assistant, load_drafter
 
     a = assistant()
-    a.save_pretrained(tmp_path)
-    model, extra = load_drafter(str(tmp_path), gemma4())
-    assert is_assistant(model) and extra == {}
-    assert all(torch.equal(x, y) for x, y in zip(model.state_dict().values(), a.state_dict().values()))
+    a.save_pretrained(tmp_path / "gemma-assistant")
+    gemma4().save_pretrained(tmp_path / "gemma")
+    target = AutoModelForCausalLM.from_pretrained(tmp_path / "gemma")
+    for spec in (str(tmp_path / "gemma-assistant"), "assistant"):
+        model, extra = load_drafter(spec, target)
+        assert is_assistant(model) and extra == {}
+        assert all(torch.equal(x, y) for x, y in zip(model.state_dict().values(), a.state_dict().values()))
+    with pytest.raises(InvalidInputError, match="built in memory"):
+        load_drafter("assistant", gemma4())
+
+
+def test_vlm_drafter_assistant_by_name_is_wired(tmp_path):
+    """SpeculativeVLM(drafter="assistant") loads '<target dir>-assistant' and wraps it; on a target without KV
+    sharing (LLaVA) the pairing is refused with a typed error naming why."""
+    from transformers import AutoModelForImageTextToText
+
+    from vision import SpeculativeVLM
+    from vlm_cases import family
+
+    t = family("llava")
+    t.model.save_pretrained(tmp_path / "llava")
+    assistant(backbone=t.model.config.text_config.hidden_size,
+              vocab=t.model.get_output_embeddings().weight.shape[0]).save_pretrained(tmp_path / "llava-assistant")
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "llava")
+    with pytest.raises(UnsupportedModelError, match="shares no KV cache"):
+        SpeculativeVLM(model, t.processor, "assistant").generate(prompt="hi", max_new_tokens=2)
