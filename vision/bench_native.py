@@ -121,8 +121,8 @@ def run_native_benchmark(out_dir="bench_out/native", new_tokens: int = 32, repea
     from tqdm.auto import tqdm
 
     rows = []
-    for name, model, target, drafter_fn, hf_extra, prompts in tqdm(list(_cases(new_tokens, fit_steps)), desc="bench native",
-                                                                   disable=not progress):
+    cases = list(_cases(new_tokens, fit_steps))
+    for name, model, target, drafter_fn, hf_extra, prompts in tqdm(cases, desc="bench native", disable=not progress):
         one, four = prompts[:1], prompts[:4]
         runs = [("transformers generate", 1, lambda: _hf(model, one, new_tokens, {})),
                 (f"transformers {_hf_name(hf_extra)}", 1, lambda: _hf(model, one, new_tokens, hf_extra)),

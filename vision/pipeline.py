@@ -90,9 +90,11 @@ class SpeculativeVLM:
             return NoDrafter()
         if isinstance(drafter, str):
             if drafter == "mtp":  # the target's own MTP layers, read from its checkpoint
-                from .drafters import EagleDrafter, MtpHead
+                from .drafters import EagleDrafter, MtpHead, MtpModelHead
 
-                return EagleDrafter(MtpHead.from_checkpoint(self.model), tree)
+                native = getattr(self.model.config.get_text_config(), "num_mtp_layers", None) is not None
+                head = MtpModelHead.from_target(self.model) if native else MtpHead.from_checkpoint(self.model)
+                return EagleDrafter(head, tree)
             if drafter == "assistant":  # Gemma 4's assistant, saved beside the target ("<target>-assistant")
                 from .drafters import AssistantDrafter
 

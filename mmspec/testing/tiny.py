@@ -81,6 +81,21 @@ def tiny_gemma4_assistant(seed: int = 1, vocab: int = 96, backbone: int = 64) ->
     return model.eval()
 
 
+def tiny_deepseek_v3(seed: int = 0, vocab: int = 96, std: float = 0.2) -> torch.nn.Module:
+    """A tiny random DeepSeek-V3 (MLA attention, a dense then a MoE layer) whose config declares one MTP layer
+    (``num_mtp_layers``: transformers' `MtpModel` builds it), widened like `tiny_llama`."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    cfg = DeepseekV3Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
+                           num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1, q_lora_rank=None,
+                           kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, num_mtp_layers=1,
+                           max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                           tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return widen_(DeepseekV3ForCausalLM(cfg), std, seed).eval()
+
+
 @torch.no_grad()
 def noisy_copy(model: torch.nn.Module, noise: float, seed: int = 1) -> torch.nn.Module:
     """A drafter that agrees with `model` only sometimes: a copy with Gaussian noise on its output head."""

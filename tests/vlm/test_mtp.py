@@ -13,7 +13,7 @@ from mmspec.errors import CheckpointError
 from mmspec.sampling import SamplingSpec
 from mmspec.testing import tiny_qwen3_5
 from mmspec.tree import DynamicTree, StaticTree
-from stats_tools import chi_square, exact_joint
+from stats_tools import chi_square, exact_joint, sampled_runs
 from vision import SpeculativeVLM
 from vision.drafters import EagleDrafter, MtpHead
 from vlm_cases import MAX_NEW, family, hf_reference, image
@@ -94,3 +94,57 @@ def test_vlm_drafter_mtp_by_name(tmp_path):
     svlm = SpeculativeVLM(model, t.processor, "mtp", tree=3)
     row = {"prompt": "describe the image", "images": [image(51, "qwen2_vl")]}
     assert svlm.generate(**row, max_new_tokens=MAX_NEW).token_ids == hf_reference("qwen3_5", row)
+
+
+# --- transformers' MtpModel (configs with num_mtp_layers) -------------------------------------------------------
+@pytest.fixture(scope="module")
+def deepseek():
+    """A tiny DeepSeek-V3 and its MTP layer as transformers builds it (`MtpModel`; random weights: a tiny
+    checkpoint cannot carry them where transformers' loader looks, its key patterns name layer 61)."""
+    from transformers.modeling_layers import MtpModel
+
+    from mmspec.testing import tiny_deepseek_v3
+    from vision.drafters import MtpModelHead
+
+    model = tiny_deepseek_v3()
+    torch.manual_seed(7)
+    mtp = MtpModel(model, 1)
+    with torch.no_grad():
+        for p in mtp.layers.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.2)
+    return model, MtpModelHead(mtp.eval())
+
+
+@pytest.mark.parametrize("tree", [3, StaticTree.full((2, 2, 1)), DynamicTree(topk=3, depth=3, total=8)],
+                         ids=["chain3", "tree221", "dynamic"])
+def test_transformers_mtp_model_drafter_is_lossless(deepseek, tree):
+    model, head = deepseek
+    expected = refs(model, 12)
+    dec = SpeculativeDecoder(model, EagleDrafter(head, tree))
+    assert dec.generate(PROMPTS, max_new_tokens=12).sequences == expected
+    assert [dec.generate([p], max_new_tokens=12).sequences[0] for p in PROMPTS] == expected
+
+
+def test_transformers_mtp_model_sampling_matches_the_exact_distribution(deepseek):
+    model, head = deepseek
+    prompt, length, spec = [5, 17, 5, 17, 5, 17, 5], 3, SamplingSpec(temperature=1.0, top_k=4, top_p=0.9)
+    joint = exact_joint(model, prompt, spec, length)
+    samples, _, _ = sampled_runs(SpeculativeDecoder(model, EagleDrafter(head, 2)), prompt, length, 1200,
+                                 temperature=1.0, top_k=4, top_p=0.9)
+    stat, threshold, outside = chi_square(samples, joint)
+    assert outside == 0 and stat < threshold, (stat, threshold)
+
+
+def test_mtp_model_head_needs_num_mtp_layers_and_its_weights(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from mmspec.errors import UnsupportedModelError
+    from mmspec.testing import tiny_deepseek_v3, tiny_llama
+    from vision.drafters import MtpModelHead
+
+    with pytest.raises(UnsupportedModelError, match="no num_mtp_layers"):
+        MtpModelHead.from_target(tiny_llama())
+    tiny_deepseek_v3().save_pretrained(tmp_path)  # save_pretrained writes no MTP layer
+    with pytest.raises(CheckpointError, match="could not be loaded"):
+        MtpModelHead.from_target(AutoModelForCausalLM.from_pretrained(tmp_path))

@@ -4,7 +4,7 @@ from .dflash import DFlashDrafter, DFlashHead
 from .dream import DreamDrafter, DreamHead
 from .eagle import EagleDrafter, EagleHead
 from .load import feature_drafter_kind, load_feature_drafter
-from .mtp import MtpHead
+from .mtp import MtpHead, MtpModelHead
 
 __all__ = ["EagleDrafter", "EagleHead", "DFlashDrafter", "DFlashHead", "AssistantDrafter", "DreamDrafter", "DreamHead",
-           "MtpHead", "feature_drafter_kind", "load_feature_drafter"]
+           "MtpHead", "MtpModelHead", "feature_drafter_kind", "load_feature_drafter"]

@@ -83,7 +83,8 @@ class AssistantDrafter:
         vocab = int(self.assistant.config.get_text_config().vocab_size)
         if backbone != int(tc.hidden_size) or vocab != target.vocab_size:
             raise IncompatibleModelsError(f"the assistant was made for a target of hidden size {backbone} and "
-                                          f"vocabulary {vocab}; this target has {tc.hidden_size} and {target.vocab_size}")
+                                          f"vocabulary {vocab}; this target has {tc.hidden_size} and "
+                                          f"{target.vocab_size}")
         self.embed = model.get_input_embeddings()  # the target's (scaled) embedding, as transformers feeds it
 
     # --- lifecycle ----------------------------------------------------------------------------------------------

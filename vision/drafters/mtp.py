@@ -11,6 +11,10 @@ transformers 5.24 drops Qwen3.5's ``mtp.*`` weights on load (``_keys_to_ignore_o
 :meth:`MtpHead.from_checkpoint` reads them from the target's safetensors files itself (never a pickle), in the layout
 the serving engines read: ``mtp.fc``, ``mtp.pre_fc_norm_embedding``, ``mtp.pre_fc_norm_hidden``, ``mtp.layers.N.*``
 (a decoder layer of the target's class), ``mtp.norm``.
+
+Models whose config has ``num_mtp_layers`` (DeepSeek-V3, GLM-4-MoE, ...) have their MTP layers loaded by
+transformers itself (``MtpModel.from_pretrained(target)``: ``enorm``, ``hnorm``, ``eh_proj``, a decoder block);
+:class:`MtpModelHead` puts that module in the same head protocol.
 """
 from __future__ import annotations
 
@@ -128,4 +132,57 @@ class MtpHead(nn.Module):
                       use_cache=use_cache, **cache_kwargs(layer, cache))
         h = self.norm(h)
         logits = head(h[:, -logits_to_keep:] if logits_to_keep else h)
+        return SimpleNamespace(logits=logits, hidden_states=(h,))
+
+
+class MtpModelHead(nn.Module):
+    """transformers' `MtpModel` (the MTP layers of a model whose config has ``num_mtp_layers``) in the EAGLE head
+    protocol: ``enorm(embed(x_{t+1}))`` and ``hnorm(h_t)`` through ``eh_proj``, the MTP decoder block, the shared
+    head. Its first MTP layer serves every depth (the drafter feeds its output back), as for `MtpHead`."""
+
+    taps = None
+    compressor = None
+    tap_fc = None
+    image_token_id = None
+
+    def __init__(self, mtp_model: nn.Module):
+        super().__init__()
+        self.mtp = mtp_model
+        self.config = mtp_model.config
+
+    @classmethod
+    def from_target(cls, target: nn.Module) -> "MtpModelHead":
+        """The target's MTP layers as transformers loads them from its checkpoint (`MtpModel.from_pretrained`)."""
+        from transformers.modeling_layers import MtpModel
+
+        if getattr(text_config(target), "num_mtp_layers", None) is None:
+            raise UnsupportedModelError(f"{type(target).__name__}'s config has no num_mtp_layers: transformers keeps "
+                                        "no MTP layers for it (Qwen3.5: drafter='mtp' reads its mtp.* tensors)")
+        try:
+            return cls(MtpModel.from_pretrained(target))
+        except (OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"the MTP layers of {type(target).__name__} could not be loaded from its "
+                                  f"checkpoint ({type(e).__name__}: {e})") from e
+
+    def get_output_embeddings(self):
+        return self.mtp.shared_head
+
+    def forward(self, input_ids, features, attention_mask=None, position_ids=None, cache=None, use_cache=True,
+                output_hidden_states=False, logits_to_keep=0, **_):
+        mtp = self.mtp
+        x = mtp.embed_tokens(input_ids).to(features.dtype)
+        if position_ids is None:
+            seen = cache.get_seq_length() if cache is not None else 0
+            position_ids = (torch.arange(x.shape[1], device=x.device) + seen).unsqueeze(0)
+        if attention_mask is None:
+            attention_mask = create_causal_mask(config=self.config, inputs_embeds=x, attention_mask=None,
+                                                position_ids=position_ids, **cache_kwargs(create_causal_mask, cache))
+        elif isinstance(attention_mask, dict):
+            attention_mask = attention_mask["full_attention"]
+        rope = mtp.rotary_emb(x, position_ids=position_ids) if mtp.rotary_emb is not None else None
+        h = mtp.layers[0](x, features, position_embeddings=rope, attention_mask=attention_mask,
+                          position_ids=position_ids, **cache_kwargs(mtp.layers[0], cache))
+        if mtp.use_shared_post_norm:
+            h = mtp.shared_post_norm(h)
+        logits = mtp._project_to_logits(h[:, -logits_to_keep:] if logits_to_keep else h)
         return SimpleNamespace(logits=logits, hidden_states=(h,))
