@@ -8,7 +8,9 @@ sides are measured alike; wall time is the median of `repeats` runs, methods alt
 
 The drafters are fitted for a few seconds to the target's own continuations of the benchmark prompts
 (`fit_dflash`, `fit_assistant`): their acceptance is a controlled stand-in for a trained drafter, not a claim about
-generalisation. Qwen3.5's MTP layer is random (transformers drops its weights and has no path to compare with).
+generalisation. Qwen3.5's MTP layer is random (transformers drops its weights and has no path to compare with);
+transformers' own `use_mtp` path is compared with mmspec's on a DeepSeek-V3 checkpoint in the tests
+(`tests/vlm/test_mtp.py`, `mmspec.testing.save_deepseek_v3_with_mtp`), not timed here.
 """
 from __future__ import annotations
 
@@ -57,18 +59,18 @@ def _cases(new_tokens: int, fit_steps: int):
     head = DFlashHead(llama, block_size=5)
     examples = [lm_example(llama, _greedy(llama, p, new_tokens), len(p), default_taps(4)) for p in prompts]
     fit_dflash(head, llama, examples, steps=fit_steps, lr=1e-2, batch_size=8, progress=False)
-    yield ("DFlash (block of 4)", llama, llama, lambda: DFlashDrafter(head.eval()),
+    yield ("DFlash (block of 4)", llama, llama, lambda h=head: DFlashDrafter(h.eval()),
            dict(assistant_model=head.model, speculation_type="dflash"), prompts)
     gemma = tiny_gemma4()
     a = tiny_gemma4_assistant()
     seqs = torch.tensor([_greedy(gemma, p[:8], new_tokens) for p in prompts])
     fit_assistant(a, gemma, seqs, 8, steps=fit_steps)
-    yield ("Gemma 4 assistant (chain 3)", gemma, VLMTarget(gemma), lambda: AssistantDrafter(a, 3),
+    yield ("Gemma 4 assistant (chain 3)", gemma, VLMTarget(gemma), lambda a=a: AssistantDrafter(a, 3),
            dict(assistant_model=a), [p[:8] for p in prompts])
     qwen = tiny_qwen3_5()
     torch.manual_seed(0)
     mtp = MtpHead(qwen)
-    yield ("Qwen3.5 MTP layer (random, chain 3)", qwen, qwen, lambda: EagleDrafter(mtp, 3), dict(use_mtp=True),
+    yield ("Qwen3.5 MTP layer (random, chain 3)", qwen, qwen, lambda h=mtp: EagleDrafter(h, 3), dict(use_mtp=True),
            prompts)
 
 

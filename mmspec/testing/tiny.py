@@ -97,6 +97,40 @@ def tiny_deepseek_v3(seed: int = 0, vocab: int = 96, std: float = 0.2) -> torch.
 
 
 @torch.no_grad()
+def save_deepseek_v3_with_mtp(directory, seed: int = 0, std: float = 0.2) -> str:
+    """Write a tiny DeepSeek-V3 checkpoint whose MTP layer sits where transformers' `MtpModel.from_pretrained` looks
+    for it: 61 main layers (its key pattern names layer 61) and ``model.layers.61.*`` (the MTP decoder block,
+    ``enorm``, ``hnorm``, ``eh_proj``, ``shared_head.norm``) in the same safetensors file. Returns the directory, for
+    ``from_pretrained``; `generate(use_mtp=True)` runs on it."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    layers, hidden = 61, 32
+    kw = dict(vocab_size=96, hidden_size=hidden, intermediate_size=64, moe_intermediate_size=16, num_attention_heads=2,
+              num_key_value_heads=2, n_routed_experts=2, num_experts_per_tok=1, n_group=1, topk_group=1,
+              first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=8, qk_rope_head_dim=8, qk_nope_head_dim=8,
+              v_head_dim=8, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+              tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    full = widen_(DeepseekV3ForCausalLM(DeepseekV3Config(num_hidden_layers=layers + 1, **kw)), std, seed)
+    root = Path(directory)
+    full.save_pretrained(root)  # layer 61 is written in the checkpoint layout: the MTP decoder block
+    weights = load_file(str(root / "model.safetensors"))
+    g = torch.Generator().manual_seed(seed + 1)
+    for name in ("enorm", "hnorm", "shared_head.norm"):
+        weights[f"model.layers.{layers}.{name}.weight"] = torch.ones(hidden)
+    weights[f"model.layers.{layers}.eh_proj.weight"] = torch.randn(hidden, 2 * hidden, generator=g) * std
+    save_file(weights, str(root / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((root / "config.json").read_text())
+    config.update(num_hidden_layers=layers, num_mtp_layers=1)
+    (root / "config.json").write_text(json.dumps(config, indent=1))
+    return str(root)
+
+
+@torch.no_grad()
 def noisy_copy(model: torch.nn.Module, noise: float, seed: int = 1) -> torch.nn.Module:
     """A drafter that agrees with `model` only sometimes: a copy with Gaussian noise on its output head."""
     draft = copy.deepcopy(model)

@@ -148,3 +148,24 @@ def test_mtp_model_head_needs_num_mtp_layers_and_its_weights(tmp_path):
     tiny_deepseek_v3().save_pretrained(tmp_path)  # save_pretrained writes no MTP layer
     with pytest.raises(CheckpointError, match="could not be loaded"):
         MtpModelHead.from_target(AutoModelForCausalLM.from_pretrained(tmp_path))
+
+
+def test_mtp_model_head_loads_what_transformers_loads_and_matches_use_mtp(tmp_path):
+    """A checkpoint with its MTP layer in DeepSeek-V3's layout: MtpModelHead.from_target reads it through
+    transformers (MtpModel.from_pretrained), mmspec's output equals generate(use_mtp=True) and plain generate, at
+    any batch size (transformers: batch 1)."""
+    from transformers import AutoModelForCausalLM
+
+    from mmspec.testing import save_deepseek_v3_with_mtp
+    from vision.drafters import MtpModelHead
+
+    model = AutoModelForCausalLM.from_pretrained(save_deepseek_v3_with_mtp(tmp_path)).eval()
+    head = MtpModelHead.from_target(model)
+    assert float(head.mtp.layers[0].eh_proj.weight.detach().abs().sum()) > 0  # loaded, not left at zero
+    kw = dict(max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    p = torch.tensor([PROMPTS[0]])
+    ref = model.generate(p, **kw)
+    assert torch.equal(model.generate(p, use_mtp=True, **kw), ref)
+    out = SpeculativeDecoder(model, EagleDrafter(head, 2)).generate(PROMPTS, max_new_tokens=8)
+    assert out.sequences[0] == ref[0, p.shape[1]:].tolist()
+    assert out.sequences == refs(model, 8)
