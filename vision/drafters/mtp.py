@@ -43,6 +43,20 @@ def text_decoder(target: nn.Module) -> nn.Module:
                                 "its MTP layers cannot be built")
 
 
+def positions_and_mask(config, x: torch.Tensor, position_ids, attention_mask, cache):
+    """An MTP layer's positions (default: after the cache's) and causal mask (default: built; a per-type dict: its
+    full-attention entry), as the drafter's runner passes them or a direct call leaves them out."""
+    if position_ids is None:
+        seen = cache.get_seq_length() if cache is not None else 0
+        position_ids = (torch.arange(x.shape[1], device=x.device) + seen).unsqueeze(0)
+    if attention_mask is None:
+        attention_mask = create_causal_mask(config=config, inputs_embeds=x, attention_mask=None,
+                                            position_ids=position_ids, **cache_kwargs(create_causal_mask, cache))
+    elif isinstance(attention_mask, dict):
+        attention_mask = attention_mask["full_attention"]
+    return position_ids, attention_mask
+
+
 class MtpHead(nn.Module):
     """The target's MTP layer(s) in the EAGLE head protocol (see the module docstring). Randomly initialised until
     loaded (`from_checkpoint`); the embedding, LM head and rotary embedding are the target's, shared and frozen."""
@@ -117,14 +131,7 @@ class MtpHead(nn.Module):
         embed, head, rotary = self._shared
         x = self.fc(torch.cat([self.pre_fc_norm_embedding(embed(input_ids).to(features.dtype)),
                                self.pre_fc_norm_hidden(features)], dim=-1))
-        if position_ids is None:
-            seen = cache.get_seq_length() if cache is not None else 0
-            position_ids = (torch.arange(x.shape[1], device=x.device) + seen).unsqueeze(0)
-        if attention_mask is None:
-            attention_mask = create_causal_mask(config=self.config, inputs_embeds=x, attention_mask=None,
-                                                position_ids=position_ids, **cache_kwargs(create_causal_mask, cache))
-        elif isinstance(attention_mask, dict):
-            attention_mask = attention_mask["full_attention"]
+        position_ids, attention_mask = positions_and_mask(self.config, x, position_ids, attention_mask, cache)
         rope = rotary(x, position_ids)
         h = x
         for layer in self.layers[:1]:  # the drafter feeds its own output back: one MTP layer serves every depth
@@ -171,14 +178,7 @@ class MtpModelHead(nn.Module):
                 output_hidden_states=False, logits_to_keep=0, **_):
         mtp = self.mtp
         x = mtp.embed_tokens(input_ids).to(features.dtype)
-        if position_ids is None:
-            seen = cache.get_seq_length() if cache is not None else 0
-            position_ids = (torch.arange(x.shape[1], device=x.device) + seen).unsqueeze(0)
-        if attention_mask is None:
-            attention_mask = create_causal_mask(config=self.config, inputs_embeds=x, attention_mask=None,
-                                                position_ids=position_ids, **cache_kwargs(create_causal_mask, cache))
-        elif isinstance(attention_mask, dict):
-            attention_mask = attention_mask["full_attention"]
+        position_ids, attention_mask = positions_and_mask(self.config, x, position_ids, attention_mask, cache)
         rope = mtp.rotary_emb(x, position_ids=position_ids) if mtp.rotary_emb is not None else None
         h = mtp.layers[0](x, features, position_embeddings=rope, attention_mask=attention_mask,
                           position_ids=position_ids, **cache_kwargs(mtp.layers[0], cache))
