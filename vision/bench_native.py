@@ -8,9 +8,9 @@ sides are measured alike; wall time is the median of `repeats` runs, methods alt
 
 The drafters are fitted for a few seconds to the target's own continuations of the benchmark prompts
 (`fit_dflash`, `fit_assistant`): their acceptance is a controlled stand-in for a trained drafter, not a claim about
-generalisation. Qwen3.5's MTP layer is random (transformers drops its weights and has no path to compare with);
-transformers' own `use_mtp` path is compared with mmspec's on a DeepSeek-V3 checkpoint in the tests
-(`tests/vlm/test_mtp.py`, `mmspec.testing.save_deepseek_v3_with_mtp`), not timed here.
+generalisation. The MTP layers are random: Qwen3.5's (transformers drops its weights and has no path to compare
+with) and a tiny 61-layer DeepSeek-V3's, written under out_dir/checkpoints where transformers' `use_mtp` path looks
+for it (`mmspec.testing.save_deepseek_v3_with_mtp`), so both sides run the same MTP weights.
 """
 from __future__ import annotations
 
@@ -44,10 +44,12 @@ class _Forwards:
         self.handle.remove()
 
 
-def _cases(new_tokens: int, fit_steps: int):
-    from mmspec.testing import tiny_gemma4, tiny_gemma4_assistant, tiny_llama, tiny_qwen3_5
+def _cases(new_tokens: int, fit_steps: int, workdir: Path):
+    from transformers import AutoModelForCausalLM
 
-    from .drafters import AssistantDrafter, DFlashDrafter, DFlashHead, EagleDrafter, MtpHead
+    from mmspec.testing import save_deepseek_v3_with_mtp, tiny_gemma4, tiny_gemma4_assistant, tiny_llama, tiny_qwen3_5
+
+    from .drafters import AssistantDrafter, DFlashDrafter, DFlashHead, EagleDrafter, MtpHead, MtpModelHead
     from .drafters.dflash import default_taps
     from .target import VLMTarget
     from .train import fit_dflash, lm_example
@@ -72,6 +74,11 @@ def _cases(new_tokens: int, fit_steps: int):
     mtp = MtpHead(qwen)
     yield ("Qwen3.5 MTP layer (random, chain 3)", qwen, qwen, lambda h=mtp: EagleDrafter(h, 3), dict(use_mtp=True),
            prompts)
+    # transformers' use_mtp reads the MTP layer from the checkpoint at every generate: it stays on disk meanwhile
+    deepseek = AutoModelForCausalLM.from_pretrained(save_deepseek_v3_with_mtp(workdir / "deepseek-v3-mtp")).eval()
+    mtp_model = MtpModelHead.from_target(deepseek)  # what transformers' use_mtp path loads
+    yield ("DeepSeek-V3 MTP layer (random, chain 2)", deepseek, deepseek, lambda h=mtp_model: EagleDrafter(h, 2),
+           dict(use_mtp=True), prompts)
 
 
 def _greedy(model, prompt: list[int], n: int) -> list[int]:
@@ -123,7 +130,8 @@ def run_native_benchmark(out_dir="bench_out/native", new_tokens: int = 32, repea
     from tqdm.auto import tqdm
 
     rows = []
-    cases = list(_cases(new_tokens, fit_steps))
+    out = Path(out_dir)
+    cases = list(_cases(new_tokens, fit_steps, out / "checkpoints"))
     for name, model, target, drafter_fn, hf_extra, prompts in tqdm(cases, desc="bench native", disable=not progress):
         one, four = prompts[:1], prompts[:4]
         runs = [("transformers generate", 1, lambda: _hf(model, one, new_tokens, {})),
@@ -150,7 +158,6 @@ def run_native_benchmark(out_dir="bench_out/native", new_tokens: int = 32, repea
                          "torch": torch.__version__, "transformers": transformers.__version__,
                          "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
                          "date": time.strftime("%Y-%m-%d")}, "rows": rows}
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").write_text(json.dumps(result, indent=1))
     md = _markdown(result)
@@ -183,5 +190,5 @@ def _markdown(result: dict) -> str:
     lines += ["", "Speedup: against transformers' plain generate at batch 1 and mmspec's plain loop at batch 4 (which "
               "transformers' assisted generation refuses). Target forwards are counted by a hook on the target "
               "model (prefill included). The DFlash and assistant drafters are fitted to the prompts' own "
-              "continuations (controlled acceptance); the MTP layer is random."]
+              "continuations (controlled acceptance); the MTP layers are random (the same weights on both sides)."]
     return "\n".join(lines) + "\n"
