@@ -136,3 +136,14 @@ def make_generators(seed: int | None, n: int, device: torch.device | str = "cpu"
 def sample_from(dist: torch.Tensor, generator: torch.Generator | None) -> int:
     """Draw one token id from a probability vector (V,) with the request's generator."""
     return int(torch.multinomial(dist.float() if dist.dtype != torch.float64 else dist, 1, generator=generator))
+
+
+def draw_children(spec: "SamplingSpec", logits: torch.Tensor, n: int, generator=None
+                  ) -> tuple[list[int], torch.Tensor | None]:
+    """Up to n children of one draft node from its logits (V,): the top ranks when `spec` is greedy (q None), else
+    draws without replacement from the warped distribution q, returned with them (a node's q in a Draft)."""
+    if spec.greedy:
+        return logits.topk(n).indices.tolist(), None
+    q = spec.probs(logits)
+    k = min(n, int((q > 0).sum()))
+    return torch.multinomial(q, k, replacement=False, generator=generator).tolist(), q

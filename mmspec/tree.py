@@ -126,6 +126,18 @@ class Draft:
         return max(self.depth, default=0)
 
 
+def tree_draft(toks: dict[int, int], qs: dict, parent: Sequence[int]) -> Draft:
+    """A Draft from the drafted nodes of a static tree: `toks` node id -> token, `qs` node id -> the distribution it
+    was drawn from (None: deterministic), `parent` the tree's parent ids. Nodes are renumbered in id order (parents
+    come first); siblings are draws without replacement."""
+    ids = sorted(toks)
+    remap = {n: i for i, n in enumerate(ids)}
+    parents = [remap[parent[n]] if parent[n] >= 0 else -1 for n in ids]
+    q = torch.stack([qs[n] for n in ids]) if ids and qs.get(ids[0]) is not None else None
+    return Draft(torch.tensor([toks[n] for n in ids], dtype=torch.long), torch.tensor(parents, dtype=torch.long), q,
+                 siblings="without_replacement")
+
+
 def ancestor_mask(parent: Sequence[int], device="cpu") -> torch.Tensor:
     """(N, N) bool, [i, j] = node j is node i or one of its ancestors (the tree-attention pattern)."""
     return _ancestor_mask(tuple(parent)).to(device, copy=True)  # callers may edit it; the memo must not change

@@ -20,7 +20,7 @@ from ..request import Request
 from ..sampling import probs_by_row
 from ..state import take_rows
 from ..target import BlockOutput, CausalLMRunner, chain_offsets
-from ..tree import Draft, DynamicTree, StaticTree, expand_dynamic
+from ..tree import Draft, DynamicTree, StaticTree, expand_dynamic, tree_draft
 from .base import DraftContext, DrafterCounters, RowUpdate
 from .tree_plan import TreePlan
 
@@ -407,15 +407,9 @@ class ModelDrafter:
         return [self._make_draft(toks[r], qs[r], parent, self.round, r) for r in range(b)]
 
     def _make_draft(self, toks: dict, qs: dict, parent: list[int], rnd: _Round, row: int) -> Draft:
-        ids = sorted(toks)  # tree node ids; topological because parents have smaller ids
-        remap = {n: i for i, n in enumerate(ids)}
-        tokens = torch.tensor([toks[n] for n in ids], dtype=torch.long)
-        parents = torch.tensor([remap[parent[n]] if parent[n] >= 0 else -1 for n in ids], dtype=torch.long)
+        remap = {n: i for i, n in enumerate(sorted(toks))}  # tree_draft's renumbering, for the cache slots
         rnd.slot[row] = {remap[n]: s for n, s in rnd.slot[row].items() if n in remap}
-        q = None
-        if ids and qs[ids[0]] is not None:
-            q = torch.stack([qs[n] for n in ids])
-        return Draft(tokens, parents, q, siblings="without_replacement")
+        return tree_draft(toks, qs, parent)
 
     def _propose_dynamic(self, root_logits: torch.Tensor, caps: list[int]) -> list[Draft]:
         def logprobs(logits: torch.Tensor, row: int) -> torch.Tensor:

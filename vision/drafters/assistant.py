@@ -25,7 +25,8 @@ from mmspec.drafters.features import committed_features
 from mmspec.errors import DraftError, IncompatibleModelsError, UnsupportedModelError
 from mmspec.inference import inference
 from mmspec.target import BlockOutput, sync_time, text_config
-from mmspec.tree import Draft, StaticTree
+from mmspec.sampling import draw_children
+from mmspec.tree import Draft, StaticTree, tree_draft
 
 
 def store_layers(config) -> dict[str, int]:
@@ -123,29 +124,14 @@ class AssistantDrafter:
                     kids = [n for n in level if self._parent[n] == node]
                     if not kids:
                         continue
-                    picks, q = self._children(logits[i, j], max(self._rank[n] for n in kids) + 1, r)
+                    picks, q = draw_children(self.ctx.spec_of(r), logits[i, j], max(self._rank[n] for n in kids) + 1,
+                                             self.ctx.generators[r])
                     for n in kids:
                         if self._rank[n] < len(picks):
                             toks[r][n], qs[r][n] = picks[self._rank[n]], q
                             nxt[r].append((n, picks[self._rank[n]], proj[i, j]))
             frontier = [[f for f in nxt.get(r, []) if self._n_children[f[0] + 1]] for r in range(b)]
-        return [self._draft(toks[r], qs[r]) for r in range(b)]
-
-    def _children(self, logits: torch.Tensor, n: int, row: int) -> tuple[list[int], torch.Tensor | None]:
-        spec = self.ctx.spec_of(row)
-        if spec.greedy:
-            return logits.topk(n).indices.tolist(), None
-        q = spec.probs(logits)
-        k = min(n, int((q > 0).sum()))
-        return torch.multinomial(q, k, replacement=False, generator=self.ctx.generators[row]).tolist(), q
-
-    def _draft(self, toks: dict[int, int], qs: dict) -> Draft:
-        ids = sorted(toks)
-        remap = {n: i for i, n in enumerate(ids)}
-        parents = [remap[self._parent[n]] if self._parent[n] >= 0 else -1 for n in ids]
-        q = torch.stack([qs[n] for n in ids]) if ids and qs[ids[0]] is not None else None
-        return Draft(torch.tensor([toks[n] for n in ids], dtype=torch.long), torch.tensor(parents, dtype=torch.long),
-                     q, siblings="without_replacement")
+        return [tree_draft(toks[r], qs[r], self._parent) for r in range(b)]
 
     def _view(self):
         """The target's store-layer keys / values (B, h, K, d) per type, each row's additive mask per type (B, K)

@@ -37,7 +37,8 @@ from mmspec.errors import (CheckpointError, DeviceMismatchError, DraftError, Inc
 from mmspec.inference import inference
 from mmspec.state import take_rows
 from mmspec.target import BlockOutput, sync_time, text_config
-from mmspec.tree import Draft, StaticTree
+from mmspec.sampling import draw_children
+from mmspec.tree import Draft, StaticTree, tree_draft
 
 from .eagle import check_trained_for, target_identity
 
@@ -256,27 +257,18 @@ class DFlashDrafter:
         return logits[:, 1:]
 
     def _draft(self, row: int, logits: torch.Tensor, cap: int) -> Draft:
-        """Row `row`'s draft from its slot logits (block - 1, V): the tree (or chain) cut to depth `cap`."""
-        spec = self.ctx.spec_of(row)
-        q = None if spec.greedy else spec.probs(logits)  # (slots, V)
+        """Row `row`'s draft from its slot logits (block - 1, V): the tree (or chain) cut to depth `cap`; every node
+        at depth d draws its children from slot d."""
+        spec, gen = self.ctx.spec_of(row), self.ctx.generators[row]
         toks: dict[int, int] = {}
+        qs: dict[int, torch.Tensor | None] = {}
         for d, level in enumerate(self._levels[:cap]):
             width = max(self._rank[n] for n in level) + 1
             for p in dict.fromkeys(self._parent[n] for n in level):
                 if p >= 0 and p not in toks:
                     continue
-                if q is None:
-                    picks = logits[d].topk(width).indices.tolist()
-                else:
-                    support = int((q[d] > 0).sum())
-                    picks = torch.multinomial(q[d], min(width, support), replacement=False,
-                                              generator=self.ctx.generators[row]).tolist()
+                picks, q = draw_children(spec, logits[d], width, gen)
                 for n in level:
                     if self._parent[n] == p and self._rank[n] < len(picks):
-                        toks[n] = picks[self._rank[n]]
-        ids = sorted(toks)
-        remap = {n: i for i, n in enumerate(ids)}
-        parents = [remap[self._parent[n]] if self._parent[n] >= 0 else -1 for n in ids]
-        node_q = None if q is None else q[[len(self.tree.choices[n]) - 1 for n in ids]]
-        return Draft(torch.tensor([toks[n] for n in ids], dtype=torch.long), torch.tensor(parents, dtype=torch.long),
-                     node_q, siblings="without_replacement")
+                        toks[n], qs[n] = picks[self._rank[n]], q
+        return tree_draft(toks, qs, self._parent)

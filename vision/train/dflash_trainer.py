@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -25,7 +24,7 @@ import torch.nn.functional as F
 from mmspec.errors import InvalidInputError
 
 from .data import Record
-from .eagle_trainer import (MODES, _checkpoints, _examples, _frozen, _run, _step_seed, batch_indices, lr_at,
+from .eagle_trainer import (MODES, _examples, _frozen, _run, _step_seed, batch_indices, check_run, lr_at,
                             optimizer_step)
 from .features import Example
 
@@ -143,21 +142,9 @@ def fit_dflash(head, target, data: Sequence[Example], *, steps: int, lr: float =
         raise InvalidInputError(f"blocks={blocks!r}: must be a positive integer (anchors per conversation)")
     if not 0 < decay <= 1:
         raise InvalidInputError(f"decay={decay!r}: must be in (0, 1]")
-    if not isinstance(steps, int) or steps < 1:
-        raise InvalidInputError(f"steps={steps!r}: must be a positive integer")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise InvalidInputError(f"batch_size={batch_size!r}: must be a positive integer")
-    if not lr > 0:
-        raise InvalidInputError(f"lr={lr!r}: must be positive")
-    if not len(data):
-        raise InvalidInputError("no training examples: nothing to train on")
-    if resume and out_dir is None:
-        raise InvalidInputError("resume=True needs out_dir (where the checkpoints are)")
-    if not resume and out_dir is not None and _checkpoints(Path(out_dir)):
-        raise InvalidInputError(f"{str(out_dir)!r} already holds checkpoints of a run; pass resume=True to "
-                                "continue it, or choose another out_dir")
     config = dict(lr=lr, batch_size=batch_size, blocks=blocks, decay=decay, warmup=warmup, grad_clip=grad_clip,
                   seed=seed, steps=steps, mode=mode, block_size=head.block_size, examples=len(data))
+    check_run(config, data, out_dir, resume, what="data")
     with _frozen(target):
         return _run(head, target, data, config, out_dir, save_every, keep, resume, window, progress, accelerate,
                     step_fn=dflash_step, resumable=RESUMABLE)

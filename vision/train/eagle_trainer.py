@@ -85,22 +85,28 @@ def train_eagle(head, target, processor, train_records: Sequence[Record], *, ste
 
 
 def _check_args(config: dict, records, out_dir, resume: bool) -> None:
-    if not isinstance(config["steps"], int) or config["steps"] < 1:
-        raise InvalidInputError(f"steps={config['steps']!r}: must be a positive integer")
+    check_run(config, records, out_dir, resume)
     if config["mode"] not in MODES:
         raise InvalidInputError(f"mode={config['mode']!r}: valid modes are {MODES}")
     if config["loss"] not in LOSSES:
         raise InvalidInputError(f"loss={config['loss']!r}: valid losses are {LOSSES}")
-    if not isinstance(config["batch_size"], int) or config["batch_size"] < 1:
-        raise InvalidInputError(f"batch_size={config['batch_size']!r}: must be a positive integer")
-    if not config["lr"] > 0:
-        raise InvalidInputError(f"lr={config['lr']!r}: must be positive")
     if not isinstance(config["unroll"], int) or config["unroll"] < 1:
         raise InvalidInputError(f"unroll={config['unroll']!r}: must be an integer >= 1 (1: teacher forcing only)")
     if not 0 < config["unroll_decay"] <= 1:
         raise InvalidInputError(f"unroll_decay={config['unroll_decay']!r}: must be in (0, 1]")
-    if not records:
-        raise InvalidInputError("train_records is empty: nothing to train on")
+
+
+def check_run(config: dict, examples, out_dir, resume: bool, what: str = "train_records") -> None:
+    """The settings every drafter trainer shares (steps, batch size, lr, data, resume / out_dir), checked before
+    any work; `examples` are the records or examples to train on, named `what` in the error."""
+    if not isinstance(config["steps"], int) or config["steps"] < 1:
+        raise InvalidInputError(f"steps={config['steps']!r}: must be a positive integer")
+    if not isinstance(config["batch_size"], int) or config["batch_size"] < 1:
+        raise InvalidInputError(f"batch_size={config['batch_size']!r}: must be a positive integer")
+    if not config["lr"] > 0:
+        raise InvalidInputError(f"lr={config['lr']!r}: must be positive")
+    if not len(examples):
+        raise InvalidInputError(f"{what} is empty: nothing to train on")
     if resume and out_dir is None:
         raise InvalidInputError("resume=True needs out_dir (where the checkpoints are)")
     if not resume and out_dir is not None and _checkpoints(Path(out_dir)):
