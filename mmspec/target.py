@@ -39,6 +39,45 @@ class BlockOutput:
     # prompt position, right-padded, for feature-level drafters that read the target's features of the whole prompt)
     attention: torch.Tensor | None = None  # prefill of targets that offer it: (B, T) attention mass the last prompt
     # token pays each prompt position in the last layer (summed over heads), right-padded with 0
+    positions: list[torch.Tensor | None] | None = None  # prefill of targets whose positions are not token indices
+    # (M-RoPE after an image): per row (R, T + 1), the prompt tokens' position ids then the next token's; None for
+    # a row (or every row) whose token t sits at position t
+
+
+@dataclass
+class PositionMap:
+    """Explicit position ids for a runner whose token indices are not its model's positions: a drafter that runs
+    its target's own layers (an MTP head) over a prompt laid out by M-RoPE. Row b's index t < lengths[b] takes
+    ``table[:, b, t]``; a later index continues the text at ``t - lengths[b] + next_position[b]`` in every row."""
+
+    table: torch.Tensor  # (R, B, T_max) long
+    lengths: torch.Tensor  # (B,) long: indices covered by the table
+    next_position: torch.Tensor  # (B,) long: the position of index lengths[b]
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[torch.Tensor | None], lengths: Sequence[int], device) -> "PositionMap":
+        """rows[b]: (R, T_b + 1) position ids of the first T_b indices then the next one (`BlockOutput.positions`),
+        or None for a row whose index t is position t (its length from `lengths`)."""
+        r = next(p.shape[0] for p in rows if p is not None)
+        full = [p if p is not None else torch.arange(n + 1).expand(r, n + 1) for p, n in zip(rows, lengths)]
+        t_max = max(p.shape[1] - 1 for p in full)
+        table = torch.zeros(r, len(full), max(t_max, 1), dtype=torch.long)
+        for b, p in enumerate(full):
+            table[:, b, : p.shape[1] - 1] = p[:, :-1]
+        return cls(table.to(device), torch.tensor([p.shape[1] - 1 for p in full], device=device),
+                   torch.tensor([int(p[0, -1]) for p in full], device=device))
+
+    def __call__(self, absolute: torch.Tensor) -> torch.Tensor:
+        """Indices (B or 1, M) -> position ids (R, B, M)."""
+        r, b, t_max = self.table.shape
+        absolute = absolute.to(self.table.device).expand(b, -1)
+        looked = self.table.gather(2, absolute.clamp(0, t_max - 1).unsqueeze(0).expand(r, -1, -1))
+        after = absolute - self.lengths[:, None] + self.next_position[:, None]
+        return torch.where((absolute < self.lengths[:, None]).unsqueeze(0), looked, after.unsqueeze(0))
+
+    def select(self, rows: Sequence[int]) -> "PositionMap":
+        idx = torch.as_tensor(list(rows), device=self.table.device)
+        return PositionMap(self.table[:, idx], self.lengths[idx], self.next_position[idx])
 
 
 def sync_time(device: torch.device) -> float:
@@ -134,6 +173,7 @@ class CausalLMRunner(StreamStateful):
         self._tree_templates: dict[int, tuple] = {}  # id(tree visibility) -> (it, its additive form), see verify
         self.recurrent_layers = recurrent_layers(model)  # index -> module of each linear-attention layer ({}: none)
         self.states: RecurrentStates | None = None  # their per-request states (`mmspec.recurrent`)
+        self.position_map: PositionMap | None = None  # explicit positions of this generation's rows (None: indices)
 
     def check_model(self, model: torch.nn.Module) -> None:
         """Refuse models this adapter cannot drive exactly. Subclasses that handle sliding windows override it."""
@@ -229,8 +269,9 @@ class CausalLMRunner(StreamStateful):
         return self.position_ids((offsets + self.next_pos[:, None]).to(self.device))
 
     def position_ids(self, absolute: torch.Tensor) -> torch.Tensor:
-        """What the model's forward takes for absolute text positions (B, M). Overridden for M-RoPE (3 rows)."""
-        return absolute
+        """What the model's forward takes for absolute text positions (B, M): themselves, or their `position_map`
+        (a drafter running its target's own layers over an M-RoPE prompt). Overridden for M-RoPE targets (3 rows)."""
+        return absolute if self.position_map is None else self.position_map(absolute)
 
     def position_slice(self, start: int, m: int) -> torch.Tensor:
         """Absolute positions start .. start + m - 1 as a (1, m) long tensor on the device: a view of a cached
@@ -410,6 +451,8 @@ class CausalLMRunner(StreamStateful):
         self.kv.select_rows(rows)
         if self.states is not None:
             self.states.select_rows(rows)
+        if self.position_map is not None:
+            self.position_map = self.position_map.select(rows)
         take_rows(self, rows, "next_positions")
 
 

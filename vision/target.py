@@ -163,7 +163,9 @@ class VLMRunner(CausalLMRunner):
         cache.recurrent = states  # this group's recurrent states (None without recurrent layers), for the merge
         hidden = select_hidden(out.hidden_states, want_hidden) if want_hidden else None  # (G, T, H): every position
         attention = probe.records[0][-1] if probe is not None else None  # (G, T) the last token's, last layer
-        return out.logits[:, -1], hidden, attention, cache, next_pos
+        rows = None if pos is None else [torch.cat([pos[:, j].cpu(), torch.full((pos.shape[0], 1), n)], dim=1)
+                                         for j, n in enumerate(next_pos)]  # (3, T + 1) per row
+        return out.logits[:, -1], hidden, attention, cache, next_pos, rows
 
     def prefill(self, requests: Sequence[Request], want_hidden: bool = False, reserve: int = 0) -> BlockOutput:
         """Run each request's prompt with its processor inputs (`Request.inputs`: pixel values, grids, ...). A
@@ -187,11 +189,12 @@ class VLMRunner(CausalLMRunner):
             return out
         b = len(reqs)
         logits, hidden, caches, next_pos = [None] * b, [None] * b, [None] * b, [0] * b
-        attention = [None] * b
+        attention, positions = [None] * b, [None] * b
         for group in group_rows(reqs):
-            lg, hd, att, cache, pos = self._prefill_group([reqs[i] for i in group], want_hidden)
+            lg, hd, att, cache, pos, rows = self._prefill_group([reqs[i] for i in group], want_hidden)
             for j, i in enumerate(group):
                 logits[i], next_pos[i] = lg[j], pos[j]
+                positions[i] = rows[j] if rows is not None else None
                 hidden[i] = hd[j] if want_hidden else None
                 attention[i] = att[j] if att is not None else None
                 caches[i] = (cache, j)
@@ -206,7 +209,8 @@ class VLMRunner(CausalLMRunner):
         # (B, T_max, H) hidden and (B, T_max) attention, right-padded like the engine's own prefill
         hidden = pad_sequence(hidden, batch_first=True) if want_hidden else None
         attention = pad_sequence(attention, batch_first=True) if self.want_attention else None
-        return BlockOutput(torch.stack(logits), hidden, attention)
+        return BlockOutput(torch.stack(logits), hidden, attention,
+                           positions if any(p is not None for p in positions) else None)
 
     # --- chat: continue a cached conversation -------------------------------------------------------------------
     def _can_resume(self, req: VLMRequest) -> bool:

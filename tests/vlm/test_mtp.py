@@ -4,6 +4,8 @@ target's checkpoint in the serving layout (`mtp.*`, which transformers drops on 
 sampling; VLM: with images, `drafter="mtp"` by name), and a checkpoint without MTP weights is a typed error."""
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -169,3 +171,38 @@ def test_mtp_model_head_loads_what_transformers_loads_and_matches_use_mtp(tmp_pa
     out = SpeculativeDecoder(model, EagleDrafter(head, 2)).generate(PROMPTS, max_new_tokens=8)
     assert out.sequences[0] == ref[0, p.shape[1]:].tolist()
     assert out.sequences == refs(model, 8)
+
+
+def test_vlm_mtp_head_runs_at_the_targets_mrope_positions():
+    """After an image, Qwen3.5 lays the prompt out by M-RoPE (3 rows; text continues at len + delta). The MTP layer is
+    the target's own, so the drafter feeds it the target's positions (transformers' `get_rope_index` here), per
+    row of a batch mixing an image prompt and a text prompt, and continues the text where the target does; the
+    decode stays lossless."""
+    from vision.prompts import build_request
+
+    t = family("qwen3_5")
+    torch.manual_seed(6)
+    head = MtpHead(t.model)
+    seen = []
+    hook = head.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["position_ids"].clone()), with_kwargs=True)
+    svlm = SpeculativeVLM(t.model, t.processor, EagleDrafter(head, 3))
+    batch = [{"prompt": "describe the image", "images": [image(51, "qwen2_vl")]}, {"prompt": "say hi", "images": []}]
+    try:
+        out = svlm.generate(prompt=[r["prompt"] for r in batch], images=[r["images"] for r in batch],
+                            max_new_tokens=MAX_NEW)
+    finally:
+        hook.remove()
+    assert out.sequences == [hf_reference("qwen3_5", r) for r in batch]
+    req, _, _ = build_request(t.processor, images=batch[0]["images"], prompt=batch[0]["prompt"])
+    ids = torch.tensor([req.input_ids])
+    rope_index = t.model.model.get_rope_index
+    kw = {k: v for k, v in req.inputs.items() if k in inspect.signature(rope_index).parameters}
+    pos, delta = rope_index(ids, attention_mask=torch.ones_like(ids), **kw)
+    n = ids.shape[1]
+    assert pos.shape[0] == 3 and not torch.equal(pos[0, 0], pos[1, 0])  # the image really has 2-D positions
+    first = seen[0]  # the prompt feed: (3, 2, T) for both rows, pair t at token t's position
+    assert first.shape[0] == 3 and torch.equal(first[:, 0, :n], pos[:, 0])
+    text = len(build_request(t.processor, prompt=batch[1]["prompt"])[0].input_ids)
+    assert torch.equal(first[:, 1, :text], torch.arange(text).expand(3, text))
+    later = seen[1]  # the first tree level: pair n sits where the target's token n does, in all three rows
+    assert torch.equal(later[:, 0, 0], torch.full((3,), n + int(delta[0]))) and int(delta[0]) != 0

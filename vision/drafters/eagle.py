@@ -27,7 +27,7 @@ from mmspec.checkpoint import read_kind_config, read_safetensors, write_checkpoi
 from mmspec.compat import cache_kwargs
 from mmspec.errors import CheckpointError, IncompatibleModelsError, UnsupportedModelError
 from mmspec.state import take_rows
-from mmspec.target import BlockOutput, CausalLMRunner, text_config
+from mmspec.target import BlockOutput, CausalLMRunner, PositionMap, text_config
 
 
 class EagleHead(nn.Module):
@@ -36,6 +36,7 @@ class EagleHead(nn.Module):
     The target's input embeddings and LM head are shared and frozen (not part of `trainable_parameters`)."""
 
     CONFIG_NAME, WEIGHTS_NAME, KIND = "config.json", "model.safetensors", "mmspec.eagle"
+    target_positions = False  # pair t sits at position t (the head's own numbering, as trained)
 
     def __init__(self, target: nn.Module, layers: int = 1, taps: tuple[int, ...] | None = None,
                  image_token_id: int | None = None, compressor: nn.Module | None = None):
@@ -239,6 +240,10 @@ class EagleDrafter(ModelDrafter):
         b = len(ctx.history)
         self.runner.kv = RaggedCache.new(self.head, b)
         self.runner.next_positions = [0] * b
+        self.runner.position_map = None  # pair t sits at position t, unless the head runs the target's own layers:
+        if getattr(self.head, "target_positions", False) and prefill.positions is not None:  # then the target's
+            self.runner.position_map = PositionMap.from_rows(prefill.positions, [len(h) - 1 for h in ctx.history],
+                                                             self.runner.device)
         tokens, feats, self.global_vecs = [], [], []
         for i, h in enumerate(ctx.history):  # pairs (x_{t+1}, f_t): prompt[1:] + the first generated token
             with torch.inference_mode():

@@ -65,6 +65,8 @@ class MtpHead(nn.Module):
     compressor = None
     tap_fc = None
     image_token_id = None
+    target_positions = True  # the target's own layer: pair t at the target's position of token t (M-RoPE rows
+    # after an image, as the target laid the prompt out: `mmspec.target.PositionMap`)
 
     def __init__(self, target: nn.Module, layers: int = 1):
         super().__init__()
@@ -151,6 +153,8 @@ class MtpModelHead(nn.Module):
     compressor = None
     tap_fc = None
     image_token_id = None
+    target_positions = True  # the target's own layer: pair t at the target's position of token t (M-RoPE rows
+    # after an image, as the target laid the prompt out: `mmspec.target.PositionMap`)
 
     def __init__(self, mtp_model: nn.Module):
         super().__init__()
