@@ -64,6 +64,9 @@ class RaggedCache:
         config = model.config
         if kind == "dynamic":
             cache = DynamicCache(config=config)
+            if any(getattr(layer, "is_sliding", False) for layer in cache.layers) and "sliding_attention" in (
+                    getattr(config.get_text_config(), "layer_types", None) or []):
+                cache = DynamicCache()  # every slot kept: the runner cuts its masks to the window (mmspec.target)
         elif kind == "static":
             if not max_cache_len:
                 raise UnsupportedModelError("a static cache needs max_cache_len (prompt + new tokens + draft size)")

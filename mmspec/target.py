@@ -135,6 +135,14 @@ def fit_vocab(logits: torch.Tensor, size: int) -> torch.Tensor:
     return torch.cat([logits, pad], dim=-1)
 
 
+def sliding_window_of(model) -> int | None:
+    """The window of the model's sliding-attention layers (typed by its config's `layer_types`), or None when every
+    layer is full attention."""
+    cfg = text_config(model)
+    types = getattr(cfg, "layer_types", None) or []
+    return int(cfg.sliding_window) if "sliding_attention" in types else None
+
+
 def context_limit(model: torch.nn.Module) -> int | None:
     cfg = text_config(model)
     return getattr(cfg, "max_position_embeddings", None)
@@ -147,7 +155,7 @@ class CausalLMRunner(StreamStateful):
 
     persistent_attributes = frozenset({"model", "cache_kind", "max_cache_len", "device", "dtype", "vocab_size",
                                        "out_vocab", "max_positions", "compiled_forward", "compile_time",
-                                       "static_capacity", "recurrent_layers"})
+                                       "static_capacity", "recurrent_layers", "window"})
 
     def __init__(self, model: torch.nn.Module, cache: str = "dynamic", max_cache_len: int | None = None):
         if not hasattr(model, "config"):
@@ -172,16 +180,24 @@ class CausalLMRunner(StreamStateful):
         self._zero: torch.Tensor | None = None  # 0-dim zero in the model's dtype, for `additive`
         self._tree_templates: dict[int, tuple] = {}  # id(tree visibility) -> (it, its additive form), see verify
         self.recurrent_layers = recurrent_layers(model)  # index -> module of each linear-attention layer ({}: none)
+        # Sliding-window layers (Gemma 2/3/4, gpt-oss): the cache keeps every slot (a rejected draft's window must
+        # stay restorable) and each block gets the full mask and the same one cut to the window by position
+        self.window = sliding_window_of(model)
+        if self.window is not None and cache == "static":
+            raise UnsupportedModelError(f"{type(model).__name__} has sliding-window layers, which a static cache "
+                                        "would evict from; use cache='dynamic'")
         self.states: RecurrentStates | None = None  # their per-request states (`mmspec.recurrent`)
         self.position_map: PositionMap | None = None  # explicit positions of this generation's rows (None: indices)
 
     def check_model(self, model: torch.nn.Module) -> None:
-        """Refuse models this adapter cannot drive exactly. Subclasses that handle sliding windows override it."""
-        if any(getattr(layer, "is_sliding", False) for layer in DynamicCache(config=model.config).layers):
+        """Refuse models this adapter cannot drive exactly: sliding-window layers it cannot mask itself."""
+        if sliding_window_of(model) is None and any(
+                getattr(layer, "is_sliding", False) for layer in DynamicCache(config=model.config).layers):
             # transformers' own rule decides which layers slide (layer_types, or sliding_window for Mistral)
             raise UnsupportedModelError(
-                f"{type(model).__name__} has sliding-window layers, which evict keys a rejected draft needs; "
-                "use a model-specific adapter that keeps window + draft slots (vision.VLMTarget does for Gemma3)")
+                f"{type(model).__name__} slides its attention window over every layer (no layer_types naming the "
+                "sliding ones), and a sliding cache evicts keys a rejected draft needs; models that type their "
+                "layers (Gemma 2/3/4, gpt-oss) are supported")
 
     def model_inputs(self, ids: torch.Tensor, allowed: torch.Tensor | None, positions: torch.Tensor) -> dict:
         """Keyword arguments of the model's forward for a block: ids (B, M), visibility (B, M, K) bool or None for
@@ -189,7 +205,22 @@ class CausalLMRunner(StreamStateful):
         mask = None if allowed is None else self._float_mask(allowed)
         if mask is not None and self.recurrent_layers:  # the recurrent layers take no mask (mmspec.recurrent)
             mask = {"full_attention": mask, "linear_attention": None}
+        elif mask is not None and self.window is not None:  # sliding layers: the same visibility cut to the window
+            if allowed.is_floating_point():  # an additive (B, 1, M, K) mask from a hot path: visibility back
+                allowed = (allowed[:, 0] == 0).cpu()
+            text = positions[0] if positions.dim() == 3 else positions  # M-RoPE: text rows are equal
+            mask = {"full_attention": mask, "sliding_attention": self._float_mask(self._windowed(allowed, text))}
         return {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+
+    def _windowed(self, allowed: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Cut visibility (B, M, K) to the sliding window. Committed slot j holds position j (1-D positions, no holes
+        inside a row's prefix); block slots hold the block's positions (B, M)."""
+        b, m, k = allowed.shape
+        q = positions.cpu().expand(b, m)
+        width = k - m
+        keys = torch.cat([torch.arange(width).expand(b, width), q], dim=1)  # (B, K)
+        near = (q[:, :, None] - keys[:, None, :]) < self.window
+        return allowed & near
 
     # --- masks and positions ------------------------------------------------------------------------------------
     def _float_mask(self, allowed: torch.Tensor) -> torch.Tensor:
@@ -387,6 +418,9 @@ class CausalLMRunner(StreamStateful):
         if self.recurrent_layers:
             return (f"{type(self.model).__name__} has linear-attention layers, whose per-node state steps "
                     "(mmspec.recurrent) run eagerly")
+        if self.window is not None:
+            return (f"{type(self.model).__name__} has sliding-window layers, whose windowed masks the compiled "
+                    "static-cache path does not build")
         return None
 
     def compile_decode(self, reserve: int) -> None:

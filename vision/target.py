@@ -8,8 +8,9 @@ block (draft verification, a chat's next turn) is text, fed with the engine's ex
 * M-RoPE (Qwen2/2.5/3-VL): positions are 3 rows; after the prompt, text continues at ``len + rope_delta`` in all
   three (``get_rope_index`` of the model gives the prompt's positions and delta), so a draft node at depth d has
   position ``next_pos + d`` in every row.
-* Sliding-window layers (Gemma3): the cache keeps every slot (a rejected draft's window must be restorable), and each
-  block gets two masks, the full one and the same one cut to the window by position (query - key < window).
+* Sliding-window layers (Gemma 3/4): as the engine's runner does for any model that types its layers, the cache
+  keeps every slot (a rejected draft's window must be restorable), and each block gets two masks, the full one and
+  the same one cut to the window by position (query - key < window).
 """
 from __future__ import annotations
 
@@ -58,15 +59,6 @@ def vlm_request(request) -> VLMRequest:
     return VLMRequest(list(request))
 
 
-def sliding_window_of(model) -> int | None:
-    """The window of the model's sliding-attention layers, or None when every layer is full attention."""
-    cfg = text_config(model)
-    types = getattr(cfg, "layer_types", None) or []
-    if "sliding_attention" in types:
-        return int(cfg.sliding_window)
-    return None
-
-
 def rope_index_fn(model):
     """The model's M-RoPE position function (Qwen-VL family), or None for 1-D positions."""
     inner = getattr(model, "model", None)
@@ -81,7 +73,6 @@ class VLMRunner(CausalLMRunner):
 
     def __init__(self, model: torch.nn.Module):
         super().__init__(model, cache="dynamic")
-        self.window = sliding_window_of(model)
         self.want_attention = False  # prefill also returns the last token's last-layer attention (DREAM pruning)
         self.rope_index = rope_index_fn(model)
         self.prefix_lm = "paligemma" in type(model).__name__.lower()
@@ -89,16 +80,6 @@ class VLMRunner(CausalLMRunner):
         self.row_ids: list[list[int]] = []  # ids whose keys sit in the cache, per row (for chat reuse)
         self.owner = None  # the chat session whose conversation the cache holds (None: nobody may resume it)
         self.last_prefill = {"tokens": 0, "resumed": False}  # prompt tokens the last prefill ran through the model
-
-    def check_model(self, model) -> None:
-        return None  # sliding windows are handled here (no eviction, windowed masks)
-
-    def cannot_compile(self) -> str | None:
-        why = super().cannot_compile()
-        if why or self.window is None:
-            return why
-        return (f"{type(self.model).__name__} has sliding-window layers, whose windowed masks the compiled "
-                "static-cache path does not build")
 
     def forget(self) -> None:
         """Never resume the current cache (after an interrupted or failed turn)."""
@@ -108,25 +89,6 @@ class VLMRunner(CausalLMRunner):
     def position_ids(self, absolute: torch.Tensor) -> torch.Tensor:
         """Text positions (B, M); M-RoPE models take them as 3 equal rows (temporal, height, width)."""
         return absolute.unsqueeze(0).expand(3, *absolute.shape) if self.rope_index is not None else absolute
-
-    def model_inputs(self, ids, allowed, positions) -> dict:
-        inputs = super().model_inputs(ids, allowed, positions)
-        if self.window is not None and allowed is not None:
-            if allowed.is_floating_point():  # an additive (B, 1, M, K) mask from a hot path: visibility back
-                allowed = (allowed[:, 0] == 0).cpu()
-            inputs["attention_mask"] = {"full_attention": inputs["attention_mask"],
-                                        "sliding_attention": self._float_mask(self._windowed(allowed, positions))}
-        return inputs
-
-    def _windowed(self, allowed: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Cut visibility (B, M, K) to the window. Committed slot j holds position j (1-D positions, no holes
-        inside a row's prefix); block slots hold the block's positions."""
-        b, m, k = allowed.shape
-        q = positions.cpu()  # (B, M)
-        width = k - m
-        keys = torch.cat([torch.arange(width).expand(b, width), q], dim=1)  # (B, K)
-        near = (q[:, :, None] - keys[:, None, :]) < self.window
-        return allowed & near
 
     # --- prefill ------------------------------------------------------------------------------------------------
     def _positions(self, reqs: list[VLMRequest], ids: torch.Tensor) -> tuple[torch.Tensor | None, list[int]]:

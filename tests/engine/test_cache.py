@@ -299,13 +299,47 @@ def sliding_models():
     }
 
 
-@pytest.mark.parametrize("family", ["qwen2", "gemma2", "gemma3", "mistral"])
-def test_sliding_window_models_are_refused(target, family):
-    model = sliding_models()[family]().eval()
+def test_models_sliding_every_layer_are_refused(target):
+    """Mistral slides every layer without typing them: a sliding cache would evict what a rejected draft needs."""
+    model = sliding_models()["mistral"]().eval()
     with pytest.raises(UnsupportedModelError, match="sliding"):
         CausalLMTarget(model)  # at construction, before any cache exists
     with pytest.raises(UnsupportedModelError, match="sliding"):
         SpeculativeDecoder(target, model)  # as a drafter too
+    with pytest.raises(UnsupportedModelError, match="static"):
+        CausalLMTarget(sliding_models()["gemma3"]().eval(), cache="static")
+
+
+SLIDING_PROMPTS = [[5, 9, 3, 7, 1, 2, 44, 12, 5, 9, 3, 7, 1, 2, 44, 12, 5, 9], [8, 8, 4],
+                   [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4, 6, 2, 6, 4, 3, 3, 8]]
+
+
+def sliding_target(family):
+    if family == "gemma4":
+        from mmspec.testing import tiny_gemma4
+
+        return tiny_gemma4(std=0.1)  # window 6, KV-shared layers
+    return widen_(sliding_models()[family](), 0.02 if family.startswith("gemma") else 0.1).eval()
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma2", "gemma3", "gemma4"])
+def test_models_typing_sliding_layers_match_generate(family):
+    """Models whose config types their sliding layers run in the engine itself (every slot kept, masks cut to the
+    window): greedy output equals transformers' generate over sliding caches, for prompts and generations past the
+    window, with chains, trees and a batch; as a draft model too."""
+    from mmspec.drafters import ModelDrafter, NGramDrafter
+    from mmspec.tree import StaticTree
+
+    model = sliding_target(family)
+    ref = [model.generate(torch.tensor([p]), max_new_tokens=20, do_sample=False, pad_token_id=0,
+                          eos_token_id=None)[0, len(p):].tolist() for p in SLIDING_PROMPTS]
+    assert len({t for r in ref for t in r}) >= 6
+    dec = SpeculativeDecoder(model, NGramDrafter(k=4, branches=2))
+    assert dec.generate(SLIDING_PROMPTS, max_new_tokens=20).sequences == ref
+    drafter = ModelDrafter(sliding_target(family), tree=StaticTree.full((2, 2, 1)))
+    dec = SpeculativeDecoder(model, drafter)
+    assert [dec.generate([p], max_new_tokens=20).sequences[0] for p in SLIDING_PROMPTS] == ref
+    assert dec.generate(SLIDING_PROMPTS, max_new_tokens=20).sequences == ref
 
 
 @pytest.mark.parametrize("family", ["qwen2", "mistral"])

@@ -1,5 +1,6 @@
 """Gemma 4's assistant as a drafter (`vision.drafters.AssistantDrafter`): a tiny Gemma 4 target with sliding-window
-and KV-shared layers (driven by `vision.VLMTarget`, which masks windows instead of evicting keys) and a tiny
+and KV-shared layers (driven by the engine's own adapter or by `vision.VLMTarget`; both mask windows instead of
+evicting keys) and a tiny
 `Gemma4AssistantForCausalLM` reading its cache. Greedy output equals the target's `generate` for chains and static
 trees, in a batch of 3 and alone; a chi-square test of sampling with an assistant fitted to be partly right; the
 same assistant through transformers' own path (batch 1 only there); bad pairings are typed errors."""
@@ -39,11 +40,13 @@ def refs(model, n=12):
                            pad_token_id=0)[0, len(p):].tolist() for p in PROMPTS]
 
 
+@pytest.mark.parametrize("adapter", ["engine", "vlm"])
 @pytest.mark.parametrize("tree", [3, StaticTree.full((2, 2, 1))], ids=["chain3", "tree221"])
-def test_assistant_drafter_is_lossless(tree):
+def test_assistant_drafter_is_lossless(tree, adapter):
     model = gemma4()
     expected = refs(model)
-    dec = SpeculativeDecoder(VLMTarget(model), AssistantDrafter(fitted(model, PROMPTS[0]), tree))
+    target = model if adapter == "engine" else VLMTarget(model)  # the engine's CausalLMTarget, or the VLM adapter
+    dec = SpeculativeDecoder(target, AssistantDrafter(fitted(model, PROMPTS[0]), tree))
     out = dec.generate(PROMPTS, max_new_tokens=12)
     assert out.sequences == expected
     assert out.stats.accepted_tokens > 0 and 0 < out.stats.time_drafter_model <= out.stats.time_draft
@@ -54,7 +57,7 @@ def test_sampling_matches_the_exact_distribution():
     model = gemma4()
     prompt, length, spec = [5, 17, 5, 17, 5, 17, 5], 3, SamplingSpec(temperature=1.0, top_k=4, top_p=0.9)
     joint = exact_joint(model, prompt, spec, length)
-    dec = SpeculativeDecoder(VLMTarget(model), AssistantDrafter(fitted(model, prompt), 2))
+    dec = SpeculativeDecoder(model, AssistantDrafter(fitted(model, prompt), 2))
     samples, accepted, drafted = sampled_runs(dec, prompt, length, 1200, temperature=1.0, top_k=4, top_p=0.9)
     stat, threshold, outside = chi_square(samples, joint)
     assert outside == 0 and stat < threshold, (stat, threshold)
