@@ -20,9 +20,17 @@ def feature_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def token_ce(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor) -> torch.Tensor:
-    """-sum_k p_target(k) log p_head(k) over the target's top-k (renormalised): (..., V) -> (...)."""
+    """-sum_k p_target(k) log p_head(k) over the target's top-k (renormalised): (..., V) -> (...). A head with a
+    reduced draft vocabulary (-inf logits outside it, EAGLE-3) learns the target's distribution restricted to its
+    vocabulary and renormalised; a position whose top-k lies wholly outside contributes 0."""
     logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, topk_ids)  # (..., k)
-    p = torch.softmax(topk_logprobs.float(), dim=-1)  # (..., k)
+    lp = topk_logprobs.float()
+    outside = torch.isneginf(logp)
+    if bool(outside.any()):
+        lp, logp = lp.masked_fill(outside, float("-inf")), logp.masked_fill(outside, 0.0)
+        p = torch.softmax(lp, dim=-1).nan_to_num(0.0)  # every entry outside: all -inf -> nan -> 0
+    else:
+        p = torch.softmax(lp, dim=-1)  # (..., k)
     return -(p * logp).sum(-1)
 
 

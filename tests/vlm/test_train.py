@@ -290,6 +290,22 @@ def test_train_drafter_command_distils_trains_and_resumes(tmp_path, capsys):
     assert isinstance(loaded, DreamDrafter) and loaded.head.taps == (1, -1)
     assert loaded.compressor.config() == {"type": "avg_pool", "stride": 2}
     from mmspec.errors import InvalidInputError
+    from vision.drafters import Eagle3Head
+
+    eagle3 = ["train-drafter", "--target", str(tmp_path / "target"), "--data", str(tmp_path / "data"), "--out",
+              str(tmp_path / "eagle3"), "--held-out", "0.34", "--eval-tokens", "4", "--quiet", "--steps", "2",
+              "--head", "eagle3", "--draft-vocab", "40"]
+    args = parser.parse_args(eagle3)
+    assert args.func(args) == 0
+    assert 0 < json.loads(capsys.readouterr().out)["train"]["draft_vocab_coverage"] <= 1
+    loaded = load_feature_drafter(tmp_path / "eagle3", t.model)
+    assert isinstance(loaded.head, Eagle3Head) and loaded.head.draft_vocab_size == 40 and loaded.head.taps == (1, 2)
+    with pytest.raises(InvalidInputError, match="cannot be represented in an EAGLE-3 head"):
+        args = parser.parse_args(eagle3[:6] + [str(tmp_path / "e3b")] + eagle3[7:] + ["--msd"])
+        args.func(args)
+    with pytest.raises(InvalidInputError, match="--head eagle3 only"):
+        args = parser.parse_args(dream[:6] + [str(tmp_path / "d2")] + dream[7:] + ["--draft-vocab", "8"])
+        args.func(args)
     from vision.train.cli import parse_compressor
 
     with pytest.raises(InvalidInputError, match="expected one of"):

@@ -7,8 +7,10 @@ from mmspec.checkpoint import checkpoint_kind
 from .dflash import DFlashDrafter, DFlashHead
 from .dream import DreamDrafter, DreamHead
 from .eagle import EagleDrafter, EagleHead
+from .eagle3 import Eagle3Head
 
-KINDS = {EagleHead.KIND: (EagleHead, EagleDrafter), DreamHead.KIND: (DreamHead, DreamDrafter),
+KINDS = {EagleHead.KIND: (EagleHead, EagleDrafter), Eagle3Head.KIND: (Eagle3Head, EagleDrafter),
+         DreamHead.KIND: (DreamHead, DreamDrafter),
          DFlashHead.KIND: (DFlashHead, DFlashDrafter)}
 
 

@@ -2,7 +2,8 @@
 
     mmspec train-drafter --target llava-dir --data data/ --out eagle/ --steps 2000
     mmspec train-drafter ... --head dream --compressor attention_prune:0.25     # DREAM
-    mmspec train-drafter ... --taps 2,12,-3 --unroll 7                          # EAGLE-3
+    mmspec train-drafter ... --taps 2,12,-3 --unroll 7                          # EAGLE-1 head on EAGLE-3 taps
+    mmspec train-drafter ... --head eagle3 --draft-vocab 32000 --unroll 7       # EAGLE-3, as vLLM / SGLang load it
     mmspec train-drafter ... --loss vispec --compressor vispec:4 --unroll 3     # ViSpec
     mmspec train-drafter ... --head dflash --block-size 8 --lr 3e-4             # DFlash: a block per forward
     mmspec train-drafter --target llava-dir --distill --images photos/ --prompts questions.txt --data data/ --out eagle/
@@ -26,7 +27,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     from .eagle_trainer import MODES
     from .losses import LOSSES
 
-    p = subparsers.add_parser("train-drafter", help="train an EAGLE / DREAM / DFlash drafter for a VLM target "
+    p = subparsers.add_parser("train-drafter", help="train an EAGLE / EAGLE-3 / DREAM / DFlash drafter for a VLM target "
                               "(optionally on the target's own answers)")
     p.add_argument("--target", required=True, help="VLM directory or id (AutoModelForImageTextToText + AutoProcessor)")
     p.add_argument("--data", required=True, help="dataset directory (data.jsonl + images); written by --distill")
@@ -36,9 +37,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--mode", choices=MODES, default="offline",
                    help="offline: target features computed once and cached in --out/features; online: every step")
-    p.add_argument("--head", choices=["eagle", "dream", "dflash"], default="eagle",
-                   help="eagle: one decoder layer (EAGLE); dream: self-attn / gated cross-attn / self-attn (DREAM); "
+    p.add_argument("--head", choices=["eagle", "eagle3", "dream", "dflash"], default="eagle",
+                   help="eagle: one decoder layer (EAGLE); eagle3: EAGLE-3 as vLLM / SGLang serve it (taps, own draft "
+                   "vocabulary: --draft-vocab); dream: self-attn / gated cross-attn / self-attn (DREAM); "
                    "dflash: a block of draft tokens per forward from the target's features at --taps (DFlash)")
+    p.add_argument("--draft-vocab", type=int, help="eagle3: draft vocabulary size, the most frequent tokens of the "
+                   "data (default: the target's whole vocabulary)")
     p.add_argument("--taps", help="EAGLE-3 / DFlash: comma-separated hidden-state indices to read, e.g. 2,12,-3 "
                    "(DFlash default: three spread over the layers)")
     p.add_argument("--block-size", type=int, default=8, help="dflash: the pending token + block_size - 1 drafted "
@@ -78,6 +82,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_train_drafter(args) -> int:
+    from mmspec.errors import InvalidInputError
     from vision.drafters import DreamHead, EagleHead
     from vision.drafters.eagle import image_token_id_of
 
@@ -92,8 +97,12 @@ def cmd_train_drafter(args) -> int:
     train, held = split(load_dataset(args.data), held_out=args.held_out, seed=args.seed)
     held = held[: args.eval_records]
     taps = parse_taps(args.taps)
+    if args.draft_vocab is not None and args.head != "eagle3":
+        raise InvalidInputError(f"--draft-vocab applies to --head eagle3 only (got --head {args.head})")
     if args.head == "dflash":
         head, before, report, after = _train_dflash(args, model, processor, train, held, taps)
+    elif args.head == "eagle3":
+        head, before, report, after = _train_eagle3(args, model, processor, train, held, taps)
     else:
         image_id = image_token_id_of(model.config) if args.msd else None
         layers = {"layers": args.draft_layers} if args.draft_layers else {}
@@ -127,6 +136,34 @@ def parse_taps(spec: str | None) -> tuple[int, ...] | None:
         return tuple(int(x) for x in spec.split(","))
     except ValueError as e:
         raise InvalidInputError(f"--taps {spec!r}: expected comma-separated integers, e.g. 2,12,-3") from e
+
+
+def _train_eagle3(args, model, processor, train, held, taps):
+    """--head eagle3: (head, untrained tau, training report, trained tau)."""
+    from mmspec.errors import InvalidInputError
+    from vision.drafters import Eagle3Head
+    from vision.drafters.dflash import default_taps
+
+    from .eagle_trainer import evaluate_tau, train_eagle
+
+    unused = [flag for flag, on in (("--msd", args.msd), ("--compressor", args.compressor),
+                                    ("--draft-layers", args.draft_layers), ("--loss", args.loss not in (None, "eagle")))
+              if on]
+    if unused:
+        raise InvalidInputError(f"{', '.join(unused)} cannot be represented in an EAGLE-3 head (one decoder layer over "
+                                "the target's taps, as vLLM and SGLang load it); drop them or use --head eagle")
+    from mmspec.target import text_config
+
+    n_layers = int(text_config(model).num_hidden_layers)
+    head = Eagle3Head(model, taps=taps or default_taps(n_layers), draft_vocab=args.draft_vocab)
+    tree = args.tree or 4
+    before = evaluate_tau(head, model, processor, held, tree=tree, max_new_tokens=args.eval_tokens)
+    report = train_eagle(head, model, processor, train, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                         mode=args.mode, unroll=args.unroll, noise=args.noise, seed=args.seed, out_dir=args.out,
+                         accelerate=args.accelerate, save_every=args.save_every, resume=args.resume,
+                         progress=not args.quiet)
+    after = evaluate_tau(head, model, processor, held, tree=tree, max_new_tokens=args.eval_tokens)
+    return head, before, report, after
 
 
 def _train_dflash(args, model, processor, train, held, taps):

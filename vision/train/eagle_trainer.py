@@ -34,6 +34,7 @@ from mmspec.checkpoint import read_kind_config, read_safetensors
 from mmspec.errors import CheckpointError, InvalidInputError, UnsupportedModelError
 
 from .data import Record
+from .draft_vocab import choose_draft_vocab, coverage, token_counts
 from .features import OnlineFeatures, collate, compress_pairs, precompute
 from .losses import LOSSES, agreement, drafter_loss
 
@@ -76,12 +77,21 @@ def train_eagle(head, target, processor, train_records: Sequence[Record], *, ste
     _check_args(config, train_records, out_dir, resume)
     if loss == "dream" and not isinstance(head, DreamHead):
         raise InvalidInputError(f"loss='dream' trains a DreamHead's cross-attention; got {type(head).__name__}")
+    if getattr(head, "draft_vocab_size", None) is not None and loss != "eagle":
+        raise InvalidInputError(f"loss={loss!r}: an EAGLE-3 head (its own draft vocabulary) trains with loss='eagle'")
     options = {"taps": head.taps, "mid_features": loss == "dream"}
     with contextlib.ExitStack() as stack:
         data = _examples(stack, target, processor, train_records, mode, topk, out_dir, cache_dir, progress, options)
         config["examples"] = len(data)
+        if getattr(head, "vocab_chosen", True) is False:  # EAGLE-3: the N most frequent tokens of the data
+            counts = token_counts(data, head.target_vocab, progress)
+            head.set_draft_vocab(choose_draft_vocab(counts, head.draft_vocab_size))
+            config["draft_vocab_coverage"] = coverage(counts, head.draft_ids.cpu())
         stack.enter_context(_frozen(target))
-        return _run(head, target, data, config, out_dir, save_every, keep, resume, window, progress, accelerate)
+        report = _run(head, target, data, config, out_dir, save_every, keep, resume, window, progress, accelerate)
+    if "draft_vocab_coverage" in config:  # share of the data's answer tokens the draft vocabulary holds
+        report["draft_vocab_coverage"] = config["draft_vocab_coverage"]
+    return report
 
 
 def _check_args(config: dict, records, out_dir, resume: bool) -> None:
@@ -206,7 +216,8 @@ def train_step(head, opt, data, step: int, config: dict, device, acc=None) -> tu
     loss, first = 0.0, None
     for s, (out, weights) in enumerate(unrolled(head, batch.input_ids, feats, batch.weights, config["unroll"])):
         part, _ = drafter_loss(out.hidden_states[0], out.logits, batch, config["loss"], config["w_cls"],
-                               config["w_prob"], w_rank=config["w_rank"], w_mid=config["w_mid"],
+                               config["w_prob"], w_reg=getattr(head, "w_reg", 1.0), w_rank=config["w_rank"],
+                               w_mid=config["w_mid"],
                                cross_hidden=getattr(out, "cross_hidden", None), weights=weights)
         loss = loss + part * config["unroll_decay"] ** s
         first = out if s == 0 else first  # teacher-forced pass: the running acceptance estimate
