@@ -51,30 +51,54 @@ GEMMA4_SHARED = dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, 
                      max_position_embeddings=512, pad_token_id=0, eos_token_id=1, bos_token_id=2)
 
 
+def gemma4_text_config(vocab: int = 96, hidden: int = 64, **overrides):
+    """`tiny_gemma4`'s text layout as a `Gemma4TextConfig`: 4 layers (sliding, full, sliding, full) whose last two
+    read the first two's keys (KV sharing), per-layer inputs of width 8, a sliding window of 6 and the ids of
+    `GEMMA4_SHARED`; `overrides` replace any field (a VLM's token ids, its layer count, ...)."""
+    from transformers import Gemma4TextConfig
+
+    kw = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=4,
+              num_kv_shared_layers=2, layer_types=["sliding_attention", "full_attention"] * 2,
+              hidden_size_per_layer_input=8, vocab_size_per_layer_input=vocab, **GEMMA4_SHARED)
+    kw.update(overrides)
+    return Gemma4TextConfig(**kw)
+
+
 def tiny_gemma4(seed: int = 0, vocab: int = 96, std: float = 0.2) -> torch.nn.Module:
     """A tiny random Gemma 4 text model (`Gemma4ForCausalLM`): 4 layers (sliding, full, sliding, full) whose last two
     read the first two's keys (KV sharing), per-layer inputs, a sliding window of 6."""
-    from transformers import Gemma4ForCausalLM, Gemma4TextConfig
+    from transformers import Gemma4ForCausalLM
 
-    cfg = Gemma4TextConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                           num_kv_shared_layers=2, layer_types=["sliding_attention", "full_attention"] * 2,
-                           hidden_size_per_layer_input=8, vocab_size_per_layer_input=vocab, **GEMMA4_SHARED)
     torch.manual_seed(seed)
-    model = Gemma4ForCausalLM(cfg)
+    model = Gemma4ForCausalLM(gemma4_text_config(vocab))
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, std)
     return model.eval()
 
 
-def tiny_gemma4_assistant(seed: int = 1, vocab: int = 96, backbone: int = 64) -> torch.nn.Module:
+def tiny_gemma4_assistant(seed: int = 1, vocab: int = 96, backbone: int = 64, *,
+                          target: torch.nn.Module | None = None) -> torch.nn.Module:
     """A tiny random `Gemma4AssistantForCausalLM` for `tiny_gemma4` (2 layers, hidden 32, every layer reading the
-    target's keys), drafting 3 tokens a round in transformers' own path."""
+    target's keys), drafting 3 tokens a round in transformers' own path.
+
+    target: a Gemma 4 model (`Gemma4ForCausalLM`, or a `Gemma4ForConditionalGeneration` such as
+    ``vision.testing.tiny_vlm("gemma4").model``) to make the assistant for: its output vocabulary, its text hidden
+    size (the assistant's ``backbone_hidden_size``), its sliding window and token ids replace `vocab` / `backbone`
+    and `GEMMA4_SHARED`'s."""
     from transformers import Gemma4AssistantConfig, Gemma4AssistantForCausalLM, Gemma4TextConfig
 
+    shared = dict(GEMMA4_SHARED)
+    if target is not None:
+        from mmspec.target import output_vocab, text_config
+
+        tc = text_config(target)
+        vocab, backbone = output_vocab(target), int(tc.hidden_size)
+        shared.update(sliding_window=tc.sliding_window, pad_token_id=tc.pad_token_id, eos_token_id=tc.eos_token_id,
+                      bos_token_id=tc.bos_token_id)
     text = Gemma4TextConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                             num_kv_shared_layers=2, layer_types=["sliding_attention", "full_attention"],
-                            hidden_size_per_layer_input=0, vocab_size_per_layer_input=0, **GEMMA4_SHARED)
+                            hidden_size_per_layer_input=0, vocab_size_per_layer_input=0, **shared)
     torch.manual_seed(seed)
     model = Gemma4AssistantForCausalLM(Gemma4AssistantConfig(text_config=text, backbone_hidden_size=backbone))
     model.generation_config.num_assistant_tokens = 3

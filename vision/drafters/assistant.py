@@ -79,6 +79,10 @@ class AssistantDrafter:
         model = getattr(target, "model", None)
         tc = text_config(model)
         self.layers = store_layers(tc)
+        missing = sorted(set(self.assistant.config.get_text_config().layer_types) - set(self.layers))
+        if missing:  # (transformers would fail on a KeyError in the assistant's forward)
+            raise IncompatibleModelsError(f"the assistant has {' and '.join(missing)} layers, but this target stores "
+                                          f"no keys of that type (its layers: {sorted(set(tc.layer_types))})")
         self.window = int(tc.sliding_window) if "sliding_attention" in self.layers else None
         backbone = int(self.assistant.config.backbone_hidden_size)
         vocab = int(self.assistant.config.get_text_config().vocab_size)

@@ -9,8 +9,9 @@ size:
 * the family's own **image processor** at small sizes and its own **processor class**, with a short Jinja chat
   template in the spirit of the real checkpoint's (on the processor and on the tokenizer);
 * the family's own **config and model classes** (e.g. `LlavaConfig(vision_config=CLIPVisionConfig(...),
-  text_config=LlamaConfig(...))`): text hidden 64 x 2 layers, vision hidden 32 x 2 layers. The text `vocab_size`
-  equals `len(tokenizer)` exactly and the config's image/boi/eoi ids are read from the tokenizer.
+  text_config=LlamaConfig(...))`): text hidden 64 x 2 layers (Gemma 4: 2 more, KV-shared), vision hidden 32 x 2
+  layers. The text `vocab_size` equals `len(tokenizer)` exactly and the config's image/boi/eoi ids are read from the
+  tokenizer.
 
 Image placeholder tokens per image (default `image_size` test images; most families depend on the image's size):
 
@@ -19,15 +20,17 @@ Image placeholder tokens per image (default `image_size` test images; most famil
     qwen2_vl / qwen2_5_vl / qwen3_vl 16 (32 px, patch 4, merge 2; 4..16 by size) | gemma3 16 | paligemma 16 (fixed)
     idefics3 / smolvlm 20 (2x2 tiles + global, 4 each, plus <fake_token_around_image>/<row_i_col_j>/<global-img>)
     internvl 20 (2x2 tiles + thumbnail, 4 each, between <img> and </img>)
+    gemma4 64 (resized to a budget of 70: 8x8 for a square image of any size; 55 for 48x24), between boi and eoi
 
 Random tiny models at default init (std 0.02) repeat one token and ignore the image, which would make equality
 tests pass vacuously (ARCHITECTURE.md, Tests). `_widen` therefore redraws every >=2-D parameter outside the vision
 tower (language model, LM head, multimodal projector/connector) from N(0, std) with a `torch.Generator` seeded by
 `seed`; the vision tower (including Qwen's patch merger, which lives in it) keeps its default init, drawn under
-`torch.manual_seed(seed)` inside `fork_rng` so the caller's RNG is untouched. Gemma-based families (gemma3,
-paligemma) scale embeddings by sqrt(hidden) and saturate: their weights are drawn with `std * GEMMA_STD_SCALE`, and
-their embeddings are untied from the LM head (tied, the current token's own embedding wins the argmax and greedy
-output repeats its input), as are InternVL's (tied by default on the hub).
+`torch.manual_seed(seed)` inside `fork_rng` so the caller's RNG is untouched (Gemma 4's patch embedder excepted:
+see `_gemma4`). Gemma-based families (gemma3, paligemma, gemma4) scale embeddings by sqrt(hidden) and saturate: their
+weights are drawn with `std * GEMMA_STD_SCALE`, and their embeddings are untied from the LM head (tied, the current
+token's own embedding wins the argmax and greedy output repeats its input), as are InternVL's (tied by default on
+the hub).
 
 `draft_vlm` is the same family with one text layer and a 1-layer, 16-wide vision tower; image geometry does not
 depend on widths, so target and draft share the processor's ids and placeholder counts and take identical `inputs`.
@@ -39,7 +42,8 @@ Notes for adapters (checked against transformers 5.23 with these models):
   (n, 5, 3, H, W)); llava_onevision + image_sizes, batch_num_images; qwen* + mm_token_type_ids (always, also
   text-only), image_grid_thw, pixel_values flattened to (patches, 3*2*4*4); idefics3/smolvlm + pixel_attention_mask
   (pixel_values (1, tiles, 3, H, W)); gemma3 + token_type_ids; paligemma + token_type_ids and labels (drop labels);
-  internvl pixel_values (tiles, 3, H, W).
+  internvl pixel_values (tiles, 3, H, W); gemma4 + mm_token_type_ids (1 on image soft tokens), pixel_values
+  (images, 280, 48) (patches, padded to the budget) and image_position_ids (images, 280, 2).
 * Qwen: the prefill needs `mm_token_type_ids` (qwen2_vl/qwen3_vl raise without it, qwen2_5_vl silently computes
   wrong M-RoPE positions). Prefill stores `model.model.rope_deltas` (stateful); later tokens sit at text position
   + rope_deltas on all 3 rows. Explicit `position_ids` must be (3, B, q) = M-RoPE rows, or (4, B, q) with row 0 the
@@ -49,6 +53,10 @@ Notes for adapters (checked against transformers 5.23 with these models):
 * Gemma3: `token_type_ids` (1 on image soft tokens) are needed at prefill (bidirectional attention inside each
   image); `generate` drops them after prefill. Layers alternate sliding (window 512, never reached in tests) and
   full attention, so DynamicCache holds DynamicSlidingWindowLayer layers.
+* Gemma 4: `mm_token_type_ids` make an image's soft tokens attend to each other in the SLIDING layers only (full
+  layers stay causal), at prefill; `generate` drops them after it. Image ids in a later text block embed as pad (its
+  forward masks them), as in `generate`. The KV-shared layers read the keys their store layer wrote in this forward
+  (the cache holds the store layers' keys only), so a block's shared layers see exactly what the mask allows.
 * PaliGemma: position_ids are 1-based (arange + 1). Prefix-LM: image + prompt attend bidirectionally at prefill;
   `use_bidirectional_attention` is True on the text config, so a cache-less forward over prompt + generated tokens
   is only right with token_type_ids (0 prefix, 1 suffix). Text-only prompts are refused by the processor.
@@ -452,6 +460,63 @@ def _gemma3(seed, text_layers, hidden, std, vision_hidden, vision_layers) -> Tin
     return _finish("gemma3", Gemma3ForConditionalGeneration, config, processor, 32, seed, std * GEMMA_STD_SCALE)
 
 
+# gemma-4-it: "<bos><|turn>user\n<|image|>{text}<turn|>\n<|turn>model\n{reply}<turn|>\n"; the processor expands each
+# <|image|> to <|image> + n x <|image|> + <image|> (boi, soft tokens, eoi).
+_GEMMA4_TEMPLATE = (
+    "{{ bos_token }}" + _FOLD_SYSTEM + "{% for m in turns %}"
+    "{{ '<|turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\n' }}"
+    "{% if loop.first %}{{ prefix }}{% endif %}{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}{{ '<|image|>' }}"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}{{ '<turn|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|turn>model\n' }}{% endif %}"
+)
+_GEMMA4_TOKENS = {"image_token": "<|image|>", "boi_token": "<|image>", "eoi_token": "<image|>",
+                  "video_token": "<|video|>", "audio_token": "<|audio|>", "boa_token": "<|audio>",
+                  "eoa_token": "<audio|>"}  # the processor reads every one (audio too, even for images)
+
+
+def _gemma4(seed, text_layers, hidden, std, vision_hidden, vision_layers) -> TinyVLM:
+    """Gemma 4: `mmspec.testing.tiny_gemma4`'s text layout (window 6, per-layer inputs): `text_layers` layers with
+    keys of their own (sliding, full, ...) followed by as many KV-shared layers reading them, 4 layers by default, so
+    a `Gemma4AssistantForCausalLM` finds a store layer of each type (`mmspec.testing.tiny_gemma4_assistant(
+    target=...)`); one full-attention layer for text_layers=1 (the draft VLM). Bidirectional attention among an
+    image's soft tokens in the sliding layers (``use_bidirectional_attention="vision"``, as the larger checkpoints)
+    and a Gemma 4 vision tower (patch 4, 2x2 pooling).
+
+    Gemma4ImageProcessor resizes every image to fill a budget of at least 70 soft tokens (its smallest allowed
+    `max_soft_tokens`), so a square image is 8 x 8 = 64 soft tokens whatever its size. The patch embedder's position
+    table starts as ones, which swamps the pixels at default init: it and the input projection are redrawn."""
+    from transformers import (Gemma4AudioFeatureExtractor, Gemma4Config, Gemma4ForConditionalGeneration,
+                              Gemma4ImageProcessor, Gemma4Processor, Gemma4VideoProcessor, Gemma4VisionConfig)
+
+    from mmspec.testing.tiny import gemma4_text_config
+
+    tok = _tokenizer(["<|turn>", "<turn|>"], "<bos>", "<eos>", "<pad>", _GEMMA4_TOKENS, _GEMMA4_TEMPLATE)
+    geometry = dict(patch_size=4, pooling_kernel_size=2, max_soft_tokens=70)
+    processor = Gemma4Processor(Gemma4AudioFeatureExtractor(), Gemma4ImageProcessor(**geometry), tok,
+                                Gemma4VideoProcessor(**geometry, num_frames=2), chat_template=_GEMMA4_TEMPLATE,
+                                image_seq_length=64)
+    ids = dict(pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    types = ["sliding_attention", "full_attention"] * text_layers if text_layers >= 2 else ["full_attention"]
+    text = gemma4_text_config(len(tok), hidden, num_hidden_layers=len(types), layer_types=types,
+                              num_kv_shared_layers=len(types) - text_layers, use_bidirectional_attention="vision",
+                              tie_word_embeddings=False, **ids)
+    vision = Gemma4VisionConfig(**_vision_kw(vision_hidden, vision_layers), num_key_value_heads=2,
+                                head_dim=vision_hidden // 2, patch_size=4, pooling_kernel_size=2,
+                                position_embedding_size=160)  # patches per side: 16 for a square image, < 160 always
+    config = Gemma4Config(text_config=text, vision_config=vision, audio_config=None, image_token_id=tok.image_token_id,
+                          boi_token_id=tok.boi_token_id, eoi_token_id=tok.eoi_token_id,
+                          video_token_id=tok.video_token_id, audio_token_id=tok.audio_token_id,
+                          boa_token_id=tok.boa_token_id, eoa_token_index=tok.eoa_token_id, tie_word_embeddings=False)
+    vlm = _finish("gemma4", Gemma4ForConditionalGeneration, config, processor, 32, seed, std * GEMMA_STD_SCALE)
+    embedder = vlm.model.model.vision_tower.patch_embedder
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in (embedder.input_proj.weight, embedder.position_embedding_table):
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return vlm
+
+
 # PaliGemma has no chat template on the hub: a prompt is "<image>...<image>" + task prefix, and the processor inserts
 # BOS after the last image and appends "\n" (prefix-LM: image + prefix attend bidirectionally, see token_type_ids).
 # This template renders that convention: every image first, then the turns' texts joined by "\n".
@@ -520,6 +585,7 @@ FAMILIES: dict[str, Callable[..., TinyVLM]] = {
     "gemma3": _gemma3,
     "paligemma": _paligemma,
     "internvl": _internvl,
+    "gemma4": _gemma4,
 }
 
 TEXT_ONLY_FAMILIES = tuple(f for f in FAMILIES if f != "paligemma")  # PaliGemmaProcessor requires images
