@@ -327,6 +327,17 @@ def build_parser() -> argparse.ArgumentParser:
                            help="train an EAGLE drafter head for a VLM target (mmspec train-drafter --help)")
     train.set_defaults(func=cmd_train_drafter)
 
+    exp = sub.add_parser("export-drafter", help="write an EAGLE-3 drafter in the layout vLLM (speculators) or "
+                         "SGLang loads")
+    exp.add_argument("head", help="the drafter directory (mmspec train-drafter --head eagle3 --out ...)")
+    exp.add_argument("--format", required=True, choices=["speculators", "sglang"])
+    exp.add_argument("--out", required=True, help="output directory (config.json + model.safetensors)")
+    exp.add_argument("--target", help="the target it was trained for (default: the path its checkpoint records)")
+    exp.add_argument("--speculative-tokens", type=int, default=3, help="speculators: draft tokens per step")
+    exp.add_argument("--verifier", help="the target's name or path the engine will load (default: --target)")
+    exp.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint")
+    exp.set_defaults(func=cmd_export_drafter)
+
     _add_image_parser(sub)
     train_img = sub.add_parser("train-image-head", add_help=False,
                                help="train an EAGLE-style head drafter for a LlamaGen (mmspec train-image-head --help)")
@@ -365,6 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_compile_flag(bench)  # engine: adds compiled twins of the mmspec rows; vlm: our rows compiled
     bench.set_defaults(func=cmd_bench)
     return p
+
+
+def cmd_export_drafter(args) -> int:
+    from vision.export import cmd_export_drafter as run  # the CLI is the one place above the pipelines
+
+    return run(args)
 
 
 def cmd_train_drafter(args) -> int:

@@ -204,6 +204,14 @@ class EagleDrafter(ModelDrafter):
         self.needs_hidden = head.taps if head.taps else True  # what the target hands over: last layer or taps
         self.prompt_slots: list[int] = []  # drafter slots each prompt took (after compression), for inspection
 
+    @classmethod
+    def from_pretrained(cls, path, target, tree=4) -> "EagleDrafter":
+        """The feature drafter in `path` for `target`: an mmspec checkpoint (EAGLE, EAGLE-3, MSD, DREAM, DFlash) or an
+        EAGLE-3 drafter in the layout vLLM's speculators or SGLang load (`vision.export`)."""
+        from .load import load_feature_drafter
+
+        return load_feature_drafter(path, target, tree)
+
     @property
     def needs_attention(self) -> bool:
         """An attention-driven compressor asks the target's prefill for the last-layer attention mass."""

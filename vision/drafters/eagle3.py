@@ -101,8 +101,14 @@ class Eagle3Head(nn.Module):
         embed, head = target.get_input_embeddings(), target.get_output_embeddings()
         if embed is None or head is None:
             raise UnsupportedModelError(f"{type(target).__name__} exposes no input embeddings / LM head to share")
-        self.taps = tuple(int(t) for t in taps)
+        n_layers = int(text_config(target).num_hidden_layers)
+        resolved = [int(t) if int(t) >= 0 else n_layers + 1 + int(t) for t in taps]
+        if len(set(resolved)) != len(resolved) or not all(0 <= t <= n_layers for t in resolved):
+            raise InvalidInputError(f"taps={tuple(taps)!r}: distinct hidden-state indices of the target, in "
+                                    f"[0, {n_layers}] (negative from the end)")
+        self.taps = tuple(sorted(resolved))  # ascending, as serving engines concatenate them
         self.target_identity = target_identity(target)
+        self.target_path = str(getattr(getattr(target, "config", None), "name_or_path", "") or "") or None
         self.target_image_token_id = image_token_id_of(getattr(target, "config", None))
         hidden, heads = int(tc.hidden_size), int(tc.num_attention_heads)
         self.target_vocab = int(head.weight.shape[0])
@@ -188,7 +194,8 @@ class Eagle3Head(nn.Module):
 
     # --- checkpoints --------------------------------------------------------------------------------------------
     def save_pretrained(self, directory) -> Path:
-        cfg = {"taps": list(self.taps), "draft_vocab_size": self.draft_vocab_size, "target": self.target_identity}
+        cfg = {"taps": list(self.taps), "draft_vocab_size": self.draft_vocab_size, "target": self.target_identity,
+               "target_path": self.target_path}
         weights = {k: v for k, v in self.state_dict().items() if not k.startswith("rotary_emb")}
         return write_checkpoint(directory, self.KIND, cfg, weights, config_name=self.CONFIG_NAME,
                                 weights_name=self.WEIGHTS_NAME)
