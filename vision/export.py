@@ -15,7 +15,9 @@ Two layouts, one set of tensors (a one-layer EAGLE-3 draft; `vision.drafters.eag
 Both write ``norm_before_residual`` / ``norm_output`` as mmspec's head computes them (false), and the aux states in
 ascending layer order (``fc``'s input blocks are permuted when the head's taps were given in another order). The
 target's embedding is written too (both engines substitute the target's own; speculators needs one present).
-mmspec's heads number their pairs 1-D, so the exported RoPE is 1-D (no ``mrope_section``), also for Qwen-VL targets.
+An EAGLE-3 head of a Qwen-VL target numbers its pairs as the target does (M-RoPE), so its export carries the
+target's ``mrope_section`` (and ``mrope_interleaved``) in ``rope_scaling`` (SGLang) and in the layer's
+``rope_parameters`` (speculators); other heads export 1-D RoPE at the target's base.
 
 What the layouts cannot hold is refused, never dropped: EAGLE-1 / MSD / DREAM heads, compressors (the engines feed
 every image position to the drafter), several decoder layers. Checkpoints are read from safetensors only.
@@ -29,7 +31,7 @@ import torch
 from torch import nn
 
 from mmspec.checkpoint import read_safetensors
-from mmspec.errors import CheckpointError, InvalidInputError, UnsupportedModelError
+from mmspec.errors import CheckpointError, IncompatibleModelsError, InvalidInputError, UnsupportedModelError
 from mmspec.target import text_config
 
 FORMATS = ("speculators", "sglang")
@@ -69,6 +71,17 @@ def _aux_order(head, num_layers: int) -> tuple[list[int], torch.Tensor]:
     return [idx[i] for i in order], torch.cat([blocks[i] for i in order], dim=1)
 
 
+def _rope(head) -> dict:
+    """The head's RoPE as the engines read it: the base, and a Qwen-VL head's M-RoPE sections."""
+    rope = {"rope_type": "default", "rope_theta": float(head.config.rope_parameters["rope_theta"])}
+    if head.mrope is not None:
+        tc = getattr(head._shared[2], "config", None)
+        params = (getattr(tc, "rope_parameters", None) or {}) if tc is not None else {}
+        rope["rope_theta"] = float(params.get("rope_theta", rope["rope_theta"]))
+        rope.update(head.mrope)
+    return rope
+
+
 def _layer_config(head) -> dict:
     c = head.config
     return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": c.hidden_size,
@@ -76,7 +89,7 @@ def _layer_config(head) -> dict:
             "num_key_value_heads": c.num_key_value_heads, "head_dim": c.head_dim, "num_hidden_layers": 1,
             "rms_norm_eps": c.rms_norm_eps, "hidden_act": "silu", "vocab_size": head.target_vocab,
             "max_position_embeddings": c.max_position_embeddings, "attention_bias": False, "mlp_bias": False,
-            "tie_word_embeddings": False, "rope_parameters": dict(c.rope_parameters)}
+            "tie_word_embeddings": False, "rope_parameters": _rope(head)}
 
 
 def _weights(head, target, fc: torch.Tensor, layer_prefix: str) -> dict[str, torch.Tensor]:
@@ -119,7 +132,8 @@ def export_drafter(head, target: nn.Module, fmt: str, out_dir, *, speculative_to
         weights = _weights(head, target, fc, "layers.0")
     else:
         config = {**layer, "architectures": ["LlamaForCausalLMEagle3"], "draft_vocab_size": head.draft_vocab_size,
-                  "rope_theta": layer["rope_parameters"]["rope_theta"], "rope_scaling": None,
+                  "rope_theta": layer["rope_parameters"]["rope_theta"],
+                  "rope_scaling": layer["rope_parameters"] if head.mrope is not None else None,
                   "torch_dtype": str(fc.dtype)[6:], "target_hidden_size": head.config.hidden_size,
                   "eagle_config": {"eagle_aux_hidden_state_layer_ids": [i - 1 for i in aux],
                                    "use_aux_hidden_state": True},
@@ -217,7 +231,12 @@ def load_serving_drafter(directory, target: nn.Module):
     if mapped["fc.weight"].shape[1] != want:
         raise CheckpointError(f"{str(directory)!r}: fc.weight reads {mapped['fc.weight'].shape[1]} features, but "
                               f"{len(aux)} hidden states of this target are {want}")
-    head = Eagle3Head.from_weights(target, tuple(aux), mapped, str(directory))
+    rope = layer.get("rope_parameters") or layer.get("rope_scaling") or {}
+    mrope = bool(isinstance(rope, dict) and rope.get("mrope_section"))
+    if mrope and (getattr(text_config(target), "rope_parameters", None) or {}).get("mrope_section") is None:
+        raise IncompatibleModelsError(f"{str(directory)!r} is an M-RoPE drafter (mrope_section), but "
+                                      f"{type(target).__name__} does not use M-RoPE")
+    head = Eagle3Head.from_weights(target, tuple(aux), mapped, str(directory), mrope=mrope)
     head.source_layout = layout
     return head
 

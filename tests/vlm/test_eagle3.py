@@ -119,3 +119,28 @@ def test_checkpoints_round_trip_and_bad_ones_are_typed(trained, tmp_path):
     save_file({k: v for k, v in weights.items() if k != "fc.weight"}, str(tmp_path / "big" / "model.safetensors"))
     with pytest.raises(CheckpointError, match="fc.weight"):
         Eagle3Head.from_pretrained(tmp_path / "big", t.model)
+
+
+def test_training_examples_of_a_qwen_vl_target_carry_its_mrope_positions(tmp_path):
+    """An M-RoPE head trains at the target's positions: each example records them (T, 3), 3-D over the image and
+    text continuing after it at the image's largest position + 1, and batches carry them per pair."""
+    from vision.testing import test_image, tiny_vlm
+    from vision.train import self_distill
+    from vision.train.features import collate, make_example
+
+    t = tiny_vlm("qwen2_vl")
+    rec = self_distill(t.model, t.processor, [test_image(7, t.image_size)], "describe the image", tmp_path,
+                       max_new_tokens=4, progress=False)[0]
+    ex = make_example(t.model, t.processor, rec, positions=True)
+    pos, ids = ex.positions, ex.input_ids
+    image = ids == t.model.config.image_token_id
+    assert pos.shape == (len(ids), 3) and not torch.equal(pos[image, 1], pos[image, 2])
+    last = int(image.nonzero().max())
+    assert int(pos[last + 1, 0]) == int(pos[: last + 1].max()) + 1 and (pos[last + 1:, 0] == pos[last + 1:, 1]).all()
+    batch = collate([ex, ex])
+    assert batch.positions.shape == (2, len(ids) - 1, 3) and torch.equal(batch.positions[0], pos[:-1])
+    assert make_example(t.model, t.processor, rec).positions is None  # only when asked
+    for unroll in (1, 2):  # teacher forcing builds its own causal mask from the slot order, not the positions
+        report = train_eagle(Eagle3Head(t.model, taps=(0, 1, 2)), t.model, t.processor, [rec], steps=2,
+                             unroll=unroll, progress=False)
+        assert torch.isfinite(torch.tensor(report["losses"])).all()

@@ -17,7 +17,7 @@ from vision import SpeculativeVLM
 from vision.drafters import Eagle3Head, EagleDrafter, EagleHead, load_feature_drafter
 from vision.export import FORMATS, export_drafter, serving_layout
 from vision.testing import tiny_vlm
-from vlm_cases import MAX_NEW, image
+from vlm_cases import MAX_NEW, hf_reference, image
 
 FAMILIES = ("llava", "qwen2_vl")
 # What SGLang's LlamaForCausalLMEagle3.load_weights maps for a one-layer draft (python/sglang/srt/models/
@@ -74,7 +74,7 @@ def test_round_trip_gives_bit_identical_drafts_and_acceptance(setup, fmt, tmp_pa
     runs = [SpeculativeVLM(target, processor, EagleDrafter(h, 3)).generate(
         prompt=[r["prompt"] for r in batch], images=[r["images"] for r in batch], max_new_tokens=MAX_NEW)
         for h in (head, back)]
-    assert runs[0].sequences == runs[1].sequences
+    assert runs[0].sequences == runs[1].sequences == [hf_reference(family, r) for r in batch]  # lossless too
     assert runs[0].stats.accepted_tokens == runs[1].stats.accepted_tokens
     assert runs[0].stats.alpha == runs[1].stats.alpha
 
@@ -94,6 +94,8 @@ def test_sglang_export_carries_sglang_keys_and_config(setup, tmp_path):
     assert cfg["vocab_size"] == v and cfg["num_hidden_layers"] == 1 and cfg["model_type"] == "llama"
     # SGLang captures the input of layer i for explicit id i - 1 (it adds one): hidden states 0, 1, 2 -> -1, 0, 1
     assert cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [-1, 0, 1]
+    mrope = target.config.get_text_config().rope_parameters.get("mrope_section")  # Qwen2-VL: the target's sections
+    assert (cfg["rope_scaling"] or {}).get("mrope_section") == mrope and (head.mrope is not None) == bool(mrope)
 
 
 def test_speculators_export_carries_its_config(setup, tmp_path):
@@ -148,3 +150,47 @@ def test_what_a_layout_cannot_hold_and_broken_directories_are_typed(setup, tmp_p
     (out / "pytorch_model.bin").write_bytes(b"not read")
     with pytest.raises(CheckpointError, match="pickles, which mmspec never loads"):
         load_feature_drafter(out, target)
+
+
+def mrope_reference(pos: torch.Tensor, head_dim: int, theta: float, section: list[int], interleaved: bool):
+    """cos of M-RoPE from its definition: frequency j (of head_dim / 2) rotates by the temporal, height or width
+    position: by contiguous sections (Qwen2-VL), or interleaved t, h, w, t, ... (Qwen3-VL)."""
+    j = torch.arange(head_dim // 2)
+    if interleaved:
+        row = torch.where((j % 3 == 1) & (j < 3 * section[1]), 1, torch.where((j % 3 == 2) & (j < 3 * section[2]),
+                                                                            2, 0))
+    else:
+        row = (j >= section[0]).long() + (j >= section[0] + section[1]).long()
+    inv_freq = 1.0 / theta ** (2 * j.double() / head_dim)
+    angle = pos[row].permute(1, 2, 0).double() * inv_freq  # (B, L, D/2): each frequency at its row's position
+    return torch.cat([angle, angle], dim=-1).cos().float()
+
+
+def test_an_mrope_head_rotates_as_m_rope_is_defined():
+    for family in ("qwen2_vl", "qwen3_vl"):
+        target = tiny_vlm(family).model
+        head = Eagle3Head(target, taps=(0, 1, 2))
+        pos = torch.stack([torch.arange(9), torch.arange(9) % 3, torch.arange(9) // 3])[:, None].expand(3, 2, 9)
+        x = torch.randn(2, 9, head.config.hidden_size)
+        cos, _ = head.rope(x, pos)
+        ref = mrope_reference(pos, head.config.head_dim, 10000.0, head.mrope["mrope_section"],
+                              head.mrope["mrope_interleaved"])
+        assert torch.allclose(cos, ref, atol=1e-5), family
+        flat, _ = head.rope(x, torch.arange(9).expand(2, 9))  # text only: every row at the same position
+        assert not torch.allclose(flat, cos) and torch.allclose(flat, mrope_reference(
+            torch.arange(9).expand(3, 2, 9), head.config.head_dim, 10000.0, [8, 0, 0], False), atol=1e-5)
+
+
+def test_an_mrope_head_is_fed_the_targets_positions_after_an_image():
+    t = tiny_vlm("qwen2_vl")
+    head = Eagle3Head(t.model, taps=(0, 1, 2))
+    seen = []
+    hook = head.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["position_ids"].clone()), with_kwargs=True)
+    try:
+        row = rows("qwen2_vl")[0]
+        out = SpeculativeVLM(t.model, t.processor, EagleDrafter(head, 3)).generate(**row, max_new_tokens=MAX_NEW)
+    finally:
+        hook.remove()
+    assert out.token_ids == hf_reference("qwen2_vl", row)
+    first = seen[0]  # the prompt's pairs: (3, 1, T), the rows differ over the image
+    assert first.shape[0] == 3 and not torch.equal(first[0], first[1])

@@ -49,11 +49,27 @@ def vocab_maps(draft_ids: torch.Tensor, target_vocab: int) -> tuple[torch.Tensor
     return ids - torch.arange(ids.numel()), t2d
 
 
+def mrope_of(config) -> dict | None:
+    """The target's M-RoPE settings ({"mrope_section": [t, h, w], "mrope_interleaved": bool}) or None (1-D RoPE)."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    section = params.get("mrope_section") if isinstance(params, dict) else None
+    if not section:
+        return None
+    return {"mrope_section": [int(s) for s in section], "mrope_interleaved": bool(params.get("mrope_interleaved"))}
+
+
 def rope_theta(config) -> float:
     """The target's RoPE base (the head numbers its pairs 1-D, at the target's base frequency)."""
     params = getattr(config, "rope_parameters", None) or {}
     params = params.get("full_attention", params) if isinstance(params, dict) else {}
     return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
+def text_decoder_rotary(target: nn.Module) -> nn.Module:
+    """The target's text decoder's rotary embedding module."""
+    from .mtp import text_decoder
+
+    return text_decoder(target).rotary_emb
 
 
 class Eagle3Layer(nn.Module):
@@ -84,15 +100,18 @@ class Eagle3Layer(nn.Module):
 class Eagle3Head(nn.Module):
     """See the module docstring. `taps`: the target's hidden-state indices read (3 of them, low / middle / high);
     `draft_vocab`: the draft vocabulary's target ids (ascending) or an int N for the first N ids until
-    `set_draft_vocab` (training chooses them from token frequencies); None = the whole target vocabulary."""
+    `set_draft_vocab` (training chooses them from token frequencies); None = the whole target vocabulary.
+    mrope: number the pairs as the target does under M-RoPE (Qwen-VL: the image's 3-D positions, text after it at
+    len + delta), through the target's own rotary embedding, as SGLang runs Qwen-VL drafters; None = when the target
+    uses M-RoPE. Otherwise pair t sits at position t (1-D RoPE at the target's base)."""
 
     CONFIG_NAME, WEIGHTS_NAME, KIND = "config.json", "model.safetensors", "mmspec.eagle3"
-    target_positions = False
     compressor = None
     image_token_id = None
     w_reg = 0.0  # EAGLE-3 drops EAGLE's feature regression: the head's h is free to be what drafting needs
 
-    def __init__(self, target: nn.Module, taps: tuple[int, ...], draft_vocab: torch.Tensor | int | None = None):
+    def __init__(self, target: nn.Module, taps: tuple[int, ...], draft_vocab: torch.Tensor | int | None = None,
+                 mrope: bool | None = None):
         super().__init__()
         if not taps or len(taps) < 2:
             raise InvalidInputError(f"an EAGLE-3 head reads several target layers (taps=(low, mid, high)); got "
@@ -132,8 +151,14 @@ class Eagle3Head(nn.Module):
         self.midlayer = Eagle3Layer(self.config)
         self.norm = LlamaRMSNorm(hidden, eps=self.config.rms_norm_eps)
         self.lm_head = nn.Linear(hidden, d2t.numel(), bias=False)
+        self.mrope = mrope_of(tc) if mrope is not False else None
+        if mrope and self.mrope is None:
+            raise UnsupportedModelError(f"{type(target).__name__} does not use M-RoPE: an M-RoPE drafter cannot run "
+                                        "on it")
+        self.target_positions = self.mrope is not None  # EagleDrafter then feeds the target's position ids
         self.rotary_emb = LlamaRotaryEmbedding(self.config)
-        self._shared = [embed, head]  # the target's: kept out of the module tree (frozen, not saved)
+        rotary = text_decoder_rotary(target) if self.mrope else None
+        self._shared = [embed, head, rotary]  # the target's: kept out of the module tree (frozen, not saved)
         self.to(device=head.weight.device, dtype=head.weight.dtype)
 
     # --- what EagleDrafter and the trainer read -----------------------------------------------------------------
@@ -180,10 +205,20 @@ class Eagle3Head(nn.Module):
         cache = cache if cache is not None else past_key_values
         embeds = embed(input_ids).to(features.dtype)
         position_ids, attention_mask = positions_and_mask(self.config, embeds, position_ids, attention_mask, cache)
-        rope = self.rotary_emb(embeds, position_ids)
+        rope = self.rope(embeds, position_ids)
         h = self.midlayer(embeds, features, rope, attention_mask, position_ids, cache)
         out = h[:, -logits_to_keep:] if logits_to_keep else h
         return SimpleNamespace(logits=self.target_logits(self.lm_head(self.norm(out))), hidden_states=(h,))
+
+    def rope(self, x: torch.Tensor, position_ids: torch.Tensor):
+        """(cos, sin) (B, L, D) for position ids (B, L), or (3, B, L) under M-RoPE (the target's rotary module)."""
+        if self.mrope is None:
+            return self.rotary_emb(x, position_ids)
+        cos, sin = self._shared[2](x, position_ids)  # the target's: its sections (interleaved or not) combined
+        if cos.dim() != 3:
+            raise UnsupportedModelError(f"the target's rotary embedding returned cos of shape {tuple(cos.shape)}; an "
+                                        "M-RoPE EAGLE-3 head needs the rows combined (B, L, D)")
+        return cos, sin
 
     def target_logits(self, draft_logits: torch.Tensor) -> torch.Tensor:
         """Draft-vocabulary logits (..., N) -> target-vocabulary logits (..., V), -inf outside the draft vocabulary."""
@@ -195,7 +230,7 @@ class Eagle3Head(nn.Module):
     # --- checkpoints --------------------------------------------------------------------------------------------
     def save_pretrained(self, directory) -> Path:
         cfg = {"taps": list(self.taps), "draft_vocab_size": self.draft_vocab_size, "target": self.target_identity,
-               "target_path": self.target_path}
+               "target_path": self.target_path, "mrope": self.mrope is not None}
         weights = {k: v for k, v in self.state_dict().items() if not k.startswith("rotary_emb")}
         return write_checkpoint(directory, self.KIND, cfg, weights, config_name=self.CONFIG_NAME,
                                 weights_name=self.WEIGHTS_NAME)
@@ -206,10 +241,11 @@ class Eagle3Head(nn.Module):
         cfg = read_kind_config(Path(directory) / cls.CONFIG_NAME, cls.KIND, cls.__name__)
         check_trained_for(directory, cfg, target, "mmspec train-drafter --head eagle3")
         weights = read_safetensors(Path(directory) / cls.WEIGHTS_NAME, "drafter checkpoint")
-        return cls.from_weights(target, cfg["taps"], weights, str(directory))
+        return cls.from_weights(target, cfg["taps"], weights, str(directory), mrope=bool(cfg.get("mrope")))
 
     @classmethod
-    def from_weights(cls, target: nn.Module, taps, weights: dict[str, torch.Tensor], source: str) -> "Eagle3Head":
+    def from_weights(cls, target: nn.Module, taps, weights: dict[str, torch.Tensor], source: str,
+                     mrope: bool = False) -> "Eagle3Head":
         """A head for `target` from tensors named as `save_pretrained` names them (d2t sets the draft vocabulary)."""
         if "d2t" not in weights:
             raise CheckpointError(f"{source!r} has no 'd2t' tensor (the draft -> target vocabulary map)")
@@ -217,7 +253,7 @@ class Eagle3Head(nn.Module):
         vocab = int(target.get_output_embeddings().weight.shape[0])
         if n > vocab:
             raise CheckpointError(f"{source!r}: its draft vocabulary has {n} entries, more than the target's {vocab}")
-        head = cls(target, tuple(taps), draft_vocab=n)
+        head = cls(target, tuple(taps), draft_vocab=n, mrope=mrope)
         try:
             head.set_draft_vocab(torch.arange(n) + weights["d2t"].long().cpu())
         except InvalidInputError as e:

@@ -46,12 +46,13 @@ def text_decoder(target: nn.Module) -> nn.Module:
 def positions_and_mask(config, x: torch.Tensor, position_ids, attention_mask, cache):
     """An MTP layer's positions (default: after the cache's) and causal mask (default: built; a per-type dict: its
     full-attention entry), as the drafter's runner passes them or a direct call leaves them out."""
+    seen = cache.get_seq_length() if cache is not None else 0
+    order = (torch.arange(x.shape[1], device=x.device) + seen).unsqueeze(0)  # slot order (what causality needs)
     if position_ids is None:
-        seen = cache.get_seq_length() if cache is not None else 0
-        position_ids = (torch.arange(x.shape[1], device=x.device) + seen).unsqueeze(0)
-    if attention_mask is None:
+        position_ids = order
+    if attention_mask is None:  # (from the slot order: M-RoPE position ids repeat over an image)
         attention_mask = create_causal_mask(config=config, inputs_embeds=x, attention_mask=None,
-                                            position_ids=position_ids, **cache_kwargs(create_causal_mask, cache))
+                                            position_ids=order, **cache_kwargs(create_causal_mask, cache))
     elif isinstance(attention_mask, dict):
         attention_mask = attention_mask["full_attention"]
     return position_ids, attention_mask

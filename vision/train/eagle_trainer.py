@@ -80,6 +80,8 @@ def train_eagle(head, target, processor, train_records: Sequence[Record], *, ste
     if getattr(head, "draft_vocab_size", None) is not None and loss != "eagle":
         raise InvalidInputError(f"loss={loss!r}: an EAGLE-3 head (its own draft vocabulary) trains with loss='eagle'")
     options = {"taps": head.taps, "mid_features": loss == "dream"}
+    if getattr(head, "target_positions", False):  # the head numbers pairs as the target does (M-RoPE)
+        options["positions"] = True
     with contextlib.ExitStack() as stack:
         data = _examples(stack, target, processor, train_records, mode, topk, out_dir, cache_dir, progress, options)
         config["examples"] = len(data)
@@ -214,7 +216,8 @@ def train_step(head, opt, data, step: int, config: dict, device, acc=None) -> tu
     for group in opt.param_groups:
         group["lr"] = lr_at(step, config["lr"], config["warmup"])
     loss, first = 0.0, None
-    for s, (out, weights) in enumerate(unrolled(head, batch.input_ids, feats, batch.weights, config["unroll"])):
+    for s, (out, weights) in enumerate(unrolled(head, batch.input_ids, feats, batch.weights, config["unroll"],
+                                                batch.positions)):
         part, _ = drafter_loss(out.hidden_states[0], out.logits, batch, config["loss"], config["w_cls"],
                                config["w_prob"], w_reg=getattr(head, "w_reg", 1.0), w_rank=config["w_rank"],
                                w_mid=config["w_mid"],
@@ -260,7 +263,8 @@ def _view_of(head):
     return functools.partial(compress_pairs, compressor=head.compressor, image_token_id=image_id, to_head=head.tap_fc)
 
 
-def unrolled(head, ids: torch.Tensor, feats: torch.Tensor, weights: torch.Tensor, steps: int):
+def unrolled(head, ids: torch.Tensor, feats: torch.Tensor, weights: torch.Tensor, steps: int,
+             positions: torch.Tensor | None = None):
     """Yield (head output, loss weights) for `steps` passes over a batch of pairs (EAGLE-3's training-time test).
 
     Pass 0 is teacher forcing. In pass s the pair at index t reads the feature the head predicted at t - 1 in pass
@@ -271,7 +275,7 @@ def unrolled(head, ids: torch.Tensor, feats: torch.Tensor, weights: torch.Tensor
 
     b, n = ids.shape
     dev = ids.device
-    pos = torch.arange(n, device=dev).expand(b, n)
+    pos = torch.arange(n, device=dev).expand(b, n) if positions is None else positions.permute(2, 0, 1)  # (3, B, L)
     cache = DynamicCache(config=head.config) if steps > 1 else None
     out = head(ids, feats, position_ids=pos, cache=cache, use_cache=steps > 1)
     yield out, weights

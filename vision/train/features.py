@@ -34,6 +34,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -55,7 +56,7 @@ from vision.target import VLMRequest
 from .data import Record
 
 INDEX_FILE, FORMAT, VERSION = "index.json", "mmspec.eagle-features", 2
-OPTIONAL = ("attention", "last_hidden", "mid_features")  # Example fields stored when present
+OPTIONAL = ("attention", "last_hidden", "mid_features", "positions")  # Example fields stored when present
 
 
 @dataclass
@@ -68,6 +69,8 @@ class Example:
     attention: torch.Tensor | None = None  # (T,) float32
     last_hidden: torch.Tensor | None = None  # (T, H), with taps
     mid_features: torch.Tensor | None = None  # (T, H), DREAM
+    positions: torch.Tensor | None = None  # (T, 3) the target's M-RoPE position ids (heads numbering pairs as it
+    # does: an EAGLE-3 head of a Qwen-VL target); None: token t at position t
 
     @property
     def regression_target(self) -> torch.Tensor:
@@ -105,7 +108,7 @@ EARLY_FRACTION = 0.4  # DREAM: the intermediate feature comes from the first 40%
 
 @torch.no_grad()
 def target_pass(target, request: VLMRequest, *, taps=None, mid_features: bool = False,
-                query_row: int | None = None) -> dict:
+                query_row: int | None = None, positions: bool = False) -> dict:
     """One native forward with every processor input: {"logits" (T, V), "last_hidden" (T, H), "features" (the taps
     concatenated, or the last hidden state), "attention" (T,) row `query_row`'s last-layer attention (None without
     query_row), "mid_features" (T, H) or None}."""
@@ -121,7 +124,7 @@ def target_pass(target, request: VLMRequest, *, taps=None, mid_features: bool = 
     hs = out.hidden_states
     result = {"logits": out.logits[0], "last_hidden": hs[-1][0],
               "features": select_hidden(hs, tuple(taps))[0] if taps else hs[-1][0], "attention": None,
-              "mid_features": None}
+              "mid_features": None, "positions": mrope_positions(target, ids, inputs) if positions else None}
     if query_row is not None:
         result["attention"] = probe.records[-1][0][0].float()  # (T,)
     if mid_features:
@@ -132,26 +135,41 @@ def target_pass(target, request: VLMRequest, *, taps=None, mid_features: bool = 
     return result
 
 
+def mrope_positions(target, ids: torch.Tensor, inputs: dict) -> torch.Tensor | None:
+    """(T, 3) the M-RoPE position ids the target gives a prompt (its own get_rope_index), None without M-RoPE."""
+    from vision.target import rope_index_fn
+
+    rope_index = rope_index_fn(target)
+    if rope_index is None:
+        return None
+    params = inspect.signature(rope_index).parameters
+    pos, _ = rope_index(ids, attention_mask=torch.ones_like(ids),
+                        **{k: v for k, v in inputs.items() if k in params and torch.is_tensor(v)})
+    return pos[:, 0].T.contiguous()
+
+
 def make_example(target, processor, record: Record, topk: int = 8, *, taps=None,
-                 mid_features: bool = False) -> Example:
+                 mid_features: bool = False, positions: bool = False) -> Example:
     """taps: hidden-state indices an EAGLE-3 head reads (features become those layers concatenated, the last hidden
     state is kept as the regression target); mid_features: also DREAM's entropy-selected intermediate feature."""
     request, start = encode(processor, record)
-    out = target_pass(target, request, taps=taps, mid_features=mid_features, query_row=max(0, start - 1))
+    out = target_pass(target, request, taps=taps, mid_features=mid_features, query_row=max(0, start - 1),
+                      positions=positions)
     logprobs, ids = torch.log_softmax(out["logits"].float(), dim=-1).topk(topk, dim=-1)  # (T, k) each
     cpu = {k: (v.detach().cpu() if v is not None else None) for k, v in out.items()}
     return Example(torch.tensor(request.input_ids), cpu["features"], ids.cpu(), logprobs.cpu(), start,
                    attention=cpu["attention"], last_hidden=cpu["last_hidden"] if taps else None,
-                   mid_features=cpu["mid_features"])
+                   mid_features=cpu["mid_features"], positions=cpu["positions"])
 
 
 class OnlineFeatures:
     """Examples computed by the target when asked for (online mode: nothing is stored)."""
 
     def __init__(self, target, processor, records: Sequence[Record], topk: int = 8, *, taps=None,
-                 mid_features: bool = False):
+                 mid_features: bool = False, positions: bool = False):
         self.target, self.processor, self.records, self.topk = target, processor, list(records), topk
-        self.options = {"taps": tuple(taps) if taps else None, "mid_features": bool(mid_features)}
+        self.options = {"taps": tuple(taps) if taps else None, "mid_features": bool(mid_features),
+                        "positions": bool(positions)}
 
     def __len__(self) -> int:
         return len(self.records)
@@ -229,7 +247,8 @@ def _read_index(root: Path) -> dict:
 
 
 def precompute(target, processor, records: Sequence[Record], cache_dir, *, topk: int = 8, shard_size: int = 256,
-               progress: bool = True, taps=None, mid_features: bool = False) -> FeatureStore:
+               progress: bool = True, taps=None, mid_features: bool = False,
+               positions: bool = False) -> FeatureStore:
     """Compute every example once and store it (offline mode); a cache made for the same records, target and k is
     reused as is. Shards are written first and the index last, so an interrupted run is recomputed, never half read."""
     from tqdm.auto import tqdm
@@ -238,6 +257,8 @@ def precompute(target, processor, records: Sequence[Record], cache_dir, *, topk:
         raise DatasetError("no records to compute features for")
     root = Path(cache_dir)
     options = {"taps": list(taps) if taps else None, "mid_features": bool(mid_features)}
+    if positions:  # (recorded only when asked, so earlier caches keep their fingerprint)
+        options["positions"] = True
     key = fingerprint(target, records, topk, options)
     if (root / INDEX_FILE).is_file():
         try:
@@ -250,7 +271,8 @@ def precompute(target, processor, records: Sequence[Record], cache_dir, *, topk:
     root.mkdir(parents=True, exist_ok=True)
     shards, buffer, hidden = [], [], 0
     for i in tqdm(range(len(records)), desc="target features", disable=not progress):
-        buffer.append(make_example(target, processor, records[i], topk, taps=taps, mid_features=mid_features))
+        buffer.append(make_example(target, processor, records[i], topk, taps=taps, mid_features=mid_features,
+                                   positions=positions))
         hidden = buffer[-1].features.shape[-1]
         if len(buffer) == shard_size or i == len(records) - 1:
             shards.append(_write_shard(root, len(shards), buffer))
@@ -297,6 +319,7 @@ class Batch:
     weights: torch.Tensor  # (B, L) 1 inside the answer, context_weight before it, 0 on padding
     answer: torch.Tensor  # (B, L) bool: inside the answer
     mid_features: torch.Tensor | None = None  # (B, L, H) DREAM's intermediate target at t+1
+    positions: torch.Tensor | None = None  # (B, L, 3) M-RoPE position ids of f_t's token (Example.positions)
 
     def to(self, device) -> "Batch":
         return Batch(*(None if getattr(self, f) is None else getattr(self, f).to(device)
@@ -312,7 +335,8 @@ def example_pairs(e: Example, context_weight: float) -> dict:
             "topk_logprobs": e.topk_logprobs[1:], "answer": answer,
             "weights": torch.where(answer, 1.0, context_weight),
             "mid_features": e.mid_features[1:] if e.mid_features is not None else None,
-            "attention": e.attention[1:] if e.attention is not None else None}
+            "attention": e.attention[1:] if e.attention is not None else None,
+            "positions": e.positions[:-1] if e.positions is not None else None}
 
 
 def compress_pairs(pairs: dict, compressor, image_token_id: int, to_head=None) -> dict:
@@ -340,4 +364,4 @@ def collate(examples: Sequence[Example], context_weight: float = 0.1, view=None)
         return None if rows[0][key] is None else pad_sequence([r[key] for r in rows], batch_first=True)
 
     return Batch(pad("input_ids"), pad("features"), pad("target_features"), pad("topk_ids"), pad("topk_logprobs"),
-                 pad("weights"), pad("answer"), pad("mid_features"))
+                 pad("weights"), pad("answer"), pad("mid_features"), pad("positions"))
