@@ -8,14 +8,15 @@ the latency regime speculative decoding is for), one untimed warm-up image per m
 
 Rows: the plain AR sampler (`generate_tokens`, the reference), the pipeline without a drafter (the engine's own
 overhead), SJD, the draft model and the head at several depths (all lossless), then LANTERN (delta), LANTERN++
-(lambda), GSD and the TV budget with the head's drafts (LOSSY). Columns: tau (tokens per target forward = mean
-acceptance length, the bonus token included), target forwards per image, wall-clock speedup over the plain sampler,
-the speedup predicted from tau and forward costs measured in the same run (``tau * t_fwd(1) / (t_fwd(k + 1) +
-t_draft per step)``), engine efficiency (measured / predicted), the measured output TV of the lossy rows (per position,
-against the target's distribution), and the Fréchet distance on the zoo classifier's features against real images
-of the image set and against the plain sampler's images (lossless rows give the noise floor at this sample count).
-transformers' assisted generation has no row: LlamaGen is not a transformers model and assisted generation does not
-apply CFG to the assistant.
+(lambda), GSD and the TV budget with the head's drafts (LOSSY). Columns: tau (tokens per target forward, the prefill and
+the bonus token included; the JSON rows also carry vLLM's mean_acceptance_length = 1 + accepted / drafts,
+draft_acceptance_rate and acceptance_rate_per_position over the decoding steps, `mmspec.stats`), target forwards per
+image, wall-clock speedup over the plain sampler, the speedup predicted from tau and forward costs measured in the same
+run (``tau * t_fwd(1) / (t_fwd(k + 1) + t_draft per step)``), engine efficiency (measured / predicted), the measured
+output TV of the lossy rows (per position, against the target's distribution), and the Fréchet distance on the zoo
+classifier's features against real images of the image set and against the plain sampler's images (lossless rows give
+the noise floor at this sample count). transformers' assisted generation has no row: LlamaGen is not a transformers
+model and assisted generation does not apply CFG to the assistant.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from typing import Callable
 import torch
 
 from mmspec.errors import InvalidInputError
+from mmspec.stats import vllm_metrics_of
 
 from .cli import heatmap, image_grid
 from .drafters import ImageHead, ImageHeadDrafter, ImageModelDrafter, JacobiDrafter
@@ -216,7 +218,8 @@ def _row(method: Method, ref: dict, costs: dict, images: int) -> dict:
            "seconds_per_image": seconds / images, "speedup": speedup, "pass_seconds": list(method.times)}
     if not method.stats:  # the plain sampler
         return {**out, "tau": 1.0, "forwards_per_image": float(ref["tokens"]), "accepted_fraction": 0.0,
-                "predicted_speedup": None, "efficiency": None, "tv_mean": None, "tv_max": None}
+                "predicted_speedup": None, "efficiency": None, "tv_mean": None, "tv_max": None,
+                "mean_acceptance_length": None, "draft_acceptance_rate": None, "acceptance_rate_per_position": None}
     st = method.stats
     steps = [max(sum(s.target_forwards) - 1, 1) for s in st]  # decoding steps (the prefill excluded)
     draft_step = sum(s.engine.time_drafter_model for s in st) / sum(steps)
@@ -230,6 +233,7 @@ def _row(method: Method, ref: dict, costs: dict, images: int) -> dict:
             "target_model_ms_per_step": 1e3 * sum(s.engine.time_target_model for s in st) / sum(steps),
             "engine_ms_per_step": 1e3 * sum(s.engine.time_engine for s in st) / sum(steps),
             "predicted_speedup": predicted, "efficiency": None if not predicted else out["speedup"] / predicted,
+            **vllm_metrics_of([s.engine for s in st], undefined=None),  # vLLM's names, over every image
             "tv_mean": sum(tvs) / len(tvs) if tvs else None,
             "tv_max": max((s.tv_max for s in st if s.tv_max is not None), default=None)}
 

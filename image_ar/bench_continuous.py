@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from mmspec.stats import vllm_metrics_of
+
 from .bench import read_labels
 from .models.continuous_ar import ContinuousAR, generate_continuous
 from .pipeline import SpeculativeImagePipeline
@@ -113,13 +115,15 @@ def _row(name: str, st: list, times: list[float], plain: list[float], images: in
            "speedup": statistics.median(p / t for p, t in zip(plain, times)), "pass_seconds": list(times)}
     if not st:
         return {**row, "forwards_per_image": float(cfg.num_image_tokens), "tau": 1.0, "accepted_fraction": 0.0,
-                "residual_per_image": 0.0, "draft_s": None, "target_s": None, "heads_s": None, "engine_s": None}
+                "residual_per_image": 0.0, "draft_s": None, "target_s": None, "heads_s": None, "engine_s": None,
+                "mean_acceptance_length": None, "draft_acceptance_rate": None, "acceptance_rate_per_position": None}
     n = len(st)
     eng = [s.engine for s in st]
     return {**row, "lossless": all(s.lossless for s in st),
             "forwards_per_image": sum(sum(s.target_forwards) for s in st) / n,
             "tau": sum(s.tau for s in st) / n,
             "accepted_fraction": sum(float(s.acceptance_grid.mean()) for s in st) / n,
+            **vllm_metrics_of(eng, undefined=None),  # vLLM's names (mmspec.stats), over every image
             "residual_per_image": sum(s.residual_draws or 0 for s in st) / n,
             "draft_s": sum(e.time_draft for e in eng) / n,  # drafter: transformer + head chains
             "target_s": sum(e.time_prefill + e.time_verify for e in eng) / n,  # target transformer forwards

@@ -73,13 +73,13 @@ class ImageStats:
 
     @property
     def mean_acceptance_length(self) -> float:
-        """vLLM's mean acceptance length over the decoding steps (1 + accepted drafts per verification, prefill
-        excluded); `tau` above counts tokens per target forward with the prefill."""
+        """vLLM's mean acceptance length over the decoding steps that had a draft (1 + accepted drafts per draft,
+        prefill excluded); `tau` above counts tokens per target forward with the prefill."""
         return self.engine.mean_acceptance_length
 
     def as_dict(self) -> dict:
         return {"acceptance": self.acceptance, "lossless": self.lossless, "images": self.images,
-                "mean_acceptance_length": self.mean_acceptance_length,
+                **self.engine.vllm_metrics(),  # vLLM's names (mmspec.stats)
                 "tokens_per_image": self.tokens_per_image, "target_forwards": self.target_forwards,
                 "mean_target_forwards": sum(self.target_forwards) / max(1, len(self.target_forwards)),
                 "tau": self.tau, "mean_acceptance": float(self.acceptance_grid.mean()),

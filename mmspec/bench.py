@@ -2,8 +2,10 @@
 
 Metrics follow ALGORITHMS.md §7: tokens/s and speedup (wall time of plain target decoding / wall time of the method,
 same prompts, same run), tau (tokens per verification forward, bonus included) and tau - 1, alpha by depth, target
-forwards per generated token, drafter forwards, and the engine's own cost: wall time per step outside the target's
-and drafter's model forwards, in ms and as a share of one plain target forward t_fwd(1). Every row is greedy
+forwards per generated token, drafter forwards, vLLM's acceptance metrics under vLLM's names (JSON only:
+mean_acceptance_length, draft_acceptance_rate, acceptance_rate_per_position, ...; `mmspec.stats`), and the engine's
+own cost: wall time per step outside the target's and drafter's model forwards, in ms and as a share of one plain
+target forward t_fwd(1). Every row is greedy
 (temperature 0), so every row must reproduce transformers' plain greedy output token for token (`equal`); a row that
 does not is reported loudly, never dropped.
 
@@ -34,6 +36,7 @@ import torch
 
 from .compile import resolve_compile
 from .loop import SpeculativeDecoder
+from .stats import vllm_metrics
 from .drafters import ModelDrafter, NGramDrafter
 from .testing.pairs import distinct_fraction, layer_pair
 from .tree import DynamicTree, StaticTree
@@ -195,9 +198,10 @@ def _hf_run(target, prompts, new_tokens: int, extra: dict, meters, log: list) ->
     else:  # plain: the first forward of each prompt is its prefill
         steps = committed = tgt.forwards - len(prompts)
         accepted, tries, accepts = 0, [], []
+    per_pos = [sum(n > i for n, _ in log) for i in range(max((n for n, _ in log), default=0))]
     m = dict(new_tokens=new, target_forwards=tgt.forwards, drafter_forwards=drf.forwards if drf else 0,
              steps=steps, committed=committed, accepted=accepted, depth_tries=tries, depth_accepts=accepts,
-             draft_tokens=sum(n for n, _ in log),
+             draft_tokens=sum(n for n, _ in log), drafted_steps=sum(n > 0 for n, _ in log), depth_draft_tokens=per_pos,
              batched_steps=tgt.forwards, time_target_model=tgt.time, time_drafter_model=drf.time if drf else 0.0,
              time_engine=max(0.0, wall - tgt.time - (drf.time if drf else 0.0)), lossless=True,
              acceptance="greedy match" if log else "")
@@ -211,11 +215,12 @@ def _mm_metrics(stats: list) -> dict:
     depth = max((len(x.depth_tries) for x in stats), default=0)
     tries = [sum(x.depth_tries[d] for x in stats if d < len(x.depth_tries)) for d in range(depth)]
     accepts = [sum(x.depth_accepts[d] for x in stats if d < len(x.depth_accepts)) for d in range(depth)]
+    per_pos = [sum(x.depth_draft_tokens[d] for x in stats if d < len(x.depth_draft_tokens)) for d in range(depth)]
     names = sorted({n for x in stats for n in x.acceptance.split("+") if n})
     return dict(new_tokens=s("new_tokens"), target_forwards=s("target_forwards"),
                 drafter_forwards=s("drafter_forwards"),
                 steps=s("steps"), committed=s("committed_tokens"), accepted=s("accepted_tokens"),
-                draft_tokens=s("draft_tokens"),
+                draft_tokens=s("draft_tokens"), drafted_steps=s("drafted_steps"), depth_draft_tokens=per_pos,
                 depth_tries=tries, depth_accepts=accepts,
                 batched_steps=sum(max(x.target_forwards - 1, 0) for x in stats),
                 time_target_model=s("time_target_model"), time_drafter_model=s("time_drafter_model"),
@@ -278,6 +283,8 @@ def _row(name: str, bs: int, reps: list[_Rep], reference: list[list[int]], new_t
         draft_nodes_per_step=m["draft_tokens"] / m["steps"] if m["steps"] else 0.0,
         target_forwards=m["target_forwards"], target_forwards_per_token=m["target_forwards"] / max(m["new_tokens"], 1),
         alpha=[a / t if t else None for a, t in zip(accepts, tries)],
+        # vLLM's names (mmspec.stats): per step that had a draft; null on rows without a drafter
+        **_vllm_fields(m),
         drafter_forwards=m["drafter_forwards"], steps=m["steps"],
         overhead_ms=_per_step(reps, "time_engine"),
         **{f"{part}_ms": (_per_step(reps, fn) if split else None) for part, fn in _PHASES.items()},
@@ -288,6 +295,13 @@ def _row(name: str, bs: int, reps: list[_Rep], reference: list[list[int]], new_t
         deterministic=all(r.sequences == reps[0].sequences for r in reps),
         lossless=bool(m["lossless"]), acceptance=m["acceptance"],
     )
+
+
+def _vllm_fields(m: dict) -> dict:
+    """vLLM's metrics (mmspec.stats.vllm_metrics) for one row's counts; ratios null on rows that never drafted."""
+    depth = len(m["depth_draft_tokens"])  # transformers' rows keep CHAIN_K depths of alpha even when drafts are shorter
+    return vllm_metrics(m["drafted_steps"], m["draft_tokens"], m["accepted"], m["depth_accepts"][:depth],
+                        m["depth_draft_tokens"], undefined=None)
 
 
 @torch.inference_mode()

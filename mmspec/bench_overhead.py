@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from .bench import (CHAIN_K, DYNAMIC_TREE, STATIC_TREE, _hf_version, _load, _mm_run, _per_step, _PHASES, make_prompts,
-                    pyplot)
+from .bench import (CHAIN_K, DYNAMIC_TREE, STATIC_TREE, _hf_version, _load, _mm_run, _per_step, _PHASES, _vllm_fields,
+                    make_prompts, pyplot)
 from .loop import SpeculativeDecoder
 from .testing.pairs import layer_pair
 
@@ -62,6 +62,7 @@ def _measure_size(layers: int, hidden: int, prompts, new_tokens: int, repeats: i
             **{f"{part}_ms": _per_step(rs, fn) for part, fn in _PHASES.items()},
             target_model_ms=_per_step(rs, "time_target_model"), drafter_model_ms=_per_step(rs, "time_drafter_model"),
             tau=m["committed"] / m["steps"] if m["steps"] else 0.0,
+            **_vllm_fields(m),  # vLLM's names (mmspec.stats); ratios null for plain decoding
             overhead_all_ms=[1e3 * r.m["time_engine"] / max(r.m["batched_steps"], 1) for r in rs],
             equal=all(r.sequences == reference for r in rs)))
     return rows

@@ -13,12 +13,15 @@ each row reports the median repeat. At each temperature (0 and 1 by default):
 * each of our drafters, chain of `k` drafted tokens per step.
 
 Speedups are paired: per repeat, mmspec's plain time per token over the method's, then the median over repeats.
-Columns: tau (mean acceptance length: tokens committed per verification forward, bonus included), target forwards
-per generated token (prefill included), milliseconds per token, wall-clock speedup over mmspec's plain decoding, the
-speedup predicted from tau and the forward costs measured in the same run, and engine efficiency (measured /
-predicted; what bookkeeping costs), lossless (greedy: the tokens are compared with plain decoding's; sampling: the
-rule is distribution-preserving, which the test suite proves). transformers has no feature drafters (EAGLE, MTP) for
-LLaVA-family models, so it has no row for them. Writes result.json, result.md and speedup.png to `out_dir`.
+Columns: tau (tokens committed per verification forward, bonus included), target forwards per generated token (prefill
+included), milliseconds per token, wall-clock speedup over mmspec's plain decoding, the speedup predicted from tau and
+the forward costs measured in the same run, and engine efficiency (measured / predicted; what bookkeeping costs),
+lossless (greedy: the tokens are compared with plain decoding's; sampling: the rule is distribution-preserving, which
+the test suite proves). transformers has no feature drafters (EAGLE, MTP) for LLaVA-family models, so it has no row for
+them. Writes result.json, result.md and speedup.png to `out_dir`. The JSON rows of our methods also carry vLLM's
+acceptance metrics under vLLM's names (`mmspec.stats`: num_drafts, mean_acceptance_length = 1 + accepted / drafts,
+draft_acceptance_rate, acceptance_rate_per_position, ...), null where the row never drafted or, for transformers' rows,
+where the drafts are not counted.
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ import torch
 import transformers
 
 from mmspec.errors import InvalidInputError
+from mmspec.stats import vllm_metrics_of
 
 from .pipeline import SpeculativeVLM, is_vlm, load_drafter
 from .prompts import build_request
@@ -306,8 +310,10 @@ def _rows(methods: list[Method], temperature: float) -> list[dict]:
             row["engine_efficiency"] = row["speedup"] / row["predicted_speedup"]
             row["target_ms_per_verify"] = sum(s.time_target_model for s in m.stats) * 1e3 / fwd
             row["drafter_ms_per_step"] = sum(s.time_drafter_model for s in m.stats) * 1e3 / fwd
+            row.update(vllm_metrics_of(m.stats, undefined=None))
         else:
             row["tau"] = tokens / max(1, m.forwards - len(m.seqs))
+            row.update(mean_acceptance_length=None, draft_acceptance_rate=None, acceptance_rate_per_position=None)
         if temperature == 0:
             row["lossless"] = "yes (identical)" if m.seqs == plain.seqs else "NO: output differs"
         else:

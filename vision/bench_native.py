@@ -120,7 +120,10 @@ def _measure(model, run, repeats: int) -> dict:
     tokens = sum(len(s) for s in seqs)
     return {"seconds": statistics.median(times), "tokens": tokens, "forwards_per_token": counter.n / tokens,
             "ms_per_token": 1000 * statistics.median(times) / tokens, "seqs": seqs,
-            "tau": stats.tau if stats is not None else None}
+            "tau": stats.tau if stats is not None else None,
+            # vLLM's names (mmspec.stats); null for transformers' rows and plain decoding
+            **(stats.vllm_metrics() if stats is not None and stats.num_drafts else
+               dict(mean_acceptance_length=None, draft_acceptance_rate=None, acceptance_rate_per_position=None))}
 
 
 def run_native_benchmark(out_dir="bench_out/native", new_tokens: int = 32, repeats: int = 3, fit_steps: int = 150,

@@ -153,6 +153,9 @@ def test_bench_image_quick_on_the_quick_zoo(quick_zoo, tmp_path):
     assert all(r["tv_max"] <= 0.05 + 1e-6 for r in lossy if "TV budget 0.05" in r["method"])
     head = rows["head (k=3)"]
     assert head["tau"] >= 1 and head["predicted_speedup"] > 0 and head["efficiency"] > 0
+    assert head["num_drafts"] > 0 and len(head["acceptance_rate_per_position"]) == 3  # vLLM's names
+    assert head["mean_acceptance_length"] == pytest.approx(1 + head["num_accepted_tokens"] / head["num_drafts"])
+    assert rows["plain AR (generate_tokens)"]["mean_acceptance_length"] is None
     assert head["fd_real"] is not None and head["fd_lossless"] is not None and head["fd_samples"] == 2
     assert set(res["forward_ms"]) >= {"1", "4"}
     md = (tmp_path / "b" / "result.md").read_text()
@@ -168,6 +171,8 @@ def test_bench_continuous_quick_on_the_quick_zoo(quick_zoo, tmp_path):
     assert names[0].startswith("plain AR") and "CSpD (k=4, prefill 0.15)" in names
     cspd = res["rows"][2]
     assert cspd["lossless"] and cspd["draft_s"] > 0 and cspd["target_s"] > 0 and cspd["heads_s"] > 0
+    assert cspd["num_drafts"] > 0 and 0 <= cspd["draft_acceptance_rate"] <= 1  # vLLM's names
+    assert cspd["mean_acceptance_length"] == pytest.approx(1 + sum(cspd["acceptance_rate_per_position"]))
     assert "target heads" in (tmp_path / "result.md").read_text()
 
 

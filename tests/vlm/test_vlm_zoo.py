@@ -134,6 +134,10 @@ def test_bench_vlm_quick_writes_tables_and_every_greedy_row_is_identical(quick_v
             assert r["tau"] >= 1.0 and r["speedup"] > 0
     ours = [r for r in greedy if r.get("ours") and "plain" not in r["method"]]
     assert all(0 < r["engine_efficiency"] for r in ours)
+    for r in ours:  # vLLM's names (mmspec.stats), per step that had a draft
+        assert r["num_drafts"] > 0 and 1 <= r["mean_acceptance_length"] <= 1 + len(r["acceptance_rate_per_position"])
+        assert r["mean_acceptance_length"] == pytest.approx(1 + r["num_accepted_tokens"] / r["num_drafts"])
+        assert r["draft_acceptance_rate"] == pytest.approx(r["num_accepted_tokens"] / r["num_draft_tokens"])
     assert (tmp_path / "result.md").read_text().count("| **") >= 10
     assert (tmp_path / "speedup.png").stat().st_size > 1000
 
