@@ -321,7 +321,7 @@ def build_head(ctx: BuildContext) -> dict:
     import tempfile
 
     from .compressors import build_compressor
-    from .drafters import DreamHead, EagleHead
+    from .drafters import DreamHead, Eagle3Head, EagleHead
     from .train.eagle_trainer import train_eagle
 
     r = ctx.recipe
@@ -334,9 +334,12 @@ def build_head(ctx: BuildContext) -> dict:
     if r.get("compressor"):
         compressor = build_compressor({"type": r["compressor"], "dim": tc.hidden_size,
                                        "heads": tc.num_attention_heads, "n_queries": r["n_queries"]})
-    cls = DreamHead if r["head"] == "dream" else EagleHead
     with seeded(r["seed"]):
-        head = cls(target, layers=r["layers"], taps=taps, compressor=compressor)
+        if r["head"] == "eagle3":  # the serving engines' EAGLE-3 (its own draft vocabulary, exportable)
+            head = Eagle3Head(target, taps=taps, draft_vocab=r["draft_vocab"])
+        else:
+            head = (DreamHead if r["head"] == "dream" else EagleHead)(target, layers=r["layers"], taps=taps,
+                                                                      compressor=compressor)
     records = load_records(ctx.deps["vlm-data"], "train")[: r["records"]]
     with tempfile.TemporaryDirectory() as cache:
         report = train_eagle(head, target, processor, records, steps=r["steps"], lr=r["lr"],
@@ -348,9 +351,11 @@ def build_head(ctx: BuildContext) -> dict:
             "parameters": sum(p.numel() for p in head.trainable_parameters()),
             "final_loss": round(report["loss"], 4),
             "held_out": _tau(ctx, lambda t, p: _head_drafter(t, p, ctx.out), target, processor),
-            "notes": f"{type(head).__name__} ({r['layers']} layers{', taps ' + str(taps) if taps else ''}"
-                     f"{', compressor ' + r['compressor'] if compressor is not None else ''}); top-1 agreement on "
-                     f"training answers {report['acceptance']:.3f}."}
+            "notes": f"{type(head).__name__} ({head.layers} layer(s){', taps ' + str(head.taps) if taps else ''}"
+                     f"{', compressor ' + r['compressor'] if compressor is not None else ''}"
+                     + (f", draft vocabulary {head.draft_vocab_size} of {head.target_vocab} covering "
+                        f"{report['draft_vocab_coverage']:.3f} of the answer tokens" if r["head"] == "eagle3" else "")
+                     + f"); top-1 agreement on training answers {report['acceptance']:.3f}."}
 
 
 def _build_dflash(ctx: BuildContext, target, processor, taps) -> dict:
@@ -447,10 +452,11 @@ MODELS = [
     ZooModel("vlm-eagle", "EAGLE-1 head for zoo:vlm", build=build_head, needs=("vlm", "vlm-data"),
              recipe=dict(head="eagle", layers=1, steps=360, lr=1e-3, **HEAD), quick=QUICK_HEAD,
              loads_with=_HEAD_LOAD.format("vlm-eagle")),
-    ZooModel("vlm-eagle3", "EAGLE-3 head for zoo:vlm (low/mid/high taps, training-time test)", build=build_head,
-             needs=("vlm", "vlm-data"),
-             recipe=dict(head="eagle", layers=1, taps=(0.2, 0.5, 1.0), unroll=3, steps=350, lr=1e-3, **HEAD),
-             quick=dict(QUICK_HEAD, unroll=2), loads_with=_HEAD_LOAD.format("vlm-eagle3")),
+    ZooModel("vlm-eagle3", "EAGLE-3 head for zoo:vlm (low/mid/high taps, 1024-token draft vocabulary, training-time "
+             "test; exports to vLLM / SGLang)", build=build_head, needs=("vlm", "vlm-data"),
+             recipe=dict(head="eagle3", taps=(0.2, 0.5, 1.0), draft_vocab=1024, unroll=3, steps=400, lr=2e-3,
+                         **HEAD),
+             quick=dict(QUICK_HEAD, unroll=2, draft_vocab=64), loads_with=_HEAD_LOAD.format("vlm-eagle3")),
     ZooModel("vlm-dream", "DREAM head for zoo:vlm (cross-attention to mid features)", build=build_head,
              needs=("vlm", "vlm-data"),
              recipe=dict(head="dream", layers=3, taps=(0.5, 1.0), steps=350, lr=1e-3, **HEAD),
