@@ -53,7 +53,7 @@ def exportable(head) -> None:
                "EagleHead": "its EAGLE-1 fusion (fc over [embedding; feature] into a plain LLaMA layer)",
                "DFlashHead": "its block decoding", "MtpHead": "the target's own MTP layer (it ships in the target's "
                                                              "checkpoint)"}.get(kind, "its architecture")
-        raise UnsupportedModelError(f"a {kind} cannot be exported to vLLM / SGLang's EAGLE-3 layout: {why} has no "
+        raise UnsupportedModelError(f"this {kind} cannot be exported to vLLM / SGLang's EAGLE-3 layout: {why} has no "
                                     "place there; train an EAGLE-3 head (mmspec train-drafter --head eagle3)")
     if getattr(head, "compressor", None) is not None:
         raise UnsupportedModelError("the head compresses images (a vision.compressors module): serving engines feed "
