@@ -140,7 +140,7 @@ def _methods(m: dict, kw: dict, temperature: float) -> list[Method]:
             rows += [row(f"draft model (k={k})", ImageModelDrafter(obj, k), k) for k in DRAFT_DEPTHS]
         else:  # a given path or "jacobi": the pipeline loads it (a head directory, a LlamaGen, SJD)
             pipe = SpeculativeImagePipeline(target, vq, obj, tree=RELAXED_DEPTH)
-            depth = pipe.window - 1 if obj == "jacobi" else RELAXED_DEPTH
+            depth = pipe.drafter.window - 1 if obj == "jacobi" else RELAXED_DEPTH
             rows.append(Method(f"drafter {obj} (k={depth})", pipe_run(pipe), True, depth))
             relaxed = (rows[-1].name, lambda given=pipe: given.drafter)
     if temperature > 0:  # relaxed rules relax *sampling*

@@ -23,16 +23,19 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from numbers import Integral
 from pathlib import Path
 
 import torch
 
+from mmspec.checks import check_number, check_seed
 from mmspec.errors import (CheckpointError, GenerationConfigError, IncompatibleModelsError, InvalidInputError,
                            UnsupportedModelError)
 from mmspec.loop import SpeculativeDecoder
 from mmspec.stats import GenerationStats
 
 from .acceptance import gsd, latent_neighbours, lantern
+from .acceptance.budget import check_tv_budget
 from .acceptance.cspd import CSpD
 from .continuous_target import ContinuousARTarget
 from .drafters import ImageHead, ImageHeadDrafter, ImageModelDrafter, JacobiDrafter, is_head_checkpoint
@@ -45,6 +48,13 @@ from .models.vq import VQTokenizer, load_vq, to_pil
 from .target import LlamaGenTarget
 
 ACCEPTANCE = ("lossless", "lantern", "gsd", "cspd")
+
+
+class _Default(int):
+    """An int default that knows it was not passed: continuous targets refuse a top_k they were given, not this."""
+
+
+TOP_K = _Default(2000)  # LlamaGen's c2i default
 
 
 @dataclass
@@ -70,6 +80,7 @@ class ImageStats:
     seconds: float
     engine: GenerationStats = field(repr=False)
     residual_draws: int | None = None  # CSpD: chains the residual sampler drew from the target's head (all images)
+    settings: dict = field(default_factory=dict)  # every setting of the call, defaults resolved (seed included)
 
     @property
     def mean_acceptance_length(self) -> float:
@@ -84,7 +95,7 @@ class ImageStats:
                 "mean_target_forwards": sum(self.target_forwards) / max(1, len(self.target_forwards)),
                 "tau": self.tau, "mean_acceptance": float(self.acceptance_grid.mean()),
                 "tv_mean": self.tv_mean, "tv_max": self.tv_max, "seconds": self.seconds,
-                "residual_draws": self.residual_draws}
+                "residual_draws": self.residual_draws, "settings": dict(self.settings)}
 
     def summary(self) -> str:
         rule = self.acceptance if self.lossless else f"{self.acceptance} (LOSSY)"
@@ -240,39 +251,25 @@ class SpeculativeImagePipeline:
 
     # --- generation -----------------------------------------------------------------------------------------------
     def _kernel(self, acceptance, temperature, lantern_k, lantern_delta, lantern_lambda, gsd_rank_window,
-                gsd_prob_threshold, gsd_embed_threshold, tv_budget):
-        if acceptance not in ACCEPTANCE:
-            raise GenerationConfigError(f"acceptance={acceptance!r}: expected one of {ACCEPTANCE}")
+                gsd_prob_threshold, gsd_embed_threshold, tv_budget, progress: bool = False):
+        """The acceptance rule of one call (settings already checked by `check_settings`)."""
         if self.continuous:
-            if acceptance not in ("lossless", "cspd") or tv_budget not in (None, 0):
-                raise GenerationConfigError(f"a continuous-token target verifies with exact CSpD "
-                                            f"(acceptance='cspd' or 'lossless'); got acceptance={acceptance!r}"
-                                            + (f", tv_budget={tv_budget}" if tv_budget not in (None, 0) else ""))
             return CSpD(self.target.head, temperature, max_candidates=self.cspd_max_candidates)
-        if acceptance == "cspd":
-            raise GenerationConfigError("acceptance='cspd' is for continuous-token targets (ContinuousAR); this "
-                                        f"{type(self.target).__name__} has discrete tokens: use 'lossless', "
-                                        "'lantern' or 'gsd'")
         if acceptance == "lossless":
-            if tv_budget not in (None, 0):
-                raise GenerationConfigError(f"tv_budget={tv_budget} needs a relaxed rule (acceptance='lantern' or "
-                                            "'gsd'); lossless acceptance has TV 0")
             return None
-        if temperature == 0:
-            raise GenerationConfigError(f"acceptance={acceptance!r} relaxes *sampling*; at temperature 0 use "
-                                        "acceptance='lossless' (greedy verification)")
         codebook = self._codebook(acceptance)
         if acceptance == "gsd":
-            return gsd(rank_window=gsd_rank_window, prob_threshold=gsd_prob_threshold,
-                       embed_threshold=gsd_embed_threshold, embeddings=codebook, tv_budget=tv_budget, report_tv=True)
+            return gsd(rank_window=7 if gsd_rank_window is None else gsd_rank_window,
+                       prob_threshold=0.15 if gsd_prob_threshold is None else gsd_prob_threshold,
+                       embed_threshold=0.5 if gsd_embed_threshold is None else gsd_embed_threshold,
+                       embeddings=codebook, tv_budget=tv_budget, report_tv=True)
         vocab = self.target.vocab_size
         if lantern_delta is None and lantern_lambda is None:
             lantern_delta = 0.1
         k = lantern_k if lantern_k is not None else (1000 if lantern_lambda is None else 10)
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise GenerationConfigError(f"lantern_k={lantern_k!r}: must be an int >= 0")
         k = min(k, vocab - 2)
-        table = latent_neighbours(codebook, k + 1, cache_dir=self.neighbours_cache)  # k + 1: LANTERN zeroes k + 1
+        table = latent_neighbours(codebook, k + 1, cache_dir=self.neighbours_cache,  # k + 1: LANTERN zeroes k + 1
+                                  progress=progress)
         return lantern(table, delta=lantern_delta, lam=lantern_lambda, k=k, tv_budget=tv_budget, report_tv=True)
 
     def _codebook(self, acceptance: str) -> torch.Tensor:
@@ -294,10 +291,7 @@ class SpeculativeImagePipeline:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise InvalidInputError(f"num_images_per_prompt={n!r}: must be an int >= 1")
         if class_labels is not None:
-            if isinstance(class_labels, int):
-                class_labels = [class_labels]
-            labels = torch.as_tensor(class_labels)
-            return labels.reshape(-1).repeat_interleave(n), None
+            return _class_labels(class_labels).repeat_interleave(n), None
         if prompt_embeds is not None:
             embeds = torch.as_tensor(prompt_embeds)
             mask = None if prompt_mask is None else torch.as_tensor(prompt_mask).repeat_interleave(n, 0)
@@ -311,10 +305,11 @@ class SpeculativeImagePipeline:
         return [p for p in prompts for _ in range(n)], None
 
     def __call__(self, class_labels=None, prompt_embeds=None, *, prompt=None, prompt_mask=None,
-                 guidance_scale: float | None = None, temperature: float = 1.0, top_k: int | None = 2000,
+                 guidance_scale: float | None = None, temperature: float = 1.0, top_k: int | None = TOP_K,
                  top_p: float = 1.0, acceptance: str = "lossless", lantern_k: int | None = None,
-                 lantern_delta: float | None = None, lantern_lambda: float | None = None, gsd_rank_window: int = 7,
-                 gsd_prob_threshold: float = 0.15, gsd_embed_threshold: float = 0.5, tv_budget: float | None = None,
+                 lantern_delta: float | None = None, lantern_lambda: float | None = None,
+                 gsd_rank_window: int | None = None, gsd_prob_threshold: float | None = None,
+                 gsd_embed_threshold: float | None = None, tv_budget: float | None = None,
                  num_images_per_prompt: int = 1, generator=None, seed: int | None = None,
                  num_tokens: int | None = None, output_type: str = "pil", progress: bool = False,
                  guidance_schedule: str | None = None, prefill_ratio: float | None = None) -> ImagePipelineOutput:
@@ -325,7 +320,7 @@ class SpeculativeImagePipeline:
                              gsd_prob_threshold=gsd_prob_threshold, gsd_embed_threshold=gsd_embed_threshold,
                              tv_budget=tv_budget, num_images_per_prompt=num_images_per_prompt, generator=generator,
                              seed=seed, num_tokens=num_tokens, output_type=output_type,
-                             guidance_schedule=guidance_schedule, prefill_ratio=prefill_ratio)
+                             guidance_schedule=guidance_schedule, prefill_ratio=prefill_ratio, progress=progress)
         bar = _progress(progress, stream.total_tokens)
         for event in stream:
             if bar is not None:
@@ -335,40 +330,51 @@ class SpeculativeImagePipeline:
         return stream.output
 
     def stream(self, class_labels=None, prompt_embeds=None, *, prompt=None, prompt_mask=None,
-               guidance_scale: float | None = None, temperature: float = 1.0, top_k: int | None = 2000,
+               guidance_scale: float | None = None, temperature: float = 1.0, top_k: int | None = TOP_K,
                top_p: float = 1.0, acceptance: str = "lossless", lantern_k: int | None = None,
-               lantern_delta: float | None = None, lantern_lambda: float | None = None, gsd_rank_window: int = 7,
-               gsd_prob_threshold: float = 0.15, gsd_embed_threshold: float = 0.5, tv_budget: float | None = None,
+               lantern_delta: float | None = None, lantern_lambda: float | None = None,
+               gsd_rank_window: int | None = None, gsd_prob_threshold: float | None = None,
+               gsd_embed_threshold: float | None = None, tv_budget: float | None = None,
                num_images_per_prompt: int = 1, generator=None, seed: int | None = None,
                num_tokens: int | None = None, output_type: str = "pil", guidance_schedule: str | None = None,
-               prefill_ratio: float | None = None) -> "ImageStream":
+               prefill_ratio: float | None = None, progress: bool = False) -> "ImageStream":
         """Generate images. Defaults are LlamaGen's c2i sampling defaults (CFG 4, temperature 1, top-k 2000);
         guidance_scale None keeps the target's (4.0 for a LlamaGen with a null class, else 1.0; an adapter's own).
 
-        class_labels (c2i) / prompt_embeds + prompt_mask (t2i LlamaGen) / prompt (Janus, Emu3 adapters); generator:
-        one torch.Generator (rows draw from per-row generators seeded from it) or one per image; seed: shortcut.
-        acceptance: "lossless" | "lantern" (lantern_delta or lantern_lambda, lantern_k) | "gsd" (rank window,
-        probability and embedding thresholds); tv_budget: per-position TV budget for the relaxed rules (0 = lossless).
-        num_tokens: stop after this many tokens (partial images come back as tokens only). output_type: "pil" |
-        "tokens".
+        class_labels (c2i: an int or a 1-D list / tensor of ints) / prompt_embeds + prompt_mask (t2i LlamaGen) /
+        prompt (Janus, Emu3 adapters); generator: one torch.Generator (rows draw from per-row generators seeded from
+        it) or one per image; seed: shortcut (None with no generator: a fresh seed, recorded in ``out.stats``).
+        temperature: >= 0 (0 = greedy); top_k: default 2000 (LlamaGen's), None or 0 = off; top_p in (0, 1];
+        guidance_scale >= 0. acceptance: "lossless" | "lantern" (lantern_delta in [0, 1] (default 0.1) or
+        lantern_lambda >= 1, lantern_k (default 1000, or 10 with lambda; capped at V - 2)) | "gsd" (gsd_rank_window
+        7, gsd_prob_threshold 0.15, gsd_embed_threshold 0.5 when None); tv_budget in [0, 1]: per-position TV budget
+        for the relaxed rules (0 = lossless). A setting of another rule (or one a continuous target has no use for)
+        is refused, never ignored. num_tokens: stop after this many tokens (partial images come back as tokens only).
+        output_type: "pil" | "tokens". progress: tqdm bars for the slow set-up steps (LANTERN's neighbour tables;
+        ``__call__`` adds one for the tokens).
 
-        Continuous targets: temperature scales the diffusion noise (> 0); top_k / top_p do not apply; guidance is on
-        eps with guidance_schedule "constant" or MAR's "linear"; acceptance "cspd" (= "lossless"); prefill_ratio:
-        the fraction of each image's first tokens the target generates alone (CSpD's pre-filling).
+        Continuous targets: temperature scales the diffusion noise (> 0); top_k / top_p do not apply (a top_k
+        other than None / 0, or a top_p other than 1, is refused); guidance is on eps with guidance_schedule
+        "constant" or MAR's "linear"; acceptance "cspd" (= "lossless"); prefill_ratio: the fraction of each image's first tokens the target generates alone
+        (CSpD's pre-filling; needs a ContinuousAR drafter).
 
-        `stream` takes the same arguments (less `progress`) and returns an iterator of the engine's TokenEvents
-        (``event.request`` = image index) whose ``.output`` is the ImagePipelineOutput once it is exhausted; several
-        streams of one pipeline may be read interleaved, each with its own settings."""
-        if output_type not in ("pil", "tokens"):
-            raise InvalidInputError(f"output_type={output_type!r}: expected 'pil' or 'tokens'")
-        kernel = self._kernel(acceptance, temperature, lantern_k, lantern_delta, lantern_lambda, gsd_rank_window,
-                              gsd_prob_threshold, gsd_embed_threshold, tv_budget)
+        `stream` takes the same arguments and returns an iterator of the engine's TokenEvents (``event.request`` =
+        image index) whose ``.output`` is the ImagePipelineOutput once it is exhausted; several streams of one
+        pipeline may be read interleaved, each with its own settings. Every argument is checked before any work."""
+        gsd_settings = {"gsd_rank_window": gsd_rank_window, "gsd_prob_threshold": gsd_prob_threshold,
+                        "gsd_embed_threshold": gsd_embed_threshold}
+        check_settings(continuous=self.continuous, continuous_drafter=isinstance(self._drafter, ContinuousDrafter),
+                       target_name=type(self.target).__name__, acceptance=acceptance, temperature=temperature,
+                       top_k=top_k, top_p=top_p, guidance_scale=guidance_scale, tv_budget=tv_budget,
+                       lantern_k=lantern_k, lantern_delta=lantern_delta, lantern_lambda=lantern_lambda,
+                       gsd_settings=gsd_settings, seed=seed, generator=generator, output_type=output_type,
+                       guidance_schedule=guidance_schedule, prefill_ratio=prefill_ratio)
         cond, mask = self._conditions(class_labels, prompt_embeds, prompt_mask, prompt, num_images_per_prompt)
         total = self.target.num_image_tokens
         n_tok = total if num_tokens is None else num_tokens
         if isinstance(n_tok, bool) or not isinstance(n_tok, int) or not 0 < n_tok <= total:
             raise InvalidInputError(f"num_tokens={num_tokens!r}: must be an int in [1, {total}]")
-        requests = self._requests(cond, mask, guidance_scale, guidance_schedule, prefill_ratio, temperature, top_p)
+        requests = self._requests(cond, mask, guidance_scale, guidance_schedule, prefill_ratio, temperature)
         if self.continuous and output_type == "pil" and n_tok == total and self.vae is None:
             raise InvalidInputError("no VAE to decode continuous tokens with: pass vae= (an AutoencoderKL) to the "
                                     "pipeline, or output_type='tokens'")
@@ -376,32 +382,59 @@ class SpeculativeImagePipeline:
                 and not hasattr(self.target, "decode"):
             raise InvalidInputError("no VQ tokenizer to decode image tokens with: pass vq= to the pipeline, or "
                                     "output_type='tokens'")
+        top_k = 0 if self.continuous else int(top_k or 0)  # None / 0: off
+        if seed is None and generator is None:  # the engine would draw this one itself; drawn here, it is recorded
+            seed = int(torch.randint(0, 2**31 - 1, ()).item())
+        kernel = self._kernel(acceptance, temperature, lantern_k, lantern_delta, lantern_lambda, gsd_rank_window,
+                              gsd_prob_threshold, gsd_embed_threshold, tv_budget, progress)
         t0 = time.perf_counter()
         stream = self.decoder.stream(requests, max_new_tokens=n_tok, generator=generator, seed=seed,
                                      acceptance=kernel, temperature=1.0 if self.continuous else temperature,
-                                     top_k=0 if self.continuous else top_k or 0, top_p=top_p)
+                                     top_k=top_k, top_p=top_p)
         rule = "cspd" if self.continuous else acceptance
-        return ImageStream(self, stream, rule, kernel, n_tok, output_type, t0)
+        settings = self._settings(rule, kernel, temperature, top_k, top_p, guidance_scale, guidance_schedule,
+                                  prefill_ratio, seed, generator, n_tok, num_images_per_prompt)
+        return ImageStream(self, stream, rule, kernel, n_tok, output_type, t0, settings)
 
-    def _requests(self, cond, mask, guidance_scale, schedule, prefill_ratio, temperature, top_p) -> list:
-        """The engine's requests for this call: conditions and this call's settings travel in them (None: the
-        documented defaults, the target's), so no call changes what a later one does."""
-        if guidance_scale is not None:
-            check_guidance_scale(guidance_scale)
+    def _settings(self, rule, kernel, temperature, top_k, top_p, guidance_scale, schedule, prefill_ratio, seed,
+                  generator, n_tok, per_prompt) -> dict:
+        """Every setting this call ran with, defaults resolved: what reproduces it (with the same models)."""
+        drafter = self.drafter_spec
+        out = {"acceptance": rule, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+               "guidance_scale": guidance_scale if guidance_scale is not None
+               else getattr(self.target, "guidance_scale", None),
+               "seed": seed, "generator": None if generator is None else "given (per-row generators)",
+               "drafter": drafter if drafter is None or isinstance(drafter, str) else
+               str(drafter) if isinstance(drafter, Path) else type(drafter).__name__,
+               "drafter_class": None if self._drafter is None else type(self._drafter).__name__,
+               "tree": self.tree if self.tree is not None or self._drafter is None
+               else getattr(self._drafter, "k", getattr(self._drafter, "max_depth", None)),
+               "num_tokens": n_tok, "num_images_per_prompt": per_prompt,
+               "tv_budget": getattr(kernel, "tv_budget", None)}
+        if isinstance(self._drafter, JacobiDrafter):
+            out["jacobi_init"] = self.jacobi_init
+        if self.continuous:
+            out.update(guidance_schedule=schedule, prefill_ratio=prefill_ratio)
+        names = {"lantern": (("lantern_delta", "delta"), ("lantern_lambda", "lam"), ("lantern_k", "k")),
+                 "gsd": (("gsd_rank_window", "rank_window"), ("gsd_prob_threshold", "prob_threshold"),
+                         ("gsd_embed_threshold", "embed_threshold"))}.get(rule, ())
+        for name, attr in names:
+            out[name] = getattr(kernel, attr)
+        if names:
+            out["residual"] = kernel.residual
+        return out
+
+    def _requests(self, cond, mask, guidance_scale, schedule, prefill_ratio, temperature) -> list:
+        """The engine's requests for this call (settings checked by `check_settings`): conditions and this call's
+        settings travel in them (None: the documented defaults, the target's), so no call changes what a later one
+        does."""
         if not self.continuous:
-            if schedule is not None or prefill_ratio is not None:
-                raise GenerationConfigError("guidance_schedule / prefill_ratio apply to continuous-token targets")
             if isinstance(self.target, LlamaGenTarget):
                 return self.target.requests(cond, mask, guidance_scale=guidance_scale)
             return self.target.requests(cond, guidance_scale=guidance_scale)
-        if top_p != 1.0:
-            raise GenerationConfigError(f"top_p={top_p}: continuous tokens have no vocabulary to truncate")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature <= 0:
-            raise GenerationConfigError(f"temperature={temperature!r}: continuous tokens need temperature > 0 (it "
-                                        "scales the diffusion noise)")
         requests = self.target.requests(cond, guidance_scale=guidance_scale, guidance_schedule=schedule,
                                         temperature=float(temperature))
-        if prefill_ratio is not None and isinstance(self._drafter, ContinuousDrafter):
+        if prefill_ratio is not None:  # check_settings: the drafter is a ContinuousDrafter
             ratio = check_prefill_ratio(prefill_ratio)
             for r in requests:
                 r.draft_inputs["prefill_ratio"] = ratio
@@ -428,8 +461,9 @@ class ImageStream:
     exhausted (images decoded then)."""
 
     def __init__(self, pipe: SpeculativeImagePipeline, stream, acceptance: str, kernel, n_tok: int,
-                 output_type: str, t0: float):
+                 output_type: str, t0: float, settings: dict | None = None):
         self.pipe, self.stream, self.acceptance, self.kernel = pipe, stream, acceptance, kernel
+        self.settings = dict(settings or {})
         self.n_tok, self.output_type, self.t0 = n_tok, output_type, t0
         self.total_tokens = len(stream.requests) * n_tok
         self.record = _Recorder(len(stream.requests), n_tok)
@@ -458,6 +492,7 @@ class ImageStream:
         stats = self.record.stats(pipe.target.grid, self.acceptance, kernel is None or getattr(kernel, "lossless",
                                   False), total, out.stats, time.perf_counter() - self.t0)
         stats.residual_draws = getattr(kernel, "residual_draws", None)
+        stats.settings = dict(self.settings)
         images = pipe.decode(tokens) if self.output_type == "pil" and self.n_tok == total else None
         return ImagePipelineOutput(images, tokens, stats)
 
@@ -467,7 +502,7 @@ class _Recorder:
 
     def __init__(self, n: int, tokens: int):
         self.accepted = torch.zeros(n, tokens)
-        self.tv = torch.zeros(n, tokens)
+        self.tv = torch.zeros(n, tokens, dtype=torch.float64)  # the kernels' drift is float64
         self.has_tv = False
         self.forwards = [0] * n
         self.filled = [0] * n
@@ -478,7 +513,7 @@ class _Recorder:
         self.accepted[i, start: start + event.accepted] = 1.0
         if event.drift is not None:
             self.has_tv = True
-            self.tv[i, start: start + len(event.drift)] = torch.tensor(event.drift)
+            self.tv[i, start: start + len(event.drift)] = torch.tensor(event.drift, dtype=torch.float64)
         self.filled[i] = start + k
 
     def stats(self, grid, acceptance, lossless, total, engine, seconds) -> ImageStats:
@@ -486,7 +521,7 @@ class _Recorder:
         n, t = self.accepted.shape
 
         def as_grid(x):  # (N, t) -> (rows, cols) mean over images; positions not generated stay 0
-            full = torch.zeros(total)
+            full = torch.zeros(total, dtype=x.dtype)
             full[:t] = x.mean(0)
             return full.view(rows, cols) if total == rows * cols else full
 
@@ -495,6 +530,104 @@ class _Recorder:
         return ImageStats(acceptance, lossless, n, t, list(self.forwards), tau, as_grid(self.accepted),
                           None if tv is None else as_grid(tv), None if tv is None else float(tv.mean()),
                           None if tv is None else float(tv.max()), seconds, engine)
+
+
+def check_settings(*, continuous: bool, continuous_drafter: bool, target_name: str = "target",
+                   acceptance="lossless", temperature=1.0, top_k=None, top_p=1.0, guidance_scale=None,
+                   tv_budget=None, lantern_k=None, lantern_delta=None, lantern_lambda=None, gsd_settings=None,
+                   seed=None, generator=None, output_type="pil", guidance_schedule=None, prefill_ratio=None) -> None:
+    """Every scalar setting of one pipeline call, checked before any work starts (diffusers' ``check_inputs``) with
+    the shared rules of `mmspec.checks`; a setting that does not apply to this target or rule is refused by name.
+
+    continuous: the target has continuous tokens; continuous_drafter: its drafter is a ContinuousAR (prefill_ratio
+    needs one); target_name: the target's kind, for messages. The pipeline calls it with its own facts; the CLI
+    calls it before loading anything."""
+    if output_type not in ("pil", "tokens"):
+        raise InvalidInputError(f"output_type={output_type!r}: expected 'pil' or 'tokens'")
+    if not isinstance(acceptance, str) or acceptance not in ACCEPTANCE:
+        raise GenerationConfigError(f"acceptance={acceptance!r}: expected one of {ACCEPTANCE}")
+    check_seed(seed)
+    if seed is not None and generator is not None:
+        raise GenerationConfigError("pass generator= or seed=, not both")
+    cont = continuous
+    check_number(temperature, "temperature", low=0, low_open=cont)
+    if top_k is not None:
+        check_number(top_k, "top_k", low=0, integer=True)
+    check_number(top_p, "top_p", low=0, low_open=True, high=1)
+    if guidance_scale is not None:
+        check_guidance_scale(guidance_scale)
+    check_tv_budget(tv_budget)
+    if lantern_delta is not None:
+        check_number(lantern_delta, "lantern_delta", low=0, high=1)
+    if lantern_lambda is not None:
+        check_number(lantern_lambda, "lantern_lambda", low=1)
+    if lantern_k is not None:
+        check_number(lantern_k, "lantern_k", low=0, integer=True)
+    if prefill_ratio is not None:
+        check_prefill_ratio(prefill_ratio)
+    lantern_given = {n: v for n, v in (("lantern_delta", lantern_delta), ("lantern_lambda", lantern_lambda),
+                                       ("lantern_k", lantern_k)) if v is not None}
+    gsd_given = {n: v for n, v in (gsd_settings or {}).items() if v is not None}
+    refused = []  # (settings, why they do not apply)
+    if cont:
+        if acceptance not in ("lossless", "cspd"):
+            raise GenerationConfigError(f"a continuous-token target verifies with exact CSpD (acceptance='cspd' "
+                                        f"or 'lossless'); got acceptance={acceptance!r}")
+        if top_k is not TOP_K and top_k not in (None, 0):
+            refused.append(({"top_k": top_k}, "continuous tokens have no vocabulary to truncate"))
+        if top_p != 1.0:
+            refused.append(({"top_p": top_p}, "continuous tokens have no vocabulary to truncate"))
+        if prefill_ratio is not None and not continuous_drafter:
+            refused.append(({"prefill_ratio": prefill_ratio}, "for a ContinuousAR drafter only (the share of tokens "
+                            "it leaves to the target); this pipeline has none"))
+    else:
+        if acceptance == "cspd":
+            raise GenerationConfigError("acceptance='cspd' is for continuous-token targets (ContinuousAR); this "
+                                        f"{target_name} has discrete tokens: use 'lossless', "
+                                        "'lantern' or 'gsd'")
+        given = {n: v for n, v in (("guidance_schedule", guidance_schedule), ("prefill_ratio", prefill_ratio))
+                 if v is not None}
+        if given:
+            refused.append((given, f"for continuous-token targets only; this {target_name} has discrete tokens"))
+        if acceptance in ("lantern", "gsd") and temperature == 0:
+            raise GenerationConfigError(f"acceptance={acceptance!r} relaxes *sampling*; at temperature 0 use "
+                                        "acceptance='lossless' (greedy verification)")
+    if acceptance not in ("lantern", "gsd") and tv_budget not in (None, 0):
+        refused.append(({"tv_budget": tv_budget}, "a continuous-token target verifies with exact CSpD, TV 0" if cont
+                        else f"for a relaxed rule (acceptance='lantern' or 'gsd') only; {acceptance!r} has TV 0"))
+    if acceptance != "lantern" and lantern_given:
+        refused.append((lantern_given, f"for acceptance='lantern' only; this call has acceptance={acceptance!r}"))
+    if acceptance != "gsd" and gsd_given:
+        refused.append((gsd_given, f"for acceptance='gsd' only; this call has acceptance={acceptance!r}"))
+    if acceptance == "lantern" and lantern_delta is not None and lantern_lambda is not None:
+        raise GenerationConfigError(f"lantern_delta={lantern_delta!r} and lantern_lambda={lantern_lambda!r}: pass "
+                                    "one (delta: LANTERN's bound; lambda: LANTERN++'s)")
+    if refused:
+        names, why = refused[0]
+        given = ", ".join(f"{n}={v!r}" for n, v in names.items())
+        raise GenerationConfigError(f"{given}: not used by this call ({why}); leave it unset")
+
+
+def _class_labels(class_labels) -> torch.Tensor:
+    """An int or a 1-D sequence / tensor of ints -> (B,) long; anything else is refused by name (the range is the
+    target's to check)."""
+    def integer(v) -> bool:
+        return isinstance(v, Integral) and not isinstance(v, bool)
+
+    labels = [class_labels] if integer(class_labels) else class_labels
+    if isinstance(labels, torch.Tensor) or hasattr(labels, "__array__"):  # a tensor or a numpy array
+        labels = torch.as_tensor(labels)
+        labels = labels.reshape(1) if labels.dim() == 0 else labels
+        ok = labels.dim() == 1 and not (labels.is_floating_point() or labels.is_complex()
+                                         or labels.dtype == torch.bool)
+        values = labels.tolist() if ok else None
+    else:
+        values = list(labels) if isinstance(labels, (list, tuple, range)) else None
+        ok = values is not None and all(integer(v) for v in values)
+    if not ok or not values:
+        raise InvalidInputError(f"class_labels={class_labels!r}: must be an int or a non-empty 1-D list / tensor of "
+                                "int class ids (one per image)")
+    return torch.tensor(values, dtype=torch.long)
 
 
 def _progress(enabled: bool, total: int):

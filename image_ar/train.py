@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -114,7 +115,9 @@ def head_loss(head: ImageHead, tokens: torch.Tensor, feats: torch.Tensor, p: tor
     rows = torch.cat([tokens, tokens]) if guided else tokens  # (R, N)
     inputs = feats[:, :-1]  # (R, N - 1, D): pair j = (feature predicting token j, token j)
     if noise:  # EAGLE's feature noise against the drift of the head's own predictions while drafting
-        inputs = inputs + (torch.rand(inputs.shape, generator=generator, device=inputs.device) - 0.5) * 2 * noise
+        u = torch.rand(inputs.shape, generator=generator,  # drawn where the generator lives (a CPU one on CUDA)
+                       device=generator.device if generator is not None else inputs.device)
+        inputs = inputs + (u.to(inputs.device, inputs.dtype) - 0.5) * 2 * noise
     pos = cls + torch.arange(n_cells - 1, device=tokens.device)  # each pair at its token's position
     pred = head(rows[:, :-1].to(head.device), inputs, pos)  # (R, N - 1, D) ~ features[:, 1:]
     logits = head.logits(pred)  # (R, N - 1, V)
@@ -176,7 +179,9 @@ def _train(model, head, class_labels, tokens, samples, steps, lr, batch_size, gu
 
     cond, grids = dataset(model, class_labels, tokens, samples, guidance_scale, batch_size, gen, progress)
     head.train().requires_grad_(True)
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    # AdamW's default eps (1e-8) underflows to 0 in float16, and a parameter with no gradient yet divides 0 by 0
+    eps = 1e-4 if head.fc.weight.dtype == torch.float16 else 1e-8
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay, eps=eps)
     history: dict[str, list[float]] = {"loss": [], "feature_loss": [], "kl": []}
     order = torch.randperm(len(grids), generator=gen)
     cursor = 0
@@ -232,8 +237,8 @@ def dataset(model: LlamaGen, class_labels, tokens, samples: int, guidance_scale:
     return cond, grids.long().cpu()
 
 
-def main(argv: Sequence[str] | None = None, prog: str = "python -m image_ar.train") -> int:
-    """Train an ImageHead drafter on grids the target generates itself, and save it (config.json + safetensors)."""
+def build_parser(prog: str = "python -m image_ar.train") -> argparse.ArgumentParser:
+    """The options of `mmspec train-image-head` (and ``python -m image_ar.train``)."""
     ap = argparse.ArgumentParser(prog=prog, description=main.__doc__)
     ap.add_argument("--target", required=True, help="LlamaGen checkpoint (save_pretrained directory or reference file)")
     ap.add_argument("--out", required=True, help="directory to write the head to (config.json + model.safetensors)")
@@ -247,15 +252,50 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m image_ar.trai
                     help="weight of the distribution term (EAGLE: 0.1); --ce-weight is its old name")
     ap.add_argument("--noise", type=float, default=0.0, help="uniform noise half-width on the input features")
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    target = LlamaGen.from_pretrained(args.target)
+    ap.add_argument("--device", default="cpu", help="where the target and the head run: cpu, cuda, cuda:1, ...")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                    help="dtype of the target's weights and of the head trained on it (default float32)")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "python -m image_ar.train") -> int:
+    """Train an ImageHead drafter on grids the target generates itself, and save it (config.json + safetensors)."""
+    from mmspec.checks import check_device, check_local_path, check_seed
+
+    args = build_parser(prog).parse_args(argv)
+    # everything known up front, before the target loads or a grid is sampled
+    check_device(args.device)
+    check_seed(args.seed, "--seed")
+    check_local_path(args.target, "--target")
+    out = _check_out_dir(args.out)
+    target = LlamaGen.from_pretrained(args.target, dtype=getattr(torch, args.dtype)).to(args.device)
     head = ImageHead(target, n_layer=args.n_layer)
     hist = train_head(target, head, samples=args.samples, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                      guidance_scale=args.guidance_scale, w_cls=args.w_cls, noise=args.noise, seed=args.seed)
-    head.save_pretrained(args.out)
+                      guidance_scale=args.guidance_scale, w_cls=args.w_cls, noise=args.noise, seed=args.seed,
+                      progress=not args.quiet)
+    head.save_pretrained(out)
     print(f"trained {args.steps} steps: loss {hist['loss'][0]:.4f} -> {hist['loss'][-1]:.4f}, "
           f"kl {hist['kl'][0]:.4f} -> {hist['kl'][-1]:.4f}; saved to {args.out}")
     return 0
+
+
+def _check_out_dir(out) -> Path:
+    """--out: a directory that exists or can be made, and can be written (checked before any training)."""
+    import os
+
+    path = Path(os.path.expanduser(str(out)))
+    if path.exists() and not path.is_dir():
+        raise InvalidInputError(f"--out {str(out)!r} is a file: give a directory for the head (config.json + "
+                                "model.safetensors)")
+    folder = path.absolute()
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise InvalidInputError(f"--out {str(out)!r}: {str(folder)!r} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InvalidInputError(f"--out {str(out)!r}: {str(folder)!r} is not writable")
+    return path
 
 
 if __name__ == "__main__":

@@ -38,11 +38,11 @@ T is the TV conditional on the drafted tokens. ``tv`` is None unless the kernel 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
+from mmspec.checks import check_number
 from mmspec.errors import DraftError, GenerationConfigError, InvalidInputError, NonFiniteLogitsError
 from mmspec.kernels import (Coin, Verdict, check_kernel_inputs, default_coin, finish_verdict, flip_coin, normalised,
                             walk_tree)
@@ -95,11 +95,10 @@ def tv_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def check_tv_budget(tv_budget) -> float | None:
+    """None, or a per-position TV budget in [0, 1] (0 = lossless; a TV distance is at most 1)."""
     if tv_budget is None:
         return None
-    if isinstance(tv_budget, bool) or not isinstance(tv_budget, (int, float)) or not math.isfinite(tv_budget) \
-            or tv_budget < 0:
-        raise GenerationConfigError(f"tv_budget={tv_budget!r} must be a finite number >= 0 (0 = lossless) or None")
+    check_number(tv_budget, "tv_budget", low=0, high=1)
     return float(tv_budget)
 
 
@@ -189,16 +188,21 @@ class Relaxation:
         return normalised((r - q).clamp_min(0.0), fallback=r)  # (V,) Leviathan's norm(max(0, r - q))
 
     def decision_output(self, r, q, m, ctx) -> torch.Tensor:
-        """(V,) exact distribution of the token emitted by one decision (x ~ q, then accept or reject)."""
+        """(V,) float64 exact distribution of the token emitted by one decision (x ~ q, then accept or reject).
+
+        Computed in float64 (1 - sum(m) and the residual's mass are differences of nearly equal sums), with the
+        fallback taken where ``reject`` (in r's own dtype) takes it."""
+        eps = torch.finfo(r.dtype).eps
+        r, q, m = r.double(), q.double(), m.double()
         rejected = (1.0 - m.sum()).clamp_min(0.0)
-        if self.residual == "deficit":
-            return m + rejected * normalised((r - m).clamp_min(0.0), fallback=r)
-        return m + rejected * normalised((r - q).clamp_min(0.0), fallback=r)
+        left = (r - (m if self.residual == "deficit" else q)).clamp_min(0.0)  # (V,) the residual before normalising
+        mass = float(left.sum())
+        return m + rejected * (left / mass if mass > eps else r)
 
     def decision_tv(self, r, q, m, ctx) -> float:
-        if self.residual == "deficit":
-            return float((m - r).clamp_min(0.0).sum())  # the formula is exact for this residual
-        return tv_distance(self.decision_output(r, q, m, ctx), r)
+        if self.residual == "deficit":  # the formula is exact for this residual
+            return float((m.double() - r.double()).clamp_min(0.0).sum())
+        return tv_distance(self.decision_output(r, q, m, ctx), r.double())
 
     # one decision ------------------------------------------------------------------------------------------------
     def decide(self, r, q, x, budget, need_vectors):

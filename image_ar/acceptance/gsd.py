@@ -178,4 +178,4 @@ def gsd_output_distribution(p: torch.Tensor, q: torch.Tensor, *, rank_window: in
                    embeddings=embeddings)  # checks the arguments
     rule = _GSD(rank_window, prob_threshold, embed_threshold, embeddings, residual, None, False)
     m, _ = rule.mass(p, q, rank_window)
-    return rule.decision_output(p, q, m, None)
+    return rule.decision_output(p, q, m, None).to(p.dtype)

@@ -6,13 +6,13 @@ select_rows) of a generator whose every forward runs each request's conditional 
 """
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from typing import Sequence
 
 import torch
 
-from mmspec.errors import ContextOverflowError, EmptyPromptError, GenerationConfigError, InvalidInputError
+from mmspec.checks import check_number
+from mmspec.errors import ContextOverflowError, EmptyPromptError, InvalidInputError
 from mmspec.guidance import both_halves, double_rows, pair_halves, per_row
 from mmspec.request import Request
 from mmspec.state import take_rows
@@ -44,8 +44,8 @@ def as_token_ids(value, what: str, vocab: int) -> list[int]:
 
 
 def check_guidance_scale(scale) -> float:
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise GenerationConfigError(f"guidance_scale={scale!r}: must be a finite number (1.0 = no guidance)")
+    """A CFG scale: a finite number >= 0 (1.0 = no guidance, 0 = the unconditional model)."""
+    check_number(scale, "guidance_scale", low=0)
     return float(scale)
 
 

@@ -272,7 +272,7 @@ def test_bad_arguments():
         (dict(delta=0.1, k=-1), r"k=-1 .*\[0, 4\]"),
         (dict(delta=0.1, k=5), r"k=5 .*\[0, 4\]"),
         (dict(delta=0.1, residual="nope"), "residual='nope'"),
-        (dict(delta=0.1, tv_budget=-1.0), r"tv_budget=-1.0 .*>= 0"),
+        (dict(delta=0.1, tv_budget=-1.0), r"tv_budget=-1.0: .*\[0, 1\]"),
         (dict(delta=0.1, tv_budget=0.1, residual="lantern"), "deficit"),
     ):
         with pytest.raises(GenerationConfigError, match=match):
