@@ -62,3 +62,62 @@ def write_checkpoint(directory, kind: str, config: dict, tensors: dict, *, confi
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(out / weights_name))
     (out / config_name).write_text(json.dumps({"kind": kind, **config}, indent=2))
     return out
+
+
+def load_pretrained(loader, path, what: str, **kwargs):
+    """`loader.from_pretrained(path, **kwargs)` (a transformers Auto class, a model or processor class) with every
+    loader failure as a CheckpointError that names the file at fault and never advises unpickling: a path-like
+    `path` that does not exist fails first, without asking the hub (`mmspec.checks.check_local_path`); a pickled
+    ``pytorch_model.bin`` torch refuses to unpickle, a truncated or corrupt safetensors file, a config.json with
+    wrong field types, a missing file or an unreachable hub id each get their own message. `what` names the
+    argument in the message ("--target", "drafter", ...)."""
+    import pickle
+
+    from .checks import check_local_path, is_path_like
+    from .errors import MMSpecError
+
+    check_local_path(path, what)
+    try:
+        return loader.from_pretrained(path, **kwargs)
+    except MMSpecError:
+        raise
+    except pickle.UnpicklingError:  # torch's message suggests weights_only=False: never repeat that advice
+        files = sorted(Path(path).glob("*.bin")) if Path(path).is_dir() else [Path(path)]
+        name = ", ".join(repr(str(f)) for f in files) or repr(str(path))
+        raise CheckpointError(f"{what} {str(path)!r}: {name} is a pickled checkpoint that could not be loaded "
+                              "safely (it holds objects other than tensors, which are not unpickled); re-save the "
+                              "model with save_pretrained (safetensors) from a source you trust") from None
+    except Exception as e:  # noqa: BLE001 - every loader failure is reported as a checkpoint problem, typed
+        if type(e).__name__ == "SafetensorError" or "safetensors" in type(e).__module__:
+            bad = _bad_safetensors(path)
+            raise CheckpointError(f"{what} {str(path)!r}: {bad or 'a safetensors file'} is not a readable "
+                                  f"safetensors file ({e}); the checkpoint is truncated or corrupt") from None
+        if type(e).__name__.startswith("StrictDataclass") or (isinstance(e, (TypeError, ValueError)) and
+                                                               "config" in str(e).lower() and _has_config(path)):
+            raise CheckpointError(f"{what} {str(path)!r}: {str(Path(path) / CONFIG_NAME)!r} is invalid "
+                                  f"({' '.join(str(e).split())})") from None
+        if not isinstance(e, (OSError, ValueError, KeyError, TypeError, RuntimeError, ImportError)):
+            raise
+        where = ("a local model directory with config.json and weights" if is_path_like(path)
+                 else "a local model directory, or a hub id reachable from this machine")
+        raise CheckpointError(f"{what} {str(path)!r} could not be loaded by {getattr(loader, '__name__', loader)} "
+                              f"({type(e).__name__}: {' '.join(str(e).split())}); pass {where}") from e
+
+
+def _has_config(path) -> bool:
+    return (Path(path) / CONFIG_NAME).is_file()
+
+
+def _bad_safetensors(path) -> str | None:
+    """The first safetensors file under `path` whose header or data cannot be read (quoted), or None."""
+    from safetensors import safe_open
+
+    p = Path(path)
+    for f in sorted(p.glob("*.safetensors")) if p.is_dir() else [p]:
+        try:
+            with safe_open(str(f), "pt") as h:
+                for k in h.keys():
+                    h.get_slice(k)
+        except Exception:  # noqa: BLE001 - any failure marks the file
+            return repr(str(f))
+    return None

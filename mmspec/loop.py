@@ -21,6 +21,7 @@ from .drafters.base import DraftContext, DrafterCounters, RowUpdate
 from .inference import inference
 from .errors import (ContextOverflowError, DeviceMismatchError, DraftError, EmptyPromptError, GenerationConfigError,
                      InvalidInputError, UnsupportedModelError)
+from .checks import check_max_new_tokens, check_sampling, check_seed, check_tree
 from .compile import bucket, resolve_compile
 from .flat_acceptance import accept_chains, draw_coins, draw_from_cdf
 from .kernels import Verdict, accept_greedy, greedy_walk, select_kernel
@@ -158,6 +159,39 @@ def static_reserve(max_new: int, drafter, batch: int = 1) -> int:
     return max_new - 1 + extra + (max_new - 1 if batch > 1 else 0)
 
 
+DRAFTER_METHODS = ("check_target", "begin", "propose", "commit", "select_rows")  # the Drafter protocol
+
+
+def check_drafter(drafter, name: str = "drafter", names: str = "'ngram'") -> None:
+    """None, a name in `names` (checked by the caller), a torch model or a Drafter-protocol object; anything else is
+    an InvalidInputError naming the value, raised before any model is touched."""
+    if drafter is None or isinstance(drafter, torch.nn.Module):
+        return
+    if isinstance(drafter, str):
+        if drafter != "ngram":
+            raise InvalidInputError(f"{name}={drafter!r}: expected None, {names}, a model or a Drafter")
+        return
+    missing = [m for m in DRAFTER_METHODS if not callable(getattr(drafter, m, None))]
+    if missing:
+        raise InvalidInputError(f"{name}={drafter!r} (a {type(drafter).__name__}) is not a drafter: expected None, "
+                                f"{names}, a torch model or an object with the Drafter methods "
+                                f"({', '.join(DRAFTER_METHODS)}); it lacks {', '.join(missing)}")
+
+
+def ngram_drafter(tree):
+    """The n-gram drafter for `tree`: it drafts chains, so a chain (an int or a chain-shaped StaticTree) is its
+    length; a branching or dynamic tree is refused rather than silently turned into a chain."""
+    from .drafters import NGramDrafter
+    from .tree import StaticTree
+
+    if isinstance(tree, StaticTree) and tree.is_chain:
+        return NGramDrafter(k=tree.depth)
+    if not isinstance(tree, int):
+        raise InvalidInputError(f"tree={tree!r}: the n-gram drafter drafts chains only; pass an int (the chain "
+                                "length), or a model / feature drafter for a tree")
+    return NGramDrafter(k=tree)
+
+
 DEFAULT = object()  # stream(acceptance=...) not given: the decoder's rule
 _OWNERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # component -> the stream whose state it holds
 
@@ -208,22 +242,22 @@ class SpeculativeDecoder:
 
     def __init__(self, target, drafter=None, *, tree=4, acceptance: str | None = None, cache: str = "dynamic",
                  batched_acceptance: bool | None = None, compile: bool | None = None):
-        from .drafters import ModelDrafter, NGramDrafter
+        from .drafters import ModelDrafter
 
+        check_tree(tree)
+        check_drafter(drafter)
+        if acceptance is not None:
+            select_kernel(False, False, acceptance)  # validate the name before anything is built
+        if isinstance(drafter, str):
+            drafter = ngram_drafter(tree)
         self.target = target if hasattr(target, "verify") else CausalLMTarget(target, cache=cache)
         if drafter is None:
             drafter = NoDrafter()
-        elif isinstance(drafter, str):
-            if drafter != "ngram":
-                raise InvalidInputError(f"drafter={drafter!r}: expected None, 'ngram', a model or a Drafter")
-            drafter = NGramDrafter(k=tree if isinstance(tree, int) else 4)
         elif isinstance(drafter, torch.nn.Module):
             drafter = ModelDrafter(drafter, tree)
         drafter.check_target(self.target)
         self.drafter = drafter
         self.acceptance = acceptance
-        if acceptance is not None:
-            select_kernel(False, False, acceptance)  # validate the name now
         if batched_acceptance is not None and not isinstance(batched_acceptance, bool):
             raise InvalidInputError(f"batched_acceptance={batched_acceptance!r}: expected True, False or None (auto)")
         self.batched_acceptance = (torch.device(self.target.device).type != "cpu" if batched_acceptance is None
@@ -245,8 +279,9 @@ class SpeculativeDecoder:
         acceptance: the rule for this stream (None = the lossless rule for the sampling mode; default: the
         decoder's). Streams on one decoder may be read interleaved: each owns the state it leaves in the target and
         drafter (`mmspec.state`)."""
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-            raise GenerationConfigError(f"max_new_tokens={max_new_tokens!r}: must be an int >= 1")
+        check_max_new_tokens(max_new_tokens)
+        check_sampling(temperature, top_k, top_p, repetition_penalty)
+        check_seed(seed)
         requests = as_loop_requests(input_ids)
         prompts = [r.prompt for r in requests]
         vocab = self.target.vocab_size

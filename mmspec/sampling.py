@@ -17,6 +17,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from .checks import check_sampling, check_seed
 from .errors import GenerationConfigError, NonFiniteLogitsError
 
 
@@ -35,15 +36,7 @@ class SamplingSpec:
     repetition_penalty: float = 1.0
 
     def __post_init__(self):
-        if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
-            raise GenerationConfigError(f"temperature={self.temperature!r}: must be a number >= 0 (0 = greedy)")
-        if not (isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and self.top_k >= 0):
-            raise GenerationConfigError(f"top_k={self.top_k!r}: must be an int >= 0 (0 = off)")
-        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
-            raise GenerationConfigError(f"top_p={self.top_p!r}: must be in (0, 1] (1.0 = off)")
-        if not (isinstance(self.repetition_penalty, (int, float)) and self.repetition_penalty > 0):
-            raise GenerationConfigError(
-                f"repetition_penalty={self.repetition_penalty!r}: must be > 0 (1.0 = off)")
+        check_sampling(self.temperature, self.top_k, self.top_p, self.repetition_penalty)  # one rule everywhere
 
     @property
     def greedy(self) -> bool:
@@ -115,8 +108,7 @@ def make_generators(seed: int | None, n: int, device: torch.device | str = "cpu"
     Passing both is an error."""
     if generator is not None and seed is not None:
         raise GenerationConfigError("pass generator= or seed=, not both")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise GenerationConfigError(f"seed={seed!r}: must be an int (or None for fresh randomness)")
+    check_seed(seed)
     dev = torch.device(device)
     dev = dev if dev.type != "meta" else torch.device("cpu")
     if isinstance(generator, (list, tuple)):

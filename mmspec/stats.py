@@ -202,10 +202,13 @@ class GenerationStats:
         return d
 
     def summary(self) -> str:
+        """One line: tokens, rule, tau (tokens per request per verification forward) split into accepted drafts and
+        the target's own token, acceptance by depth, forwards and the time split."""
         alpha = " ".join(f"{a:.2f}" for a in self.alpha[:8]) or "-"
         kind = "lossless" if self.lossless else "LOSSY: output distribution differs from the target's"
         return (f"{self.new_tokens} tokens, {self.requests} request(s) | acceptance={self.acceptance or 'none'} ({kind}) | "
-                f"tau={self.tau:.2f} (tau-1={self.tau_minus_1:.2f}) | alpha by depth: {alpha} | "
+                f"tau={self.tau:.2f} tokens per verification step (tau-1={self.tau_minus_1:.2f} of them accepted "
+                f"draft tokens, the rest from the target) | acceptance rate by draft depth: {alpha} | "
                 f"target fwd={self.target_forwards} drafter fwd={self.drafter_forwards} | "
                 f"time {self.time_total * 1e3:.0f} ms (prefill {self.time_prefill * 1e3:.0f}, "
                 f"draft {self.time_draft * 1e3:.0f}, verify {self.time_verify * 1e3:.0f}, "

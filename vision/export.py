@@ -259,11 +259,14 @@ def cmd_export_drafter(args) -> int:
     """``mmspec export-drafter HEAD --format speculators|sglang --out DIR [--target T]``."""
     import sys
 
+    from mmspec.checks import check_local_path
     from vision.drafters import load_feature_drafter
 
     if args.format not in FORMATS:
         raise InvalidInputError(f"--format {args.format!r}: valid formats are {FORMATS}")
     head_dir = Path(args.head)
+    if args.target is not None:
+        check_local_path(args.target, "--target")  # before anything loads; never a hub lookup
     if not (head_dir / "config.json").is_file():
         raise CheckpointError(f"{str(head_dir)!r} holds no drafter (no config.json); pass the --out directory of "
                               "mmspec train-drafter")
@@ -288,10 +291,8 @@ def _load_target(path, trust_remote_code: bool = False) -> nn.Module:
     """The target by path or id: a VLM (AutoModelForImageTextToText), else a causal LM."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
-    try:
-        cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        cls = AutoModelForImageTextToText if hasattr(cfg, "vision_config") else AutoModelForCausalLM
-        return cls.from_pretrained(path, trust_remote_code=trust_remote_code).eval()
-    except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"--target {str(path)!r} could not be loaded ({type(e).__name__}: {e}); pass a local "
-                              "model directory") from e
+    from mmspec.checkpoint import load_pretrained
+
+    cfg = load_pretrained(AutoConfig, path, "--target", trust_remote_code=trust_remote_code)
+    cls = AutoModelForImageTextToText if hasattr(cfg, "vision_config") else AutoModelForCausalLM
+    return load_pretrained(cls, path, "--target", trust_remote_code=trust_remote_code).eval()

@@ -19,9 +19,11 @@ from typing import Iterator
 
 import torch
 
-from mmspec.drafters import ModelDrafter, NGramDrafter
-from mmspec.errors import CheckpointError, InvalidInputError, MMSpecError, TokenizerMismatchError
-from mmspec.loop import NoDrafter, SpeculativeDecoder
+from mmspec.checkpoint import load_pretrained
+from mmspec.checks import check_local_path, check_max_new_tokens, check_sampling, check_seed, check_tree
+from mmspec.drafters import ModelDrafter
+from mmspec.errors import InvalidInputError, TokenizerMismatchError
+from mmspec.loop import NoDrafter, SpeculativeDecoder, check_drafter, ngram_drafter
 from mmspec.request import Request
 from mmspec.stats import GenerationStats
 
@@ -66,6 +68,22 @@ def check_same_tokenizer(target_tok, drafter_tok) -> None:
                                      "drafter with the target's tokenizer, or drafter='ngram'")
 
 
+DRAFTER_NAMES = ("ngram", "mtp", "assistant")
+
+
+def check_construction(drafter, tree, acceptance) -> None:
+    """The drafter's type, the tree and the acceptance rule, before any model is loaded or wrapped."""
+    from mmspec.kernels import select_kernel
+
+    check_tree(tree)
+    if drafter == "ngram":
+        ngram_drafter(tree)  # refuses a tree the n-gram drafter cannot draft
+    if not (isinstance(drafter, str) and drafter in DRAFTER_NAMES):
+        check_drafter(drafter, names="'ngram', 'mtp', 'assistant' (from_pretrained: also a path or hub id)")
+    if acceptance is not None:
+        select_kernel(False, False, acceptance)
+
+
 class SpeculativeVLM:
     """A VLM target, its processor and a drafter, composed (diffusers-style: components passed in).
 
@@ -74,6 +92,7 @@ class SpeculativeVLM:
 
     def __init__(self, target, processor, drafter=None, *, tree=4, acceptance: str | None = None,
                  drafter_processor=None, drafter_tokenizer=None, compile: bool | None = None):
+        check_construction(drafter, tree, acceptance)
         self.model, self.processor = target, processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.target = VLMTarget(target)
@@ -99,10 +118,7 @@ class SpeculativeVLM:
                 from .drafters import AssistantDrafter
 
                 return AssistantDrafter(load_drafter(drafter, self.model)[0], tree)
-            if drafter != "ngram":
-                raise InvalidInputError(f"drafter={drafter!r}: pass None, 'ngram', 'mtp', 'assistant', a model or a "
-                                        "Drafter (use SpeculativeVLM.from_pretrained to load a drafter from a path)")
-            return NGramDrafter(k=tree if isinstance(tree, int) else 4)
+            return ngram_drafter(tree)
         if not isinstance(drafter, torch.nn.Module):
             return drafter  # a Drafter protocol object (feature-level drafters, user plug-ins)
         if is_assistant(drafter):  # Gemma 4's assistant: reads the target's own KV cache
@@ -138,6 +154,11 @@ class SpeculativeVLM:
         from .zoo import resolve
 
         dtype = renamed("dtype", dtype, "torch_dtype", torch_dtype)
+        check_construction(drafter if not isinstance(drafter, (str, Path)) or drafter in DRAFTER_NAMES else None,
+                           tree, acceptance)
+        check_local_path(target, "target")  # both paths before any loading, and never sent to the hub
+        if isinstance(drafter, (str, Path)) and drafter not in DRAFTER_NAMES:
+            check_local_path(drafter, "drafter")
         target = resolve(target)
         kw = dict(trust_remote_code=trust_remote_code)
         mkw = dict(kw, dtype=dtype, device_map=device_map, **model_kwargs)
@@ -174,6 +195,10 @@ class SpeculativeVLM:
 
     def _stream(self, rows, session=None, *, max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0,
                 repetition_penalty=1.0, seed=None, eos_token_id=None, generator=None):
+        # the settings first (the engine's own rules): nothing is loaded or processed for a call that would fail
+        check_max_new_tokens(max_new_tokens)
+        check_sampling(temperature, top_k, top_p, repetition_penalty)
+        check_seed(seed)
         requests = self._prepare(rows, session)
         return self.decoder.stream(requests, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                    top_p=top_p, repetition_penalty=repetition_penalty,
@@ -187,8 +212,11 @@ class SpeculativeVLM:
         return self._output(stream.output)
 
     def stream(self, images=None, prompt=None, messages=None, **kwargs) -> Iterator[str]:
-        """Yield the answer's text piece by piece (one request); `.last_output` holds ids and stats afterwards."""
+        """Yield the answer's text piece by piece (one request). `.last_output` is None from the first piece on and
+        holds the answer's ids and stats once the stream is exhausted; a stream closed or failed early leaves it None
+        (the partial answer has no final stats)."""
         stream = self._stream(batch_args(images, prompt, messages)[:1], **kwargs)
+        self.last_output = None
         yield from self._text_pieces(stream)
         self.last_output = self._output(stream.output)
 
@@ -221,15 +249,15 @@ class ChatSession:
     generation_kwargs: dict = field(default_factory=dict)
     messages: list[dict] = field(default_factory=list)
     images: list = field(default_factory=list)
-    last_output: VLMOutput | None = None
+    last_output: VLMOutput | None = None  # the last completed turn's output (None while a turn streams)
 
     def __post_init__(self):
         if self.system:
             self.messages.append({"role": "system", "content": [{"type": "text", "text": self.system}]})
 
     def _turn(self, text: str, images) -> tuple[list[dict], list]:
-        if not isinstance(text, str) or not text:
-            raise InvalidInputError("a chat message must be a non-empty string")
+        if not isinstance(text, str) or not text.strip():
+            raise InvalidInputError(f"text={text!r}: a chat message must be a non-empty string")
         new = [] if images is None else (list(images) if isinstance(images, (list, tuple)) else [images])
         content = [{"type": "image"}] * len(new) + [{"type": "text", "text": text}]
         return self.messages + [{"role": "user", "content": content}], self.images + new
@@ -237,6 +265,7 @@ class ChatSession:
     def stream(self, text: str, images=None, **kwargs) -> Iterator[str]:
         messages, images_all = self._turn(text, images)
         kw = {**self.generation_kwargs, **kwargs}
+        self.last_output = None
         try:
             stream = self.svlm._stream([{"messages": messages, "images": images_all}], session=self, **kw)
             pieces = []
@@ -281,6 +310,7 @@ def load_drafter(drafter, target, *, tree=4, trust_remote_code: bool = False, dt
     if not isinstance(drafter, (str, Path)) or drafter in ("ngram", "mtp"):
         return drafter, {}  # (SpeculativeVLM makes these from the target)
     drafter = str(drafter)
+    check_local_path(drafter, "drafter")  # a missing local path is never sent to the hub
     if feature_drafter_kind(drafter):
         return load_feature_drafter(drafter, target, tree), {}
     kw = dict(trust_remote_code=trust_remote_code)
@@ -314,10 +344,5 @@ def is_assistant(model) -> bool:
 
 
 def _load(loader, path: str, what: str, **kw):
-    try:
-        return loader.from_pretrained(path, **kw)
-    except (OSError, ValueError, KeyError) as e:
-        if isinstance(e, MMSpecError):
-            raise
-        raise CheckpointError(f"{what} {path!r} could not be loaded by {loader.__name__} ({type(e).__name__}: {e}); "
-                              "pass a local model directory or a hub id reachable from this machine") from e
+    """`loader.from_pretrained(path)` with every failure a CheckpointError naming the file (mmspec.checkpoint)."""
+    return load_pretrained(loader, path, what, **kw)

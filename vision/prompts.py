@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import torch
 
-from mmspec.errors import ImageCountError, InvalidInputError
+from mmspec.errors import ImageCountError, ImageError, InvalidInputError
 
 from .images import load_images
 from .target import VLMRequest
@@ -93,7 +93,13 @@ def build_request(processor, *, images=None, prompt: str | None = None, messages
         pil = load_images(imgs)
         msgs = None
         tok = image_token(processor)
-        if has_chat_template(processor) and not (tok and tok in prompt):
+        rendered = has_chat_template(processor) and not (tok and tok in prompt) and is_rendered(processor, prompt)
+        if rendered and pil:
+            raise ImageCountError(
+                f"prompt={_short(prompt)}: it is already rendered by the chat template but has no image placeholder "
+                f"for the {len(pil)} image(s); pass the plain question as prompt= (it is templated for you), or "
+                f"put {tok!r} where each image goes in the rendered prompt, or pass messages=[...]")
+        if has_chat_template(processor) and not (tok and tok in prompt) and not rendered:
             msgs = [user_turn(prompt, len(pil))]
             text = render(processor, msgs)
         else:
@@ -102,15 +108,74 @@ def build_request(processor, *, images=None, prompt: str | None = None, messages
                 raise ImageCountError(f"the prompt has {n} {tok!r} placeholder(s) but {len(pil)} image(s) were "
                                       "given; pass one image per placeholder")
             text = (tok * len(pil) if (tok and not n) else "") + prompt
-    return process(processor, text, pil), msgs, text
+    names = [_image_name(i, spec) for i, spec in enumerate(ordered if messages is not None else imgs)]
+    return process(processor, text, pil, names), msgs, text
 
 
-def process(processor, text: str, images: list) -> VLMRequest:
-    """Run the processor for one row; its errors about images vs placeholders become ImageCountError."""
+SENTINEL = "\x00mmspec-question\x00"
+
+
+def is_rendered(processor, prompt: str) -> bool:
+    """Whether `prompt` was already run through the processor's chat template: it holds a special token the template
+    writes around a question (``<|im_start|>``, ``<start_of_turn>``, ...), or ends with the template's generation
+    prompt (``ASSISTANT:``). Templating it again would nest one conversation inside another."""
+    try:
+        probe = render(processor, [user_turn(SENTINEL, 0)])
+    except Exception:  # noqa: BLE001 - a template that cannot render a plain turn: nothing to compare against
+        return False
+    if SENTINEL not in probe:
+        return False
+    before, after = probe.split(SENTINEL, 1)
+    tok = getattr(processor, "tokenizer", processor)
+    specials = set(getattr(tok, "all_special_tokens", []) or []) | set(getattr(tok, "added_tokens_encoder", {}) or {})
+    markers = {t for t in specials if t and len(t) > 1 and t in before + after and t != image_token(processor)}
+    if any(m in prompt for m in markers):
+        return True
+    tail = after.strip()
+    return bool(tail) and len(tail) > 2 and prompt.rstrip().endswith(tail)
+
+
+def _short(text: str, n: int = 60) -> str:
+    return repr(text if len(text) <= n else text[: n - 3] + "...")
+
+
+def _image_name(i: int, spec) -> str:
+    """How an error names image i: its path, or its size and type for an in-memory image."""
+    from pathlib import Path
+
+    if isinstance(spec, (str, Path)):
+        return f"images[{i}] ({str(spec)!r})"
+    size = getattr(spec, "size", None)
+    if isinstance(size, tuple) and len(size) == 2:
+        return f"images[{i}] ({size[0]}x{size[1]} {type(spec).__name__})"
+    shape = tuple(getattr(spec, "shape", ()) or ())
+    return f"images[{i}] ({type(spec).__name__}{' ' + str(shape) if shape else ''})"
+
+
+def _culprit(processor, images: list, names: list[str] | None) -> str | None:
+    """Which image the processor's image part rejects on its own (the first), named; None if none does alone."""
+    ip = getattr(processor, "image_processor", None)
+    if ip is None or not images:
+        return None
+    for i, img in enumerate(images):
+        try:
+            ip(images=[img], return_tensors="pt")
+        except Exception:  # noqa: BLE001 - any failure singles the image out
+            return names[i] if names and i < len(names) else f"images[{i}]"
+    return None
+
+
+def process(processor, text: str, images: list, names: list[str] | None = None) -> VLMRequest:
+    """Run the processor for one row; its errors about images vs placeholders become ImageCountError, an image it
+    rejects (an extreme aspect ratio, a size it cannot resize) an ImageError naming the image."""
     try:
         out = processor(images=images or None, text=[text], return_tensors="pt")
-    except (ValueError, IndexError, RuntimeError) as e:
+    except (ValueError, IndexError, RuntimeError, TypeError) as e:
         msg = str(e)
+        culprit = _culprit(processor, images, names)
+        if culprit is not None:
+            raise ImageError(f"{culprit}: the processor cannot use this image ({' '.join(msg.split())}); resize "
+                             "or crop it to a usual shape") from e
         if "image" in msg.lower() or "token" in msg.lower():
             raise ImageCountError(f"the processor rejected {len(images)} image(s) for this prompt: {msg}") from e
         raise InvalidInputError(f"the processor rejected the input: {msg}") from e

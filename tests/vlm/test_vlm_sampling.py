@@ -2,22 +2,29 @@
 
 The reference is the exact joint distribution of the first LENGTH tokens, enumerated with the target itself on the
 processor's inputs; the test is a chi-square goodness-of-fit at alpha = 1e-4 (tests/stats_tools.py). A drafter that
-is a noisy copy of the target makes both acceptance and rejection (residual sampling) frequent.
+is a noisy copy of the target makes both acceptance and rejection (residual sampling) frequent. LENGTH = 4: the
+prefill gives token 1, so the first verification step drafts depth 2 (tokens 2 and 3, the bonus or residual token
+4), and the accept and residual paths at depth 2 are both exercised and counted.
 """
 from __future__ import annotations
+
+import copy
+import inspect
 
 import pytest
 import torch
 
 from conftest import DEVICE
+from mmspec.compat import cache_kwargs, output_cache
 from mmspec.sampling import SamplingSpec
 from mmspec.tree import DynamicTree, StaticTree
 from stats_tools import chi_square
 from vision import SpeculativeVLM
 from vision.prompts import build_request
-from vlm_cases import extend_inputs, family, image, near_oracle, noisy_vlm, on_device
+from vision.target import rope_index_fn
+from vlm_cases import family, image, near_oracle, noisy_vlm, on_device
 
-LENGTH = 3
+LENGTH = 4
 N = 1500
 SPEC = dict(temperature=1.0, top_k=3, top_p=0.95)
 PROMPT = "describe the image"
@@ -25,16 +32,32 @@ PROMPT = "describe the image"
 
 @torch.no_grad()
 def exact_joint(name: str, img, t=None) -> dict[tuple[int, ...], float]:
+    """Target-only P(first LENGTH tokens): the prompt (with its image) prefilled once, each continuation fed as text
+    over a copy of that cache at the text positions after the prompt (M-RoPE: next_pos = len + rope delta), as
+    `generate` does; a continuation may hold an image-placeholder id, which is then just a token."""
     t = t or family(name)
     req, _, _ = build_request(t.processor, images=[img], prompt=PROMPT)
+    dev, n = t.model.device, len(req.input_ids)
+    ids = torch.tensor([req.input_ids], device=dev)
+    pre = t.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **on_device(req.inputs))
+    rope, start = rope_index_fn(t.model), n
+    if rope is not None:
+        params = inspect.signature(rope).parameters
+        kw = {k: v.to(dev) for k, v in req.inputs.items() if k in params and torch.is_tensor(v)}
+        start = n + int(rope(ids, attention_mask=torch.ones_like(ids), **kw)[1].reshape(-1)[0])
     spec, joint = SamplingSpec(**SPEC), {(): 1.0}
     for _ in range(LENGTH):
         nxt = {}
         for seq, pr in joint.items():
-            ids = torch.tensor([req.input_ids + list(seq)], device=t.model.device)
-            extra = on_device(extend_inputs(req.inputs, len(req.input_ids), len(seq)))
-            logits = t.model(input_ids=ids, attention_mask=torch.ones_like(ids), **extra).logits[0, -1].double().cpu()
-            p = spec.probs(logits)
+            if seq:
+                pos = torch.arange(start, start + len(seq), device=dev)[None]  # (1, L)
+                pos = pos.expand(3, 1, len(seq)) if rope is not None else pos  # (3, 1, L) for M-RoPE
+                cache = copy.deepcopy(output_cache(pre))
+                out = t.model(input_ids=torch.tensor([seq], device=dev), **cache_kwargs(t.model, cache), attention_mask=torch.ones(1, n + len(seq), dtype=torch.long, device=dev),
+                    position_ids=pos, use_cache=True)
+            else:
+                out = pre
+            p = spec.probs(out.logits[0, -1].double().cpu())
             for tok in p.nonzero().flatten().tolist():
                 nxt[seq + (tok,)] = pr * float(p[tok])
         joint = nxt
@@ -56,15 +79,18 @@ def test_vlm_sampling_matches_target(config):
     joint = exact_joint(name, img)
     t = family(name)
     svlm = SpeculativeVLM(t.model, t.processor, noisy_vlm(name), tree=tree)
-    samples, accepted, drafted = [], 0, 0
+    samples, accepted, drafted, deep_tries, deep_accepts = [], 0, 0, 0, 0
     for start in range(0, N, 250):
         out = svlm.generate(prompt=[PROMPT] * 250, images=[[img]] * 250, max_new_tokens=LENGTH, seed=start, **SPEC)
         samples.extend(tuple(s) for s in out.sequences)
         accepted, drafted = accepted + out.stats.accepted_tokens, drafted + out.stats.draft_tokens
+        deep_tries += sum(out.stats.depth_tries[1:])  # steps whose path reached depth 1 with a node at depth 2
+        deep_accepts += sum(out.stats.depth_accepts[1:])
     stat, threshold, outside = chi_square(samples, joint)
     assert outside == 0
     assert stat < threshold, (stat, threshold)
     assert 0 < accepted < drafted  # both the accept and the residual paths were exercised
+    assert 0 < deep_accepts < deep_tries  # ... at depth 2 too: accepted there, and rejected there (residual)
 
 
 def test_feature_drafter_with_attention_pruned_image_samples_the_target():

@@ -225,16 +225,15 @@ def load_target(args):
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from mmspec.errors import CheckpointError
+    from mmspec.checkpoint import load_pretrained
+    from mmspec.checks import check_device
 
+    check_device(args.device)
     dtype = getattr(torch, args.dtype)
     kw = dict(trust_remote_code=args.trust_remote_code)
-    try:
-        model = AutoModelForImageTextToText.from_pretrained(args.target, dtype=dtype, **kw).to(args.device).eval()
-        processor = AutoProcessor.from_pretrained(args.target, **kw)
-    except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"--target {args.target!r} could not be loaded as a VLM ({type(e).__name__}: {e}); "
-                              "pass a local model directory or a hub id reachable from this machine") from e
+    model = load_pretrained(AutoModelForImageTextToText, args.target, "--target", dtype=dtype, **kw)
+    model = model.to(args.device).eval()
+    processor = load_pretrained(AutoProcessor, args.target, "--target", **kw)
     return model, processor
 
 
