@@ -69,7 +69,7 @@ def run_continuous_benchmark(out_dir="bench_out/image_continuous", *, target=Non
     kw = dict(guidance_scale=guidance_scale, temperature=temperature)
     runs = [("plain AR (generate_continuous)", lambda ls, ss: _plain(target, ls, ss, kw))]
     for name, k, extra in METHODS:
-        pipe = SpeculativeImagePipeline(target, drafter=None if k is None else draft, tree=k or 4)
+        pipe = SpeculativeImagePipeline(target, drafter=None if k is None else draft, tree=k)
         runs.append((name, lambda ls, ss, p=pipe, e=extra: _pipe(p, e, ls, ss, kw)))
     for _, run in runs:  # warm-up, untimed
         run(labels[:1], [seed + 10**6])

@@ -144,6 +144,9 @@ class SpeculativeImagePipeline:
         if tree is not None and (isinstance(tree, bool) or not isinstance(tree, int) or tree < 1):
             raise InvalidInputError(f"tree={tree!r}: image drafters draft chains; pass the number of tokens drafted "
                                     "per step (an int >= 1)")
+        if tree is not None and drafter is None:  # (it would be ignored: target-only decoding drafts nothing)
+            raise InvalidInputError(f"tree={tree!r} without a drafter: target-only decoding drafts nothing; pass "
+                                    "drafter= (e.g. 'jacobi') or drop tree=")
         if isinstance(target, LlamaGen):  # LlamaGen's c2i default CFG scale when the model has a null class
             target = LlamaGenTarget(target, 4.0 if target.config.has_null_class else 1.0)
         elif isinstance(target, ContinuousAR):

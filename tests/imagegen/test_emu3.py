@@ -222,7 +222,7 @@ def test_bad_inputs(model, target):
 def test_pipeline_greedy_equals_generate_and_decodes(target, refs, drafter):
     from image_ar import SpeculativeImagePipeline
 
-    pipe = SpeculativeImagePipeline(target, drafter=drafter, tree=4)
+    pipe = SpeculativeImagePipeline(target, drafter=drafter, tree=4 if drafter else None)
     out = pipe(prompt=PROMPTS, guidance_scale=target.guidance_scale, temperature=0)
     assert out.tokens.tolist() == refs["batch"]
     assert len(out.images) == 2 and out.stats.tau >= 1.0

@@ -452,3 +452,11 @@ def test_docs_list_exactly_the_image_commands_options(capsys):
         text = capsys.readouterr().out
         assert opts <= set(re.findall(r"(?<![\w-])(--[a-z][\w-]*)", text))
     assert "cannot pass the grid" not in (ROOT / "docs" / "image_ar.md").read_text()
+
+
+def test_tree_without_a_drafter_is_refused_at_construction():
+    from image_ar import SpeculativeImagePipeline
+    from image_ar.testing import tiny_llamagen, tiny_vq
+
+    with pytest.raises(InvalidInputError, match="tree=4 without a drafter"):
+        SpeculativeImagePipeline(tiny_llamagen(), tiny_vq(), drafter=None, tree=4)
