@@ -142,6 +142,8 @@ def check_output_path(out) -> Path:
     companions (<out>.json, <out>.acceptance.png, <out>.tv.png) are not folders: checked before any work."""
     from PIL import Image
 
+    from mmspec.checks import check_writable
+
     text = str(out)
     path = Path(os.path.expanduser(text))
     example = "e.g. --out out.png"
@@ -155,13 +157,7 @@ def check_output_path(out) -> Path:
     if fmt is None or fmt not in Image.SAVE or not _can_write(fmt):
         raise InvalidInputError(f"--out {text!r}: {path.suffix!r} is not an image format PIL can write in RGB "
                                 "(use .png, .jpg, .webp, .bmp or .tiff)")
-    folder = path.absolute().parent
-    while not folder.exists():
-        folder = folder.parent
-    if not folder.is_dir():
-        raise InvalidInputError(f"--out {text!r}: {str(folder)!r} is a file, not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise InvalidInputError(f"--out {text!r}: {str(folder)!r} is not writable")
+    check_writable(text, file=True)
     for p in (path, path.with_suffix(".json"), path.with_suffix(".acceptance.png"), path.with_suffix(".tv.png")):
         if p.is_dir() or (p.exists() and not os.access(p, os.W_OK)):
             raise InvalidInputError(f"--out {text!r}: {str(p)!r} is {'a folder' if p.is_dir() else 'not writable'}")

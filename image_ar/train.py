@@ -288,13 +288,9 @@ def _check_out_dir(out) -> Path:
     if path.exists() and not path.is_dir():
         raise InvalidInputError(f"--out {str(out)!r} is a file: give a directory for the head (config.json + "
                                 "model.safetensors)")
-    folder = path.absolute()
-    while not folder.exists():
-        folder = folder.parent
-    if not folder.is_dir():
-        raise InvalidInputError(f"--out {str(out)!r}: {str(folder)!r} is a file, not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise InvalidInputError(f"--out {str(out)!r}: {str(folder)!r} is not writable")
+    from mmspec.checks import check_writable
+
+    check_writable(out)
     return path
 
 

@@ -126,3 +126,19 @@ def check_device(device, name: str = "--device") -> None:
                                     "device(s)")
     elif dev.type == "mps" and not torch.backends.mps.is_available():
         raise InvalidInputError(f"{name} {device!r}: MPS is not available on this machine; use --device cpu")
+
+
+def check_writable(path, flag: str = "--out", *, file: bool = False) -> None:
+    """`path` (a folder to be written, or with file=True a file) can be made: the nearest existing folder above it
+    (itself included for a folder) is a writable folder."""
+    import os
+    from pathlib import Path
+
+    folder = Path(os.path.expanduser(str(path))).absolute()
+    folder = folder.parent if file else folder
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise InvalidInputError(f"{flag} {str(path)!r}: {str(folder)!r} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InvalidInputError(f"{flag} {str(path)!r}: {str(folder)!r} is not writable")
