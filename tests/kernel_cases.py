@@ -6,6 +6,7 @@ from functools import lru_cache
 
 import torch
 
+from mmspec.testing import exact
 from mmspec.tree import Draft
 
 F64 = torch.float64
@@ -28,37 +29,15 @@ def synthetic(seed: int, vocab: int, prefix: tuple[int, ...] = (), zero_fraction
 
 def ancestors(parent, toks, i) -> tuple[int, ...]:
     """Tokens on the path from the root to node i (i included; () for i = -1)."""
-    out = []
-    while i >= 0:
-        out.append(toks[i])
-        i = parent[i]
-    return tuple(out[::-1])
+    return exact._ancestors(parent, toks, i)
 
 
 def sampled_drafts(Q, vocab: int, shape, siblings: str = "iid") -> list[tuple[Draft, float]]:
-    """Every draft the drafter Q can produce for `shape` (a StaticTree or a parent list), with its probability."""
-    parent = list(getattr(shape, "parent", shape))
-    out = []
-
-    def rec(i, toks, w):
-        if i == len(parent):
-            q = torch.stack([Q(ancestors(parent, toks, parent[j])) for j in range(len(parent))])
-            out.append((Draft(torch.tensor(toks, dtype=torch.long), torch.tensor(parent, dtype=torch.long), q,
-                              siblings), w))
-            return
-        q = Q(ancestors(parent, toks, parent[i])).clone()
-        if siblings == "without_replacement":
-            q[[toks[j] for j in range(i) if parent[j] == parent[i]]] = 0.0
-            q = q / q.sum()
-        for x in q.nonzero().flatten().tolist():
-            rec(i + 1, toks + [x], w * float(q[x]))
-
-    rec(0, [], 1.0)
+    """Every draft the drafter Q can produce for `shape` (a StaticTree or a parent list), with its probability
+    (`mmspec.testing.exact.sampled_drafts`)."""
+    out = exact.sampled_drafts(Q, shape, siblings)
     assert abs(sum(w for _, w in out) - 1.0) < 1e-12
     return out
 
 
-def target_rows(P, draft: Draft) -> torch.Tensor:
-    """(N + 1, V): P at the root, then P after each node."""
-    toks, parent = draft.token_list, draft.parent_list
-    return torch.stack([P(())] + [P(ancestors(parent, toks, i)) for i in range(len(draft))])
+target_rows = exact.target_rows  # (N + 1, V): P at the root, then P after each node

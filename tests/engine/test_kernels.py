@@ -26,6 +26,7 @@ from mmspec.kernels import (
     typical,
 )
 from mmspec.testing.enumerate import enumerate_verdicts
+from mmspec.testing import exact
 from kernel_cases import ancestors, sampled_drafts, synthetic, target_rows
 from mmspec.tree import Draft, StaticTree
 
@@ -99,16 +100,7 @@ def emitted_mass(kernel, P, weighted_drafts):
     return acc
 
 
-def extend(P, start, mass, length, out):
-    """Add P's continuation of `start` to `length` tokens, weighted by `mass`, into `out`."""
-    if mass == 0.0:
-        return
-    if len(start) == length:
-        out[start] += mass
-        return
-    for y, py in enumerate(P(start).tolist()):
-        if py > 0:
-            extend(P, start + (y,), mass * py, length, out)
+extend = exact._extend  # P's continuation of `start` to `length` tokens, weighted by `mass`, into `out`
 
 
 def output_tv(kernel, P, weighted_drafts, depth):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.distributions import Normal
 
-from continuous_cases import energy_test
+from mmspec.twosample import energy_test
 from image_ar import SpeculativeImagePipeline
 from image_ar.acceptance.cspd import CSpD, ResidualSamplingError, TrajectoryDraft, accepted_prefix, head_rows
 from image_ar.acceptance.cspd import log_density, sample_chains
