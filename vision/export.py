@@ -13,7 +13,7 @@ Two layouts, one set of tensors (a one-layer EAGLE-3 draft; `vision.drafters.eag
   less than the hidden-state index); weights ``midlayer.*`` instead of ``layers.0.*``.
 
 Both write ``norm_before_residual`` / ``norm_output`` as mmspec's head computes them (false), and the aux states in
-ascending layer order (``fc``'s input blocks are permuted when the head's taps were given in another order). The
+ascending layer order (an Eagle3Head keeps its taps so). The
 target's embedding is written too (both engines substitute the target's own; speculators needs one present).
 An EAGLE-3 head of a Qwen-VL target numbers its pairs as the target does (M-RoPE), so its export carries the
 target's ``mrope_section`` (and ``mrope_interleaved``) in ``rope_scaling`` (SGLang) and in the layer's
@@ -38,11 +38,6 @@ FORMATS = ("speculators", "sglang")
 SPECULATORS_VERSION = "0.9.0"  # the speculators release whose format this writes
 
 
-def _hidden_index(tap: int, num_layers: int) -> int:
-    """A tap (a hidden-state index, negative from the end) as a non-negative index into hidden_states (L + 1)."""
-    return tap if tap >= 0 else num_layers + 1 + tap
-
-
 def exportable(head) -> None:
     """Raise UnsupportedModelError naming what a serving layout cannot hold in `head`."""
     from vision.drafters import Eagle3Head
@@ -55,31 +50,12 @@ def exportable(head) -> None:
                                                              "checkpoint)"}.get(kind, "its architecture")
         raise UnsupportedModelError(f"this {kind} cannot be exported to vLLM / SGLang's EAGLE-3 layout: {why} has no "
                                     "place there; train an EAGLE-3 head (mmspec train-drafter --head eagle3)")
-    if getattr(head, "compressor", None) is not None:
-        raise UnsupportedModelError("the head compresses images (a vision.compressors module): serving engines feed "
-                                    "the drafter every image position, so it cannot be exported")
-
-
-def _aux_order(head, num_layers: int) -> tuple[list[int], torch.Tensor]:
-    """(ascending hidden-state indices, fc weight with its input blocks in that order)."""
-    idx = [_hidden_index(t, num_layers) for t in head.taps]
-    if len(set(idx)) != len(idx) or not all(0 <= i <= num_layers for i in idx):
-        raise UnsupportedModelError(f"the head's taps {head.taps} name repeated or missing hidden states of a "
-                                    f"{num_layers}-layer target")
-    order = sorted(range(len(idx)), key=idx.__getitem__)
-    blocks = head.fc.weight.detach().chunk(len(idx), dim=1)
-    return [idx[i] for i in order], torch.cat([blocks[i] for i in order], dim=1)
 
 
 def _rope(head) -> dict:
     """The head's RoPE as the engines read it: the base, and a Qwen-VL head's M-RoPE sections."""
-    rope = {"rope_type": "default", "rope_theta": float(head.config.rope_parameters["rope_theta"])}
-    if head.mrope is not None:
-        tc = getattr(head._shared[2], "config", None)
-        params = (getattr(tc, "rope_parameters", None) or {}) if tc is not None else {}
-        rope["rope_theta"] = float(params.get("rope_theta", rope["rope_theta"]))
-        rope.update(head.mrope)
-    return rope
+    rope = {"rope_type": "default", "rope_theta": float(head.config.rope_parameters["rope_theta"])}  # the target's
+    return {**rope, **head.mrope} if head.mrope is not None else rope
 
 
 def _layer_config(head) -> dict:
@@ -92,8 +68,8 @@ def _layer_config(head) -> dict:
             "tie_word_embeddings": False, "rope_parameters": _rope(head)}
 
 
-def _weights(head, target, fc: torch.Tensor, layer_prefix: str) -> dict[str, torch.Tensor]:
-    out = {"embed_tokens.weight": target.get_input_embeddings().weight.detach(), "fc.weight": fc,
+def _weights(head, target, layer_prefix: str) -> dict[str, torch.Tensor]:
+    out = {"embed_tokens.weight": target.get_input_embeddings().weight.detach(), "fc.weight": head.fc.weight.detach(),
            "norm.weight": head.norm.weight.detach(), "lm_head.weight": head.lm_head.weight.detach()}
     out.update({f"{layer_prefix}.{k}": v.detach() for k, v in head.midlayer.state_dict().items()})
     if head.draft_vocab_size != head.target_vocab:
@@ -112,8 +88,7 @@ def export_drafter(head, target: nn.Module, fmt: str, out_dir, *, speculative_to
     if not isinstance(speculative_tokens, int) or speculative_tokens < 1:
         raise InvalidInputError(f"speculative_tokens={speculative_tokens!r}: must be a positive integer")
     exportable(head)
-    num_layers = int(text_config(target).num_hidden_layers)
-    aux, fc = _aux_order(head, num_layers)
+    aux, dtype = list(head.taps), str(head.fc.weight.dtype)[6:]  # taps: ascending hidden-state indices
     name = verifier or str(getattr(target.config, "name_or_path", "") or "")
     layer = _layer_config(head)
     if fmt == "speculators":
@@ -121,7 +96,7 @@ def export_drafter(head, target: nn.Module, fmt: str, out_dir, *, speculative_to
                   "speculators_version": SPECULATORS_VERSION, "draft_vocab_size": head.draft_vocab_size,
                   "target_hidden_size": None, "eagle_aux_hidden_state_layer_ids": aux,
                   "norm_before_residual": False, "norm_before_fc": False, "fc_norm": False, "norm_output": False,
-                  "embed_requires_grad": False, "tie_word_embeddings": False, "dtype": str(fc.dtype)[6:],
+                  "embed_requires_grad": False, "tie_word_embeddings": False, "dtype": dtype,
                   "transformer_layer_config": layer,
                   "speculators_config": {"algorithm": "eagle3", "default_proposal_method": "greedy",
                                          "proposal_methods": [{"proposal_type": "greedy", "accept_tolerance": 0.0,
@@ -129,16 +104,16 @@ def export_drafter(head, target: nn.Module, fmt: str, out_dir, *, speculative_to
                                                                "verifier_accept_k": 1}],
                                          "verifier": {"name_or_path": name,
                                                       "architectures": [type(target).__name__]}}}
-        weights = _weights(head, target, fc, "layers.0")
+        weights = _weights(head, target, "layers.0")
     else:
         config = {**layer, "architectures": ["LlamaForCausalLMEagle3"], "draft_vocab_size": head.draft_vocab_size,
                   "rope_theta": layer["rope_parameters"]["rope_theta"],
                   "rope_scaling": layer["rope_parameters"] if head.mrope is not None else None,
-                  "torch_dtype": str(fc.dtype)[6:], "target_hidden_size": head.config.hidden_size,
+                  "torch_dtype": dtype, "target_hidden_size": head.config.hidden_size,
                   "eagle_config": {"eagle_aux_hidden_state_layer_ids": [i - 1 for i in aux],
                                    "use_aux_hidden_state": True},
                   "mmspec": {"verifier": name, "target_model_type": getattr(text_config(target), "model_type", None)}}
-        weights = _weights(head, target, fc, "midlayer")
+        weights = _weights(head, target, "midlayer")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")

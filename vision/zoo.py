@@ -346,16 +346,22 @@ def build_head(ctx: BuildContext) -> dict:
                              batch_size=r["batch_size"], loss=r.get("loss"), unroll=r.get("unroll", 1),
                              noise=r.get("noise", 0.0), warmup=r["warmup"], seed=r["seed"], cache_dir=cache,
                              progress=ctx.progress)
+    return _head_card(ctx, head, report, target, processor,
+                      f"{len(records)} vlm-data conversations, the target's features and top-8 distributions",
+                      f"{type(head).__name__} ({head.layers} layer(s){', taps ' + str(head.taps) if taps else ''}"
+                      f"{', compressor ' + r['compressor'] if compressor is not None else ''}"
+                      + (f", draft vocabulary {head.draft_vocab_size} of {head.target_vocab} covering "
+                         f"{report['draft_vocab_coverage']:.3f} of the answer tokens" if r["head"] == "eagle3" else "")
+                      + f"); top-1 agreement on training answers {report['acceptance']:.3f}.")
+
+
+def _head_card(ctx: BuildContext, head, report: dict, target, processor, data: str, notes: str) -> dict:
+    """Save a trained drafter head in the build's directory and return its card: parameters, final loss, held-out
+    tau through the engine."""
     head.save_pretrained(ctx.out)
-    return {"data": f"{len(records)} vlm-data conversations, the target's features and top-8 distributions",
-            "parameters": sum(p.numel() for p in head.trainable_parameters()),
+    return {"data": data, "parameters": sum(p.numel() for p in head.trainable_parameters()),
             "final_loss": round(report["loss"], 4),
-            "held_out": _tau(ctx, lambda t, p: _head_drafter(t, p, ctx.out), target, processor),
-            "notes": f"{type(head).__name__} ({head.layers} layer(s){', taps ' + str(head.taps) if taps else ''}"
-                     f"{', compressor ' + r['compressor'] if compressor is not None else ''}"
-                     + (f", draft vocabulary {head.draft_vocab_size} of {head.target_vocab} covering "
-                        f"{report['draft_vocab_coverage']:.3f} of the answer tokens" if r["head"] == "eagle3" else "")
-                     + f"); top-1 agreement on training answers {report['acceptance']:.3f}."}
+            "held_out": _tau(ctx, lambda t, p: _head_drafter(t, p, ctx.out), target, processor), "notes": notes}
 
 
 def _build_dflash(ctx: BuildContext, target, processor, taps) -> dict:
@@ -372,13 +378,10 @@ def _build_dflash(ctx: BuildContext, target, processor, taps) -> dict:
         report = train_dflash(head, target, processor, records, steps=r["steps"], lr=r["lr"],
                               batch_size=r["batch_size"], blocks=r["blocks"], warmup=r["warmup"], seed=r["seed"],
                               cache_dir=cache, progress=ctx.progress)
-    head.save_pretrained(ctx.out)
-    return {"data": f"{len(records)} vlm-data conversations, the target's features at taps {list(head.taps)}",
-            "parameters": sum(p.numel() for p in head.trainable_parameters()),
-            "final_loss": round(report["loss"], 4),
-            "held_out": _tau(ctx, lambda t, p: _head_drafter(t, p, ctx.out), target, processor),
-            "notes": f"DFlashHead ({r['layers']} layer(s), block {r['block_size']}, taps {list(head.taps)}); "
-                     f"slot-1 agreement on training answers {report['acceptance']:.3f}."}
+    return _head_card(ctx, head, report, target, processor,
+                      f"{len(records)} vlm-data conversations, the target's features at taps {list(head.taps)}",
+                      f"DFlashHead ({r['layers']} layer(s), block {r['block_size']}, taps {list(head.taps)}); "
+                      f"slot-1 agreement on training answers {report['acceptance']:.3f}.")
 
 
 def _taps(spec, layers: int):

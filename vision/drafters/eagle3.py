@@ -156,7 +156,7 @@ class Eagle3Head(nn.Module):
             raise UnsupportedModelError(f"{type(target).__name__} does not use M-RoPE: an M-RoPE drafter cannot run "
                                         "on it")
         self.target_positions = self.mrope is not None  # EagleDrafter then feeds the target's position ids
-        self.rotary_emb = LlamaRotaryEmbedding(self.config)
+        self.rotary_emb = None if self.mrope else LlamaRotaryEmbedding(self.config)  # M-RoPE: the target's, below
         rotary = text_decoder_rotary(target) if self.mrope else None
         self._shared = [embed, head, rotary]  # the target's: kept out of the module tree (frozen, not saved)
         self.to(device=head.weight.device, dtype=head.weight.dtype)
@@ -198,11 +198,10 @@ class Eagle3Head(nn.Module):
 
     # --- forward ------------------------------------------------------------------------------------------------
     def forward(self, input_ids, features, attention_mask=None, position_ids=None, cache=None, use_cache=True,
-                output_hidden_states=False, logits_to_keep=0, past_key_values=None, **_):
+                output_hidden_states=False, logits_to_keep=0, **_):
         embed = self._shared[0]
         if features.shape[-1] != self.config.hidden_size:
             features = self.fc(features)  # the target's taps (k*H); the head's own outputs are already H
-        cache = cache if cache is not None else past_key_values
         embeds = embed(input_ids).to(features.dtype)
         position_ids, attention_mask = positions_and_mask(self.config, embeds, position_ids, attention_mask, cache)
         rope = self.rope(embeds, position_ids)
